@@ -1,0 +1,25 @@
+"""pyro_sde: SDE-based inference for Pyro.
+
+Learned diffusion samplers with importance weights and evidence estimates (:mod:`pyro_sde.infer`),
+the integrator and reference processes (:mod:`pyro_sde.sde`), diagnostics and ArviZ conversion
+(:mod:`pyro_sde.diagnostics`) and benchmark targets with exact log Z (:mod:`pyro_sde.targets`).
+"""
+
+from . import diagnostics, infer, nn, sde, targets
+from .diagnostics import effective_sample_size, log_evidence, psis, to_inference_data
+from .infer import DiffusionSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiffusionSampler",
+    "diagnostics",
+    "effective_sample_size",
+    "infer",
+    "log_evidence",
+    "nn",
+    "psis",
+    "sde",
+    "targets",
+    "to_inference_data",
+]

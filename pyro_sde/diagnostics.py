@@ -1,0 +1,356 @@
+"""Diagnostics for importance-weighted samples: ESS, log evidence, PSIS, resampling, ArviZ export.
+
+Every sampler of the package returns samples ``x_i`` with log importance weights
+``log w_i = log p~(x_i) - log q(x_i)`` (unnormalised target over proposal). This module turns them
+into the usual numbers:
+
+* :func:`effective_sample_size`: normalised ESS ``(sum w)^2 / (N sum w^2)`` in ``(0, 1]``;
+* :func:`log_evidence`: ``log Z ~= log mean w`` with its delta-method standard error and the
+  ELBO-type lower bound ``mean log w``;
+* :func:`psis`: Pareto-smoothed importance sampling and its ``k-hat`` reliability diagnostic;
+* :func:`systematic_resample`: low-variance unbiased resampling;
+* :func:`to_inference_data`, :func:`weighted_summary`, :func:`print_weighted_summary`: reporting.
+
+All functions take log weights as a 1-D tensor of shape ``(N,)`` on any device/dtype and raise
+:class:`ValueError` on NaN or ``+inf`` entries, on all-``-inf`` weights (``-inf`` alone is a valid
+zero weight) and on a wrong shape.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from itertools import product
+from typing import NamedTuple
+
+import torch
+from pyro.ops.stats import fit_generalized_pareto, weighed_quantile
+
+__all__ = [
+    "LogEvidence",
+    "effective_sample_size",
+    "log_evidence",
+    "psis",
+    "pareto_k_threshold",
+    "systematic_resample",
+    "weighted_summary",
+    "print_weighted_summary",
+    "to_inference_data",
+]
+
+
+class LogEvidence(NamedTuple):
+    """Importance-sampling estimate of the log normalising constant (all 0-d tensors)."""
+
+    log_z: torch.Tensor  #: ``log (1/N) sum_i w_i``
+    stderr: torch.Tensor  #: delta-method standard error of ``log_z``: ``std(w) / (mean w sqrt N)``
+    lower_bound: torch.Tensor  #: ``(1/N) sum_i log w_i <= log Z`` in expectation (ELBO-type bound)
+    ess: torch.Tensor  #: normalised effective sample size in ``(0, 1]``
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_log_weights(log_weights, min_samples: int = 1) -> torch.Tensor:
+    """Validate and return log weights as a floating 1-D tensor of shape ``(N,)``."""
+    lw = torch.as_tensor(log_weights)
+    if not torch.is_floating_point(lw):
+        lw = lw.to(torch.get_default_dtype())
+    if lw.dim() != 1:
+        raise ValueError(
+            f"log_weights must be a 1-D tensor of shape (N,), got shape {tuple(lw.shape)}"
+        )
+    if lw.numel() < min_samples:
+        raise ValueError(f"need at least {min_samples} log weights, got {lw.numel()}")
+    if torch.isnan(lw).any():
+        raise ValueError("log_weights contain NaN")
+    if (lw == math.inf).any():
+        raise ValueError("log_weights contain +inf")
+    if (lw == -math.inf).all():
+        raise ValueError("all log_weights are -inf (every weight is zero)")
+    return lw
+
+
+def _check_samples(samples: Mapping, num_samples: int | None = None) -> dict:
+    """Validate a dict ``site -> (N, *site_shape)`` with a common ``N`` (= ``num_samples``)."""
+    if not isinstance(samples, Mapping) or len(samples) == 0:
+        raise ValueError("samples must be a non-empty dict mapping site names to tensors")
+    out = {}
+    for name, value in samples.items():
+        value = torch.as_tensor(value)
+        if value.dim() == 0:
+            raise ValueError(f"site '{name}' must have a leading sample dimension, got a scalar")
+        n = value.shape[0] if num_samples is None else num_samples
+        if value.shape[0] != n:
+            raise ValueError(
+                f"site '{name}' has {value.shape[0]} samples, expected {n} "
+                "(the number of log weights / of samples in the other sites)"
+            )
+        num_samples = n
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# weights diagnostics
+# --------------------------------------------------------------------------------------------------
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
+    """Normalised importance ESS ``(sum w)^2 / (N sum w^2)`` in ``(0, 1]``, computed in log space.
+
+    :param torch.Tensor log_weights: unnormalised log weights, shape ``(N,)``.
+    :returns: 0-d tensor; 1 for equal weights, ``1/N`` for a single non-zero weight.
+    """
+    lw = _check_log_weights(log_weights)
+    log_ess = 2 * lw.logsumexp(0) - (2 * lw).logsumexp(0) - math.log(lw.numel())
+    return log_ess.exp()
+
+
+def log_evidence(log_weights: torch.Tensor) -> LogEvidence:
+    """Estimate ``log Z = log E_q[w]`` by ``log mean w``, with error bar and lower bound.
+
+    ``stderr = std(w) / (mean(w) sqrt(N))`` (delta method, unbiased ``std``) is computed on the
+    weights shifted by ``max log w``, so it is scale invariant and never overflows.
+
+    :param torch.Tensor log_weights: unnormalised log weights, shape ``(N,)``, ``N >= 2``.
+    :rtype: LogEvidence
+    """
+    lw = _check_log_weights(log_weights, min_samples=2)
+    n = lw.numel()
+    log_z = lw.logsumexp(0) - math.log(n)
+    w = (lw - lw.max()).exp()
+    stderr = w.std() / (w.mean() * math.sqrt(n))
+    return LogEvidence(log_z, stderr, lw.mean(), effective_sample_size(lw))
+
+
+def pareto_k_threshold(num_samples: int) -> float:
+    """Sample-size dependent PSIS reliability threshold for k-hat: ``min(1 - 1/log10 S, 0.7)``."""
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
+
+
+def _psis_tail_length(num_samples: int) -> int:
+    """PSIS tail length ``M = min(ceil(0.2 N), ceil(3 sqrt(N)))`` (relative efficiency 1)."""
+    return int(math.ceil(min(0.2 * num_samples, 3.0 * math.sqrt(num_samples))))
+
+
+def _gpd_quantile(probs: torch.Tensor, k: float, sigma: float) -> torch.Tensor:
+    """Generalized Pareto quantile ``sigma ((1 - p)^-k - 1) / k`` (``-sigma log(1 - p)`` if k=0)."""
+    if abs(k) < torch.finfo(probs.dtype).eps:
+        return -sigma * torch.log1p(-probs)
+    return sigma * torch.expm1(-k * torch.log1p(-probs)) / k
+
+
+def psis(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pareto-smoothed importance sampling (Vehtari, Simpson, Gelman, Yao & Gabry, 2024).
+
+    The largest ``M = min(ceil(0.2 N), ceil(3 sqrt(N)))`` weights are replaced by the expected order
+    statistics of a generalized Pareto fit to the tail exceedances, ``log(u + F^-1((i - 1/2) / M))``
+    with ``u`` the threshold weight, truncated at the largest raw weight. The GPD shape ``k-hat`` is
+    the reliability diagnostic: estimates are reliable for ``k < pareto_k_threshold(N)`` (<= 0.7).
+    Matches :func:`arviz.psislw` with ``reff=1`` (up to the additive normalisation of the output).
+    If fewer than 5 weights exceed the threshold (``N <= 20``, or ties) or the fit fails, the
+    weights are returned unsmoothed with ``k = inf``, as ArviZ does. Not differentiable.
+
+    :param torch.Tensor log_weights: unnormalised log weights, shape ``(N,)``, ``N >= 2``.
+    :returns: ``(smoothed_log_weights, pareto_k)``: shape ``(N,)`` on the input's scale (not
+        normalised) and order, and a 0-d tensor.
+    """
+    lw = _check_log_weights(log_weights, min_samples=2).detach()
+    n = lw.numel()
+    max_lw = lw.max()
+    sorted_lw, order = (lw - max_lw).sort()
+    cutoff = max(sorted_lw[-_psis_tail_length(n) - 1].item(), math.log(torch.finfo(lw.dtype).tiny))
+    tail_len = int((sorted_lw > cutoff).sum())  # the tail is a suffix of the sorted weights
+    smoothed, k = lw.clone(), math.inf
+    if tail_len > 4:
+        exceedances = sorted_lw[n - tail_len :].exp() - math.exp(cutoff)
+        k, sigma = fit_generalized_pareto(exceedances.cpu())  # Pyro's fit works on CPU float64
+        if math.isfinite(k) and sigma > 0:
+            probs = (torch.arange(tail_len, dtype=lw.dtype, device=lw.device) + 0.5) / tail_len
+            tail = (_gpd_quantile(probs, k, sigma) + math.exp(cutoff)).log().clamp(max=0.0)
+            smoothed[order[n - tail_len :]] = tail + max_lw
+        else:
+            k = math.inf
+    return smoothed, torch.tensor(k, dtype=lw.dtype, device=lw.device)
+
+
+def systematic_resample(
+    log_weights: torch.Tensor,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Systematic resampling: indices ``i`` with ``C_{i-1} <= (u + j) / M < C_i``, ``u ~ U(0, 1)``.
+
+    ``C`` is the cumulative sum of the normalised weights; each index is drawn ``M w_i`` times in
+    expectation (unbiased) and ``floor``/``ceil`` of it almost surely (low variance).
+
+    :param torch.Tensor log_weights: unnormalised log weights, shape ``(N,)``.
+    :param int num_samples: number of draws ``M`` (default ``N``).
+    :param torch.Generator generator: optional generator (on the weights' device) for ``u``.
+    :returns: sorted ``LongTensor`` of indices in ``[0, N)``, shape ``(M,)``, on the weights'
+        device.
+    """
+    lw = _check_log_weights(log_weights).detach()
+    m = lw.numel() if num_samples is None else int(num_samples)
+    if m < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    cdf = (lw - lw.logsumexp(0)).exp().cumsum(0)
+    cdf = cdf / cdf[-1]
+    u = torch.rand(1, generator=generator, dtype=lw.dtype, device=lw.device)
+    positions = (u + torch.arange(m, dtype=lw.dtype, device=lw.device)) / m
+    return torch.searchsorted(cdf, positions, right=True).clamp_(max=lw.numel() - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries
+# --------------------------------------------------------------------------------------------------
+
+
+def _quantile_keys(prob: float) -> tuple[str, str]:
+    return f"{100 * (1 - prob) / 2:.1f}%", f"{100 * (1 + prob) / 2:.1f}%"
+
+
+def weighted_summary(samples: dict, log_weights: torch.Tensor, prob: float = 0.9) -> dict:
+    """Importance-weighted mean, std, median and central ``prob`` interval of each site element.
+
+    With normalised weights ``w~``: ``mean = sum w~ x``, ``std = sqrt(sum w~ (x - mean)^2)``;
+    quantiles by :func:`pyro.ops.stats.weighed_quantile`.
+
+    :param dict samples: site name -> tensor of shape ``(N, *site_shape)``.
+    :param torch.Tensor log_weights: unnormalised log weights, shape ``(N,)``.
+    :param float prob: mass of the central interval, in ``(0, 1)``.
+    :returns: site name -> ``{"mean", "std", "median", "5.0%", "95.0%"}`` (for ``prob=0.9``), each a
+        tensor of shape ``site_shape``.
+    """
+    if not 0.0 < prob < 1.0:
+        raise ValueError(f"prob must be in (0, 1), got {prob}")
+    lw = _check_log_weights(log_weights)
+    samples = _check_samples(samples, lw.numel())
+    w = (lw - lw.logsumexp(0)).exp()
+    low, high = _quantile_keys(prob)
+    probs = [(1 - prob) / 2, 0.5, (1 + prob) / 2]
+    summary = {}
+    for name, value in samples.items():
+        site_shape = value.shape[1:]
+        x = value.reshape(value.shape[0], -1).to(lw.dtype)  # (N, D)
+        mean = w @ x
+        std = (w @ (x - mean).square()).sqrt()
+        q = weighed_quantile(x, probs, lw, dim=0)  # (3, D)
+        stats = {"mean": mean, "std": std, "median": q[1], low: q[0], high: q[2]}
+        summary[name] = {key: v.reshape(site_shape) for key, v in stats.items()}
+    return summary
+
+
+def print_weighted_summary(summary_dict: dict, log_evidence: LogEvidence | None = None) -> None:
+    """Print :func:`weighted_summary` output as a table (one row per site element), like
+    :func:`pyro.infer.mcmc.util.print_summary`, then ``log Z +- stderr``, lower bound and ESS."""
+    if len(summary_dict) == 0:
+        return
+    columns = list(next(iter(summary_dict.values())).keys())
+    rows = []
+    for name, stats in summary_dict.items():
+        shape = tuple(stats["mean"].shape)
+        for idx in product(*map(range, shape)):
+            label = name + ("[{}]".format(",".join(map(str, idx))) if shape else "")
+            rows.append((label, [float(stats[c][idx]) for c in columns]))
+    width = max(10, max(len(label) for label, _ in rows))
+    print()
+    print(f"{'':>{width}}" + "".join(f" {c:>9}" for c in columns))
+    for label, values in rows:
+        print(f"{label:>{width}}" + "".join(f" {v:>9.2f}" for v in values))
+    if log_evidence is not None:
+        print(
+            f"\nlog Z = {float(log_evidence.log_z):.4f} +- {float(log_evidence.stderr):.4f}"
+            f"  (lower bound {float(log_evidence.lower_bound):.4f}),"
+            f"  ESS = {float(log_evidence.ess):.3f}"
+        )
+    print()
+
+
+# --------------------------------------------------------------------------------------------------
+# ArviZ
+# --------------------------------------------------------------------------------------------------
+
+
+def _import_arviz():
+    with warnings.catch_warnings():  # arviz 0.2x warns about its 1.0 refactor on import
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
+
+
+def _from_dict(groups: dict, attrs: dict, **kwargs):
+    """``arviz.from_dict`` for both ArviZ 0.x (``InferenceData``) and >= 1.0 (``xarray.DataTree``).
+
+    ``groups``: group name -> {variable: array with leading ``(chain, draw)`` axes}; ``attrs`` are
+    set on the root and on the ``posterior`` group. ``kwargs`` (``coords``, ``dims``) are forwarded.
+    """
+    az = _import_arviz()
+    if int(az.__version__.split(".")[0]) >= 1:
+        return az.from_dict(groups, attrs={"/": dict(attrs), "posterior": dict(attrs)}, **kwargs)
+    return az.from_dict(**groups, attrs=dict(attrs), posterior_attrs=dict(attrs), **kwargs)
+
+
+def _to_numpy(x: torch.Tensor):
+    return x.detach().cpu().numpy()
+
+
+def to_inference_data(result, num_samples: int | None = None, *, coords=None, dims=None):
+    """Convert (weighted) samples to ArviZ ``InferenceData`` (ArviZ 0.x) or ``DataTree`` (>= 1.0).
+
+    ``result`` is one of
+
+    * an object with ``get_weighted_samples(num_samples=None) -> (samples, log_weights)``
+      (e.g. a diffusion sampler); ``num_samples`` is forwarded to it;
+    * a tuple ``(samples, log_weights)``; ``num_samples`` is the resample size (default ``N``);
+    * a dict of unweighted samples ``site -> (N, *site_shape)``; ``num_samples`` must be ``None``.
+
+    Weighted samples are systematically resampled (:func:`systematic_resample`) to equal weights so
+    that every ArviZ function applies. The ``posterior`` group has dims ``(chain=1, draw, ...)``;
+    ``sample_stats.log_weight`` holds the raw log weight of each resampled draw; the attributes
+    ``log_evidence``, ``log_evidence_stderr``, ``log_evidence_lower_bound``, ``ess`` (normalised),
+    ``pareto_k`` and ``num_weighted_samples`` (``N``) summarise the weights.
+
+    :param coords: forwarded to ``arviz.from_dict``.
+    :param dims: forwarded to ``arviz.from_dict`` (``site -> [dim names]`` without chain/draw).
+    """
+    if hasattr(result, "get_weighted_samples"):
+        samples, log_weights = result.get_weighted_samples(num_samples=num_samples)
+        num_samples = None
+    elif isinstance(result, tuple) and len(result) == 2:
+        samples, log_weights = result
+    elif isinstance(result, Mapping):
+        if num_samples is not None:
+            raise ValueError("num_samples only applies to weighted results")
+        samples = _check_samples(result)
+        posterior = {k: _to_numpy(v)[None] for k, v in samples.items()}
+        return _from_dict({"posterior": posterior}, {}, coords=coords, dims=dims)
+    else:
+        raise TypeError(
+            "result must have get_weighted_samples(), be a (samples, log_weights) tuple or a dict, "
+            f"got {type(result).__name__}"
+        )
+    lw = _check_log_weights(log_weights, min_samples=2)
+    samples = _check_samples(samples, lw.numel())
+    idx = systematic_resample(lw, num_samples)
+    posterior = {k: _to_numpy(v[idx.to(v.device)])[None] for k, v in samples.items()}
+    sample_stats = {"log_weight": _to_numpy(lw[idx])[None]}
+    evidence = log_evidence(lw)
+    _, k = psis(lw)
+    attrs = {
+        "log_evidence": float(evidence.log_z),
+        "log_evidence_stderr": float(evidence.stderr),
+        "log_evidence_lower_bound": float(evidence.lower_bound),
+        "ess": float(evidence.ess),
+        "pareto_k": float(k),
+        "num_weighted_samples": int(lw.numel()),
+    }
+    groups = {"posterior": posterior, "sample_stats": sample_stats}
+    return _from_dict(groups, attrs, coords=coords, dims=dims)

@@ -1,0 +1,478 @@
+"""``DiffusionSampler``: sample the posterior of a Pyro model with a learned controlled diffusion.
+
+The sampler trains a control ``v`` of the chain ``x_{k+1} = a_k x_k + c_k v(t_k, x_k) + s_k xi_k`` (see
+:mod:`pyro_sde.sde.reference`) so that the law of ``x_K`` approaches the (unconstrained) posterior.
+Every draw comes with an exact importance weight ``w = dQ/dP^v`` of its whole path, so that
+``E[w] = p(y)`` (the evidence) for any control: estimates are consistent even when training is not
+finished, and the weights tell how far it is (ESS, Pareto k).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from pyro.infer.autoguide.initialization import init_to_uniform
+from tqdm.auto import tqdm
+
+from ... import diagnostics
+from ...nn import ControlNetwork
+from ...sde import BrownianReference, VPReference, euler_maruyama, path_log_ratio, torchsde_euler
+from ..potential import LogDensityPotential, ModelPotential, Potential
+from .losses import get_loss
+
+__all__ = ["DiffusionSampler", "StepInfo"]
+
+_METHODS = ("pis", "dis")
+_BACKENDS = ("euler", "torchsde")
+
+
+class StepInfo(NamedTuple):
+    """What one training step saw on its batch."""
+
+    loss: float  #: the loss value (scaled by 1 / dim)
+    log_z_lower_bound: float  #: batch mean of ``log w`` (an ELBO-type bound on ``log Z``)
+    ess: float  #: normalised ESS of the batch's weights (under the behaviour control)
+    num_dropped: int  #: paths dropped from the loss for a non-finite log weight
+
+
+def _clip(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """Replace NaN by 0 and clamp to ``[-bound, bound]``."""
+    return torch.nan_to_num(x, nan=0.0, posinf=bound, neginf=-bound).clamp(-bound, bound)
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class DiffusionSampler:
+    r"""Learned diffusion sampler (PIS / DIS) for a Pyro model or an unnormalised log density.
+
+    Example::
+
+        sampler = DiffusionSampler(model, method="dis", loss="log_variance", num_steps=100)
+        sampler.run(data, num_iterations=2000, batch_size=512)
+        samples = sampler.get_samples(4000)            # dict site -> (4000, *shape), like MCMC
+        log_z, stderr, lower_bound, ess = sampler.log_evidence(10_000)
+        Predictive(model, posterior_samples=samples)(data)
+
+    :param callable model: a Pyro model whose latent sites are continuous; its arguments are given
+        to :meth:`run`. Exactly one of ``model`` and ``log_density`` must be given.
+    :param callable log_density: instead of a model, a batched unnormalised log density
+        ``(N, dim) -> (N,)`` on ``R^dim`` (samples are returned under the site name ``"x"``).
+    :param int dim: dimension, with ``log_density``.
+    :param str method: ``"pis"`` (Brownian reference from the origin, Path Integral Sampler) or
+        ``"dis"`` (VP/Ornstein-Uhlenbeck reference from ``N(0, I)``, time-reversal, Diffusion-based
+        sampler).
+    :param str loss: ``"log_variance"`` (default; no differentiation through the solver) or ``"kl"``
+        (reverse KL, reparametrised through the solver, second derivatives of the target).
+    :param int num_steps: Euler-Maruyama steps ``K`` (100).
+    :param float T: time horizon (PIS 5, DIS 1).
+    :param float sigma: PIS diffusion coefficient (``sqrt(0.2)``, so ``Var X_T = 1``).
+    :param float beta_min, beta_max: DIS noise schedule (0.1, 10).
+    :param torch.nn.Module control: a custom control ``control(tau, x, guide) -> v`` with ``tau = t / T``;
+        default :class:`~pyro_sde.nn.ControlNetwork`.
+    :param int hidden_dim, num_layers: size of the default network (64, 3).
+    :param float lr: Adam learning rate (5e-3).
+    :param float final_lr_fraction: the learning rate decays geometrically over each :meth:`run`
+        from ``lr`` to ``lr * final_lr_fraction`` (0.1; 1 disables the schedule).
+    :param float grad_clip: gradient-norm clip (1.0; ``None`` to disable).
+    :param float score_clip: the target score fed to the control is clamped to ``[-score_clip,
+        score_clip]`` (100): it bounds the drift of explicit Euler steps on stiff targets.
+    :param float control_clip: the control is clamped likewise (100).
+    :param float exploration_noise: for the log-variance loss, paths are drawn with the noise
+        multiplied by this factor (1.0 = the current control; > 1 explores more).
+    :param str backend: ``"euler"`` (our batched loop) or ``"torchsde"`` (``torchsde.sdeint``).
+    :param init_strategy: Pyro init strategy (only sets a reference point for checks).
+    :param bool vectorize: evaluate the model on batches under a particle plate (see
+        :class:`~pyro_sde.infer.potential.ModelPotential`).
+    :param dtype, device: with ``log_density`` only (a model's tensors decide otherwise).
+    """
+
+    def __init__(
+        self,
+        model: Callable | None = None,
+        *,
+        log_density: Callable | None = None,
+        dim: int | None = None,
+        method: str = "dis",
+        loss: str = "log_variance",
+        num_steps: int = 100,
+        T: float | None = None,
+        sigma: float = math.sqrt(0.2),
+        beta_min: float = 0.1,
+        beta_max: float = 10.0,
+        control: torch.nn.Module | None = None,
+        hidden_dim: int = 64,
+        num_layers: int = 3,
+        lr: float = 5e-3,
+        grad_clip: float | None = 1.0,
+        final_lr_fraction: float = 0.1,
+        score_clip: float = 100.0,
+        control_clip: float = 100.0,
+        exploration_noise: float = 1.0,
+        backend: str = "euler",
+        init_strategy=init_to_uniform,
+        vectorize: bool = True,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
+        if (model is None) == (log_density is None):
+            raise ValueError("give exactly one of `model` (a Pyro model) and `log_density`")
+        if model is not None and not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if control is not None and not isinstance(control, torch.nn.Module):
+            raise TypeError("control must be a torch.nn.Module")
+        self.model = model
+        self.method = method
+        self.loss_spec = get_loss(loss)
+        self.num_steps = _positive_int("num_steps", num_steps)
+        T = (5.0 if method == "pis" else 1.0) if T is None else T
+        if method == "pis":
+            self.reference = BrownianReference(num_steps, sigma=sigma, T=T)
+        else:
+            self.reference = VPReference(num_steps, beta_min=beta_min, beta_max=beta_max, T=T)
+        self.lr = _positive_float("lr", lr)
+        self.final_lr_fraction = _positive_float("final_lr_fraction", final_lr_fraction)
+        if self.final_lr_fraction > 1:
+            raise ValueError("final_lr_fraction must be in (0, 1]")
+        self.grad_clip = None if grad_clip is None else _positive_float("grad_clip", grad_clip)
+        self.score_clip = _positive_float("score_clip", score_clip)
+        self.control_clip = _positive_float("control_clip", control_clip)
+        self.exploration_noise = _positive_float("exploration_noise", exploration_noise)
+        self.backend = backend
+        self.init_strategy, self.vectorize = init_strategy, vectorize
+        self._network_options = dict(
+            hidden_dim=_positive_int("hidden_dim", hidden_dim),
+            num_layers=_positive_int("num_layers", num_layers),
+            guide_scale_init=0.01 if method == "pis" else 1.0,
+        )
+        self.control = control
+        self.optimizer = None
+        self.potential: Potential | None = None
+        self._model_call = None
+        if log_density is not None:
+            if dim is None:
+                raise ValueError("`dim` is required with `log_density`")
+            self.potential = LogDensityPotential(log_density, dim, dtype=dtype, device=device)
+            self._setup_training()
+        self.losses: list[float] = []
+        self.history: list[StepInfo] = []
+        self._weighted = None  # cache: (z, log_weights) of the last evaluation draw
+
+    # ----------------------------------------------------------------------------------------
+    # set-up
+    def _setup_potential(self, args, kwargs):
+        call = (args, kwargs)
+        if self.model is None:
+            if args or kwargs:
+                raise TypeError("a sampler built from `log_density` takes no model arguments")
+            return
+        if self._model_call is not None and _same_call(self._model_call, call):
+            return
+        potential = ModelPotential(
+            self.model, args, kwargs, init_strategy=self.init_strategy, vectorize=self.vectorize
+        )
+        if self.potential is not None and potential.dim != self.potential.dim:
+            raise ValueError(
+                f"the model's latent dimension changed from {self.potential.dim} to {potential.dim}"
+            )
+        self.potential, self._model_call = potential, call
+        self._weighted = None
+        self._setup_training()
+
+    def _setup_training(self):
+        p = self.potential
+        if self.control is None:
+            self.control = ControlNetwork(p.dim, **self._network_options)
+        self.control.to(dtype=p.dtype, device=p.device)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(self.control.parameters(), lr=self.lr)
+
+    def _require_potential(self):
+        if self.potential is None:
+            raise RuntimeError("call .run(*model_args) first: the sampler has not seen the model's data")
+
+    # ----------------------------------------------------------------------------------------
+    # the control along a path
+    def _guide(self, tau, z, create_graph):
+        """The input the control multiplies: clipped target score (PIS) or lerp(prior, target) (DIS)."""
+        _, score = self.potential.log_density_and_score(z, create_graph=create_graph)
+        score = _clip(score, self.score_clip)
+        if self.method == "dis":
+            score = (1 - tau) * self.reference.initial_score(z) + tau * score
+        return score
+
+    def _control_value(self, tau, z, guide):
+        return _clip(self.control(tau, z, guide), self.control_clip)
+
+    def _control_fn(self, differentiable, guides=None):
+        """``control_fn(k, t, z)`` for the integrator; records the guide of step k in ``guides``."""
+        T, net, p = self.reference.T, self.control, self.potential
+        forward = None
+        if hasattr(net, "time_features"):  # evaluate the time branch once for the whole grid
+            tau = self.reference.coefficients(p.dtype, p.device).times[:-1] / T
+            with torch.set_grad_enabled(differentiable):
+                hidden, scale = net.time_features(tau)
+
+            def forward(k, tau_k, z, guide):
+                return net.forward_with_time_features((hidden[k], scale[k]), z, guide)
+
+        def control_fn(k, t, z):
+            tau = t / T
+            guide = self._guide(tau, z, create_graph=differentiable)
+            if guides is not None:
+                guides[k] = guide.detach()
+            v = forward(k, tau, z, guide) if forward is not None else net(tau, z, guide)
+            return _clip(v, self.control_clip)
+
+        return control_fn
+
+    def _simulate(self, x0, **kw):
+        sim = torchsde_euler if self.backend == "torchsde" else euler_maruyama
+        if self.backend == "torchsde":
+            kw.pop("store_path", None)
+        return sim(self.reference, kw.pop("control_fn"), x0, **kw)
+
+    def _initial(self, n):
+        p = self.potential
+        return self.reference.sample_initial(n, p.dim, dtype=p.dtype, device=p.device)
+
+    def _boundary(self, path):
+        return self.potential.log_density(path.terminal) + self.reference.boundary_log_weight(
+            path.initial, path.terminal
+        )
+
+    def _training_log_weights(self, batch_size):
+        x0 = self._initial(batch_size)
+        if self.loss_spec.reparametrized:
+            path = self._simulate(
+                x0, control_fn=self._control_fn(True), differentiable=True, store_path=False
+            )
+            return self._boundary(path) + path.log_ratio, None
+        guides = {}
+        with torch.no_grad():
+            path = self._simulate(
+                x0,
+                control_fn=self._control_fn(False, guides),
+                noise_scale=self.exploration_noise,
+                store_path=True,
+            )
+            boundary = self._boundary(path)
+        K = self.num_steps
+        coef = self.reference.coefficients(x0.dtype, x0.device)
+        tau = (coef.times[:-1] / self.reference.T).view(K, 1, 1)
+        guide = torch.stack([guides[k] for k in range(K)])
+        controls = self._control_value(tau, path.states[:-1], guide)
+        log_w = boundary + path_log_ratio(self.reference, path.states, controls)
+        return log_w, boundary + path.log_ratio
+
+    # ----------------------------------------------------------------------------------------
+    # training
+    def setup(self, *args, **kwargs) -> DiffusionSampler:
+        """Bind the model's arguments (build the potential, network and optimiser) without training."""
+        self._setup_potential(args, kwargs)
+        return self
+
+    def compute_loss(self, batch_size: int = 512):
+        """The differentiable training loss on a fresh batch: ``(loss, log_w_batch)``, where the loss is
+        ``KL`` or ``log-variance`` of the batch's log weights divided by ``dim`` and ``log_w_batch``
+        (detached) are the weights of the simulated paths under their own control."""
+        self._require_potential()
+        log_w, behaviour_log_w = self._training_log_weights(batch_size)
+        finite = torch.isfinite(log_w)
+        if int(finite.sum()) < 2:
+            raise FloatingPointError("fewer than 2 paths with a finite log weight in the batch")
+        loss = self.loss_spec.fn(log_w[finite]) / self.potential.dim
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
+        return loss, (log_w if behaviour_log_w is None else behaviour_log_w).detach()[finite]
+
+
+    def step(self, batch_size: int = 512) -> StepInfo:
+        """One optimisation step on a fresh batch of ``batch_size`` paths."""
+        self._require_potential()
+        self.control.train()
+        loss, ref_log_w = self.compute_loss(batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.control.parameters(), self.grad_clip)
+        self.optimizer.step()
+        info = StepInfo(
+            float(loss.detach()),
+            float(ref_log_w.mean()),
+            float(diagnostics.effective_sample_size(ref_log_w)),
+            batch_size - ref_log_w.numel(),
+        )
+        self.losses.append(info.loss)
+        self.history.append(info)
+        return info
+
+    def run(
+        self,
+        *args,
+        num_iterations: int = 1000,
+        batch_size: int = 512,
+        progress_bar: bool = True,
+        max_failed_steps: int = 20,
+        **kwargs,
+    ) -> DiffusionSampler:
+        """Train the control for ``num_iterations`` steps; ``args``/``kwargs`` go to the model.
+
+        Calling ``run`` again continues training (with the same data or new data of the same shape).
+        Steps whose batch gives a non-finite loss are skipped; ``max_failed_steps`` consecutive ones
+        raise ``FloatingPointError``. Returns ``self``.
+        """
+        _positive_int("num_iterations", num_iterations)
+        _positive_int("batch_size", batch_size)
+        if batch_size < 2:
+            raise ValueError("batch_size must be at least 2")
+        self._setup_potential(args, kwargs)
+        self._weighted = None
+        gamma = self.final_lr_fraction ** (1.0 / max(num_iterations - 1, 1))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma)
+        failed = 0
+        bar = tqdm(range(num_iterations), disable=not progress_bar, desc=f"{self.method}-{self.loss_spec.name}")
+        for i in bar:
+            try:
+                info = self.step(batch_size)
+                failed = 0
+            except FloatingPointError as e:
+                failed += 1
+                if failed >= max_failed_steps:
+                    raise FloatingPointError(
+                        f"{failed} consecutive training steps failed ({e}); lower lr, score_clip, or "
+                        "check the model's log density"
+                    ) from e
+                continue
+            finally:
+                scheduler.step()
+            if i % 10 == 0 or i == num_iterations - 1:
+                bar.set_postfix(loss=f"{info.loss:.3g}", elbo=f"{info.log_z_lower_bound:.3g}", ess=f"{info.ess:.2f}")
+        self.control.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------
+    # sampling and estimates
+    @torch.no_grad()
+    def sample_unconstrained(self, num_samples: int, *, chunk_size: int = 8192):
+        """Draw ``num_samples`` paths with the current control (not stored): returns the unconstrained
+        terminal states ``z`` (N, dim) and their log importance weights (N,)."""
+        self._require_potential()
+        _positive_int("num_samples", num_samples)
+        zs, log_ws = [], []
+        for start in range(0, num_samples, chunk_size):
+            n = min(chunk_size, num_samples - start)
+            path = self._simulate(
+                self._initial(n), control_fn=self._control_fn(False), store_path=False
+            )
+            zs.append(path.terminal)
+            log_ws.append(self._boundary(path) + path.log_ratio)
+        return torch.cat(zs), torch.cat(log_ws)
+
+    default_num_samples = 10_000
+
+    def _weighted_draw(self, num_samples):
+        if num_samples is not None or self._weighted is None:
+            self._weighted = self.sample_unconstrained(num_samples or self.default_num_samples)
+        return self._weighted
+
+    def get_weighted_samples(self, num_samples: int | None = None):
+        """``(samples, log_weights)``: a dict site -> constrained values ``(N, *shape)`` and the log
+        importance weights ``(N,)`` (unnormalised: ``logmeanexp`` estimates ``log p(y)``).
+
+        With ``num_samples`` a fresh draw is made (and cached); without it the last draw is reused
+        (``default_num_samples`` are drawn the first time), so estimates agree with each other.
+        """
+        z, log_w = self._weighted_draw(num_samples)
+        return self.potential.constrain(z), log_w
+
+    def get_samples(self, num_samples: int = 1000, *, resample: bool = True, group_by_chain: bool = False):
+        """Posterior draws as a dict site -> ``(num_samples, *shape)`` (``(1, num_samples, *shape)``
+        with ``group_by_chain``), like ``MCMC.get_samples()``.
+
+        Fresh paths are drawn and, with ``resample`` (default), importance-resampled (systematic) so
+        the draws target the posterior; ``resample=False`` returns the raw proposal draws.
+        """
+        z, log_w = self.sample_unconstrained(_positive_int("num_samples", num_samples))
+        if resample:
+            ess = float(diagnostics.effective_sample_size(log_w))
+            if ess * num_samples < 50:
+                warnings.warn(
+                    f"importance resampling from an effective sample size of {ess * num_samples:.1f}: "
+                    "the draws contain many duplicates; train longer or draw more samples",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            z = z[diagnostics.systematic_resample(log_w)]
+        samples = self.potential.constrain(z)
+        if group_by_chain:
+            samples = {k: v.unsqueeze(0) for k, v in samples.items()}
+        return samples
+
+    def log_evidence(self, num_samples: int | None = None) -> diagnostics.LogEvidence:
+        """``(log_z, stderr, lower_bound, ess)``: the importance-sampling estimate of ``log p(y)`` with
+        its delta-method standard error, the ELBO-type bound ``mean(log w)`` and the normalised ESS."""
+        return diagnostics.log_evidence(self._weighted_draw(num_samples)[1])
+
+    def ess(self, num_samples: int | None = None) -> float:
+        """Normalised importance ESS ``(sum w)^2 / (N sum w^2)`` in (0, 1]."""
+        return float(diagnostics.effective_sample_size(self._weighted_draw(num_samples)[1]))
+
+    def diagnostics(self, num_samples: int | None = None) -> dict:
+        """Evidence, ESS and the Pareto k of the importance weights (k > 0.7: unreliable)."""
+        log_w = self._weighted_draw(num_samples)[1]
+        ev = diagnostics.log_evidence(log_w)
+        _, k = diagnostics.psis(log_w)
+        return {
+            "log_evidence": float(ev.log_z),
+            "log_evidence_stderr": float(ev.stderr),
+            "log_evidence_lower_bound": float(ev.lower_bound),
+            "ess": float(ev.ess),
+            "pareto_k": float(k),
+            "num_samples": int(log_w.numel()),
+        }
+
+    def get_summary(self, prob: float = 0.9, num_samples: int | None = None) -> dict:
+        """Importance-weighted posterior summary: site -> {"mean", "std", "median", quantiles}."""
+        samples, log_w = self.get_weighted_samples(num_samples)
+        return diagnostics.weighted_summary(samples, log_w, prob=prob)
+
+    def summary(self, prob: float = 0.9, num_samples: int | None = None) -> None:
+        """Print :meth:`get_summary` and the evidence estimate."""
+        summary = self.get_summary(prob, num_samples)
+        diagnostics.print_weighted_summary(summary, self.log_evidence())
+
+    def __repr__(self):
+        return (
+            f"DiffusionSampler(method={self.method!r}, loss={self.loss_spec.name!r}, "
+            f"reference={self.reference!r}, iterations={len(self.losses)})"
+        )
+
+
+def _same_call(a, b):
+    (args_a, kw_a), (args_b, kw_b) = a, b
+    return (
+        len(args_a) == len(args_b)
+        and all(x is y for x, y in zip(args_a, args_b))
+        and kw_a.keys() == kw_b.keys()
+        and all(kw_a[k] is kw_b[k] for k in kw_a)
+    )

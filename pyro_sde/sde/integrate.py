@@ -1,0 +1,219 @@
+"""The Euler-Maruyama loop of the package, with the running path log-ratio, and a torchsde backend.
+
+Everything here works on a :class:`~pyro_sde.sde.reference.ReferenceProcess` chain::
+
+    x_{k+1} = a_k x_k + c_k v_k + s_k xi_k
+
+* :func:`euler_maruyama_step` is *the* step;
+* :func:`log_ratio_increment` is *the* per-step path log-density ratio ``log Q_k - log P^v_k``;
+* :func:`euler_maruyama` runs the batched loop (our own: ~20 us of overhead per step);
+* :func:`torchsde_euler` simulates the same chain through ``torchsde.sdeint`` (for comparison and for
+  users who want torchsde's Brownian objects);
+* :func:`path_log_ratio` evaluates the sum of increments for stored paths in one batched call over
+  time, which is what the log-variance loss differentiates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .reference import ReferenceProcess
+
+__all__ = [
+    "PathSample",
+    "euler_maruyama_step",
+    "log_ratio_increment",
+    "euler_maruyama",
+    "torchsde_euler",
+    "path_log_ratio",
+]
+
+#: ``control_fn(k, t, x) -> v``: step index, time (0-d tensor), state ``(N, d)`` -> control ``(N, d)``.
+ControlFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PathSample(NamedTuple):
+    """Simulated paths."""
+
+    initial: torch.Tensor  #: (N, d), ``x_0``
+    terminal: torch.Tensor  #: (N, d), ``x_K``
+    log_ratio: torch.Tensor  #: (N,), ``sum_k log Q_k - log P^v_k`` (without boundary terms)
+    states: torch.Tensor | None = None  #: (K + 1, N, d), ``x_0 ... x_K`` (if stored)
+    controls: torch.Tensor | None = None  #: (K, N, d), the control ``v_k`` of the drift (if stored)
+
+
+def euler_maruyama_step(x, drift_scale, control_scale, noise_std, control, noise):
+    """One step ``a x + c v + s xi`` (coefficients are scalars or broadcastable tensors)."""
+    return drift_scale * x + control_scale * control + noise_std * noise
+
+
+def log_ratio_increment(kind, a, c, s, b, x, x_next, v, residual=None):
+    """``log Q_k(.) - log F^v_k(x_next | x)`` for one step (or many, broadcasting), shape ``x.shape[:-1]``.
+
+    ``F^v_k = N(a x + c v, s^2 I)`` is the controlled kernel. ``Q_k`` is the reference's target kernel:
+    ``N(x_next; a x, s^2)`` (``kind="forward"``) or the noising kernel ``N(x; b x_next, s^2)``
+    (``kind="backward"``). ``residual = (x_next - a x - c v) / s`` may be passed when known exactly
+    (the noise, when ``x_next`` was drawn from ``F^v``).
+    """
+    if residual is None:
+        residual = (x_next - a * x - c * v) / s
+    if kind == "forward":
+        # log N(x_next; a x) - log N(x_next; a x + c v) with r_Q = r + delta: -r.delta - |delta|^2/2.
+        delta = (c / s) * v
+        return -((residual + 0.5 * delta) * delta).sum(-1)
+    if kind == "backward":
+        target_residual = (x - b * x_next) / s
+        return 0.5 * ((residual - target_residual) * (residual + target_residual)).sum(-1)
+    raise ValueError(f"unknown reference kind {kind!r}")
+
+
+def _check_x0(reference: ReferenceProcess, x0: torch.Tensor):
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
+        raise ValueError(f"x0 must be a tensor of shape (num_samples, dim), got {getattr(x0, 'shape', x0)}")
+    if not x0.dtype.is_floating_point:
+        raise TypeError(f"x0 must be floating point, got {x0.dtype}")
+
+
+def euler_maruyama(
+    reference: ReferenceProcess,
+    control_fn: ControlFn,
+    x0: torch.Tensor,
+    *,
+    noise: torch.Tensor | None = None,
+    noise_scale: float = 1.0,
+    differentiable: bool = False,
+    store_path: bool = True,
+) -> PathSample:
+    """Simulate the controlled chain from ``x0`` (N, d) and accumulate the path log-ratio.
+
+    :param noise: optional standard normal increments ``(K, N, d)`` (drawn here otherwise, in one call).
+    :param noise_scale: exploration factor: the paths are drawn with noise ``noise_scale * s_k`` while
+        the log-ratio is that of the unit-scale controlled kernel (an importance weight for ``P^v``
+        under a wider proposal).
+    :param differentiable: keep the autograd graph through the states (reparametrised / KL gradients);
+        otherwise the loop runs under ``torch.no_grad`` except inside ``control_fn``.
+    :param store_path: keep all states and controls (memory ``K N d``); else only the endpoints.
+    """
+    _check_x0(reference, x0)
+    K = reference.num_steps
+    coef = reference.coefficients(x0.dtype, x0.device)
+    if noise is None:
+        noise = torch.randn((K,) + x0.shape, dtype=x0.dtype, device=x0.device)
+    elif noise.shape != (K,) + x0.shape:
+        raise ValueError(f"noise must have shape {(K,) + tuple(x0.shape)}, got {tuple(noise.shape)}")
+    # Python floats keep the loop free of tiny tensor ops; the grid stays a tensor for the network.
+    a, c, s = coef.drift_scale.tolist(), coef.control_scale.tolist(), coef.noise_std.tolist()
+    b = coef.backward_scale.tolist() if coef.backward_scale is not None else [None] * K
+    exact_residual = noise_scale == 1.0
+    x = x0
+    states, controls = [x0], []
+    log_ratio = x0.new_zeros(x0.shape[0])
+    with torch.set_grad_enabled(differentiable or torch.is_grad_enabled()):
+        for k in range(K):
+            v = control_fn(k, coef.times[k], x)
+            if not differentiable:
+                v = v.detach()
+            x_next = euler_maruyama_step(x, a[k], c[k], s[k] * noise_scale, v, noise[k])
+            residual = noise[k] if exact_residual else None
+            log_ratio = log_ratio + log_ratio_increment(
+                reference.kind, a[k], c[k], s[k], b[k], x, x_next, v, residual
+            )
+            if store_path:
+                states.append(x_next)
+                controls.append(v)
+            x = x_next
+    if not store_path:
+        return PathSample(x0, x, log_ratio)
+    return PathSample(x0, x, log_ratio, torch.stack(states), torch.stack(controls))
+
+
+def path_log_ratio(reference: ReferenceProcess, states: torch.Tensor, controls: torch.Tensor):
+    """Sum over steps of :func:`log_ratio_increment` for stored ``states`` (K+1, N, d) and
+    ``controls`` (K, N, d), evaluated in one batched call over time; returns ``(N,)``."""
+    K = reference.num_steps
+    if states.shape[0] != K + 1 or controls.shape[0] != K:
+        raise ValueError(
+            f"expected {K + 1} states and {K} controls, got {states.shape[0]} and {controls.shape[0]}"
+        )
+    coef = reference.coefficients(states.dtype, states.device)
+
+    def col(t):
+        return None if t is None else t.view(K, 1, 1)
+
+    inc = log_ratio_increment(
+        reference.kind,
+        col(coef.drift_scale),
+        col(coef.control_scale),
+        col(coef.noise_std),
+        col(coef.backward_scale),
+        states[:-1],
+        states[1:],
+        controls,
+    )
+    return inc.sum(0)
+
+
+class _TorchsdeChain(torch.nn.Module):
+    """The controlled chain as a torchsde SDE whose Euler scheme on the grid reproduces it exactly:
+    ``f = ((a_k - 1) x + c_k v) / h``, ``g = s_k / sqrt(h)`` (diagonal noise, Ito)."""
+
+    noise_type = "diagonal"
+    sde_type = "ito"
+
+    def __init__(self, reference, control_fn, coef, noise_scale, differentiable):
+        super().__init__()
+        self.reference, self.control_fn, self.coef = reference, control_fn, coef
+        self.h = reference.T / reference.num_steps
+        self.noise_scale, self.differentiable = noise_scale, differentiable
+        self.controls: dict[int, torch.Tensor] = {}
+
+    def _index(self, t):
+        return min(int(round(float(t) / self.h)), self.reference.num_steps - 1)
+
+    def f(self, t, y):
+        k = self._index(t)
+        v = self.control_fn(k, self.coef.times[k], y)
+        if not self.differentiable:
+            v = v.detach()
+        self.controls[k] = v
+        return ((self.coef.drift_scale[k] - 1) * y + self.coef.control_scale[k] * v) / self.h
+
+    def g(self, t, y):
+        k = self._index(t)
+        return (self.noise_scale * self.coef.noise_std[k] / self.h**0.5).expand_as(y)
+
+
+def torchsde_euler(
+    reference: ReferenceProcess,
+    control_fn: ControlFn,
+    x0: torch.Tensor,
+    *,
+    noise_scale: float = 1.0,
+    differentiable: bool = False,
+    bm=None,
+) -> PathSample:
+    """Same as :func:`euler_maruyama`, simulated by ``torchsde.sdeint(method="euler")`` on the grid.
+
+    The log-ratio is then evaluated from the stored states with :func:`path_log_ratio`, so both
+    backends give weights that are exact for the discrete chain. Slower (torchsde's per-step cost).
+    """
+    import torchsde
+
+    _check_x0(reference, x0)
+    coef = reference.coefficients(x0.dtype, x0.device)
+    sde = _TorchsdeChain(reference, control_fn, coef, noise_scale, differentiable)
+    h = reference.T / reference.num_steps
+    if bm is None:
+        bm = torchsde.BrownianInterval(
+            t0=0.0, t1=reference.T, size=tuple(x0.shape), dtype=x0.dtype, device=x0.device, dt=h
+        )
+    with torch.set_grad_enabled(differentiable or torch.is_grad_enabled()):
+        states = torchsde.sdeint(sde, x0, coef.times, method="euler", dt=h, bm=bm)
+        controls = torch.stack([sde.controls[k] for k in range(reference.num_steps)])
+        if not differentiable:
+            states = states.detach()
+        log_ratio = path_log_ratio(reference, states, controls)
+    return PathSample(states[0], states[-1], log_ratio, states, controls)
