@@ -16,8 +16,8 @@ import time
 
 import pyro
 import torch
-
 from _report import machine, markdown_table, write_section
+
 from pyro_sde.infer import DiffusionSampler
 from pyro_sde.nn import ControlNetwork
 from pyro_sde.targets import GMM9
@@ -82,7 +82,8 @@ def main():
             theirs = time_it(sampler_iteration(method, loss, "torchsde"), max(3, args.repeats // 4))
             rows.append([method, loss, ours, theirs, theirs / ours, ours / raw_seq])
     header = [
-        "method", "loss", "ours s/iter", "torchsde s/iter", "torchsde / ours", "ours / raw network (sequential)",
+        "method", "loss", "ours s/iter", "torchsde s/iter", "torchsde / ours",
+        "ours / raw network (sequential)",
     ]
     table = markdown_table(header, rows)
     raw = markdown_table(

@@ -120,13 +120,16 @@ def test_log_variance_gradient_variance_is_small_near_continuous_optimum():
 
     target = torch.distributions.Normal(mu, s2.sqrt())
     spreads = {}
-    for loss in ["log_variance", "kl"]:
+    for loss, num_steps in [("log_variance", 50), ("log_variance", 800), ("kl", 800)]:
         sampler = DiffusionSampler(
             log_density=lambda x: target.log_prob(x).sum(-1), dim=2, method="pis", loss=loss,
-            num_steps=200, sigma=sigma, T=T, control=_ScaledControl(v_star), dtype=D64,
+            num_steps=num_steps, sigma=sigma, T=T, control=_ScaledControl(v_star), dtype=D64,
         )
-        spreads[loss] = _gradient_spread(sampler, num_batches=8).std().item()
-    assert spreads["log_variance"] < 0.1 * spreads["kl"]
+        spreads[loss, num_steps] = _gradient_spread(sampler, num_batches=16).std().item()
+    # the log-variance spread is a discretisation effect (~ sqrt(h)): it shrinks with the step size ...
+    assert spreads["log_variance", 800] < 0.5 * spreads["log_variance", 50]
+    # ... and is far below the KL one, which does not vanish at the optimum
+    assert spreads["log_variance", 800] < 0.15 * spreads["kl", 800]
 
 
 def test_gmm9_log_variance_covers_the_modes():
@@ -159,10 +162,10 @@ def test_eight_schools_constrained_sites_predictive_and_arviz():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a 30-iteration run may have a low ESS
         samples = sampler.get_samples(500)
+        by_chain = sampler.get_samples(100, group_by_chain=True)
     assert set(samples) == {"mu", "tau", "theta"}
     assert samples["tau"].shape == (500,) and (samples["tau"] > 0).all()
     assert samples["theta"].shape == (500, 8)
-    by_chain = sampler.get_samples(100, group_by_chain=True)
     assert by_chain["theta"].shape == (1, 100, 8)
     predictive = Predictive(eight_schools, posterior_samples=samples)(sigma)
     assert predictive["obs"].shape == (500, 8)
@@ -178,8 +181,9 @@ def test_eight_schools_constrained_sites_predictive_and_arviz():
 
 
 def test_resampling_from_a_poor_proposal_warns():
-    target = GMM9()
-    sampler = DiffusionSampler(log_density=target.log_prob, dim=2, method="pis").setup()
+    # an untrained PIS proposal (N(0, 1) at the end) for a narrow target far from the origin
+    target = torch.distributions.Normal(torch.tensor([6.0, -6.0]), 0.1)
+    sampler = DiffusionSampler(log_density=lambda x: target.log_prob(x).sum(-1), dim=2, method="pis").setup()
     with pytest.warns(RuntimeWarning, match="effective sample size"):
         sampler.get_samples(200)
 
@@ -231,5 +235,5 @@ class TestBadInput:
             sampler.get_samples(10)
         with pytest.raises(ValueError, match="batch_size"):
             sampler.run(torch.zeros(4, 3), batch_size=1)
-        with pytest.raises(TypeError, match="running the model"):
+        with pytest.raises(TypeError, match="running the model"):  # a str where a tensor is expected
             sampler.run("not data", num_iterations=1, progress_bar=False)

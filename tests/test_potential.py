@@ -117,7 +117,7 @@ class TestBadModels:
             ModelPotential("not a model")
         with pytest.raises(TypeError, match="tuple"):
             ModelPotential(eight_schools, [SIGMA, Y])
-        with pytest.raises(AttributeError, match="running the model with the given arguments failed"):
+        with pytest.raises(TypeError, match="running the model with the given arguments failed"):
             ModelPotential(eight_schools, ([15.0, 10.0], None))
 
     def test_non_vectorisable_model_is_caught(self):

@@ -186,6 +186,10 @@ class ModelPotential(Potential):
                     f"the model's log density is not finite (NaN) at its initial point: {e}"
                 ) from e
             raise ValueError(f"running the model with the given arguments failed: {e}") from e
+        except (TypeError, AttributeError) as e:  # typically an argument of the wrong type
+            raise TypeError(
+                f"running the model with the given arguments failed (check the argument types): {e}"
+            ) from e
         except Exception as e:
             raise type(e)(f"running the model with the given arguments failed: {e}") from e
         latents = _latent_sites(trace)

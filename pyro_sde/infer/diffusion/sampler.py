@@ -350,7 +350,8 @@ class DiffusionSampler:
             group["lr"] = self.lr
         scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma)
         failed = 0
-        bar = tqdm(range(num_iterations), disable=not progress_bar, desc=f"{self.method}-{self.loss_spec.name}")
+        desc = f"{self.method}-{self.loss_spec.name}"
+        bar = tqdm(range(num_iterations), disable=not progress_bar, desc=desc)
         for i in bar:
             try:
                 info = self.step(batch_size)
@@ -366,7 +367,9 @@ class DiffusionSampler:
             finally:
                 scheduler.step()
             if i % 10 == 0 or i == num_iterations - 1:
-                bar.set_postfix(loss=f"{info.loss:.3g}", elbo=f"{info.log_z_lower_bound:.3g}", ess=f"{info.ess:.2f}")
+                bar.set_postfix(
+                    loss=f"{info.loss:.3g}", elbo=f"{info.log_z_lower_bound:.3g}", ess=f"{info.ess:.2f}"
+                )
         self.control.eval()
         return self
 

@@ -1,0 +1,365 @@
+"""The common density-ratio estimator interface and the networks it trains.
+
+Every estimator estimates ``log r(x) = log p_num(x) - log p_den(x)``::
+
+    est = SomeRatioEstimator(dim).fit(x_num, x_den)   # tensors (N, d) or samplers n -> (n, d)
+    est.log_ratio(x, num_steps=4)                      # (N,); num_steps = network evaluations (NFE)
+    est.losses                                         # training loss per iteration
+    est.save("r.pt"); SomeRatioEstimator.load("r.pt")
+
+An estimator is an ``nn.Module`` (``.to(device)``, ``state_dict``); ``fit`` moves it to the device and
+dtype of the data. Subclasses implement ``_loss(x_num, x_den, progress)`` (a scalar) and
+``_log_ratio(z, num_steps, **kw)`` on standardised inputs ``z``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from ..nn import FourierTimeEmbedding
+
+__all__ = [
+    "RatioEstimator",
+    "MLP",
+    "TimeScoreNetwork",
+    "QuadraticTimeScore",
+    "check_samples",
+    "MIN_SAMPLES",
+]
+
+MIN_SAMPLES = 8  #: fewest samples ``fit`` accepts per side
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def check_samples(x, name: str, dim: int | None = None, min_samples: int = 1) -> torch.Tensor:
+    """Validate a sample matrix: floating, shape ``(N, dim)``, finite, ``N >= min_samples``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a sampler n -> (n, d), got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape (num_samples, dim), got {tuple(x.shape)}")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name} has dimension {x.shape[-1]}, expected {dim}")
+    if x.shape[0] < min_samples:
+        raise ValueError(f"{name} has {x.shape[0]} samples; at least {min_samples} are needed")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def _as_sampler(x, name: str, dim: int, min_samples: int) -> tuple[Callable, torch.Tensor]:
+    """A batch function ``n -> (n, dim)`` and one validated probe batch (for device/dtype/statistics)."""
+    if callable(x) and not isinstance(x, torch.Tensor):
+        probe = check_samples(x(max(min_samples, 1024)), f"{name}(n)", dim, min_samples)
+
+        def sample(n):
+            return x(n)
+
+        return sample, probe
+    x = check_samples(x, name, dim, min_samples)
+
+    def sample(n):
+        return x[torch.randint(x.shape[0], (n,), device=x.device)]
+
+    return sample, x
+
+
+# --------------------------------------------------------------------------------------------------
+# networks
+# --------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """``x -> R^out``: ``num_layers`` hidden SiLU layers of width ``hidden_dim``; ``(N, d) -> (N, out)``
+    (``(N,)`` when ``out_dim == 1`` and ``squeeze``)."""
+
+    def __init__(self, dim: int, out_dim: int = 1, *, hidden_dim: int = 256, num_layers: int = 3, squeeze=True):
+        super().__init__()
+        sizes = [dim] + [hidden_dim] * num_layers
+        layers = []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(n_in, n_out), nn.SiLU()]
+        layers.append(nn.Linear(sizes[-1], out_dim))
+        self.net = nn.Sequential(*layers)
+        self.squeeze = squeeze and out_dim == 1
+
+    def forward(self, x):
+        out = self.net(x)
+        return out.squeeze(-1) if self.squeeze else out
+
+
+class _TimeFeatures(nn.Module):
+    """Fourier features of ``num_times`` time columns plus a side flag: ``(N, k), (N,) -> (N, 2 F k + 1)``."""
+
+    def __init__(self, num_times: int, num_frequencies: int, max_frequency: float):
+        super().__init__()
+        self.num_times = num_times
+        self.embedding = FourierTimeEmbedding(num_frequencies, max_frequency)
+        self.out_dim = 2 * num_frequencies * num_times + 1
+
+    def forward(self, times, side):
+        emb = self.embedding(times[..., None]).flatten(-2)
+        return torch.cat([emb, side[..., None].to(emb.dtype)], dim=-1)
+
+
+class TimeScoreNetwork(nn.Module):
+    """MLP time score ``s(x, times, side) -> R``: ``times`` ``(N, k)`` (``k = 1``: ``t``; ``k = 2``:
+    ``(l, t)`` for secants), ``side`` ``(N,)`` in {0, 1} (which end a two-sided estimator models).
+
+    ``h = W_x x + W_t phi(times, side)``, then ``num_layers`` SiLU layers of width ``hidden_dim``.
+    """
+
+    def __init__(self, dim: int, num_times: int = 1, *, hidden_dim: int = 256, num_layers: int = 3,
+                 num_frequencies: int = 16, max_frequency: float = 20.0):
+        super().__init__()
+        self.features = _TimeFeatures(num_times, num_frequencies, max_frequency)
+        self.input_x = nn.Linear(dim, hidden_dim)
+        self.input_t = nn.Linear(self.features.out_dim, hidden_dim)
+        layers = []
+        for _ in range(num_layers - 1):
+            layers += [nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)]
+        layers += [nn.SiLU(), nn.Linear(hidden_dim, 1)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x, times, side):
+        h = self.input_x(x) + self.input_t(self.features(times, side))
+        return self.body(h).squeeze(-1)
+
+
+class QuadraticTimeScore(nn.Module):
+    """Gaussian-family time score ``s = c_0 + sum_k c_k (u_k.x + b_k)^2 + sum_j e_j (v_j.x)`` with time
+    coefficients ``c, e = MLP(phi(times, side))`` and learned directions ``u, v`` (DRE-infinity's "param"
+    model for the MI tasks): exact for ``p_0 = N(0, I)``, ``p_1 = N(mu, Sigma)`` on the paths here when
+    ``rank >= d``. ``(N, d), (N, k), (N,) -> (N,)``."""
+
+    def __init__(self, dim: int, num_times: int = 1, *, rank: int | None = None, linear_rank: int = 4,
+                 hidden_dim: int = 128, num_frequencies: int = 16, max_frequency: float = 20.0):
+        super().__init__()
+        rank = dim if rank is None else rank
+        self.features = _TimeFeatures(num_times, num_frequencies, max_frequency)
+        self.quadratic = nn.Linear(dim, rank)
+        self.linear = nn.Linear(dim, linear_rank, bias=False)
+        self.rank = rank
+        self.coefficients = MLP(self.features.out_dim, 1 + rank + linear_rank, hidden_dim=hidden_dim,
+                                num_layers=2, squeeze=False)
+        last = self.coefficients.net[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, x, times, side):
+        c = self.coefficients(self.features(times, side))
+        q = self.quadratic(x)
+        lin = self.linear(x)
+        r = self.rank
+        return c[..., 0] + (c[..., 1 : r + 1] * q * q).sum(-1) + (c[..., r + 1 :] * lin).sum(-1)
+
+
+def make_time_score_network(network, dim: int, num_times: int, **kwargs) -> nn.Module:
+    """``"mlp"`` -> :class:`TimeScoreNetwork`, ``"quadratic"`` -> :class:`QuadraticTimeScore`, or a module."""
+    if isinstance(network, nn.Module):
+        return network
+    if network == "mlp":
+        return TimeScoreNetwork(dim, num_times, **kwargs)
+    if network == "quadratic":
+        return QuadraticTimeScore(dim, num_times, **kwargs)
+    raise ValueError(f"network must be 'mlp', 'quadratic' or an nn.Module, got {network!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the estimator interface
+# --------------------------------------------------------------------------------------------------
+
+
+class RatioEstimator(nn.Module):
+    """Base class of the density-ratio estimators ``log r(x) = log p_num(x) / p_den(x)``.
+
+    Inputs are standardised by the denominator's per-coordinate mean and std (``log r`` is invariant
+    under a common bijection) unless the estimator uses a fixed ``N(0, I)`` reference (no denominator).
+
+    :param int dim: data dimension ``d``.
+    """
+
+    #: whether ``fit`` may be called without a denominator (a standard normal one)
+    allows_standard_normal_denominator = False
+    default_num_steps: int | None = None
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.losses: list[float] = []
+        self.register_buffer("shift", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("two_sided", torch.ones((), dtype=torch.bool))
+        self._config = {"dim": dim}
+
+    # subclass hooks --------------------------------------------------------------------------
+    def _loss(self, x_num: torch.Tensor, x_den: torch.Tensor | None, progress: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _log_ratio(self, z: torch.Tensor, num_steps: int | None, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    # public ------------------------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        """``z = (x - shift) / scale`` (identity with a standard normal denominator)."""
+        return (x - self.shift) / self.scale
+
+    def fit(
+        self,
+        numerator,
+        denominator=None,
+        *,
+        num_iterations: int = 2000,
+        batch_size: int = 512,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        ema_decay: float | None = 0.999,
+        standardize: bool = True,
+        progress_bar: bool = True,
+    ) -> RatioEstimator:
+        """Train on samples of ``p_num`` and ``p_den``; calling again continues training.
+
+        :param numerator: ``(N, d)`` tensor of ``p_num`` samples, or a sampler ``n -> (n, d)``.
+        :param denominator: the same for ``p_den``; ``None`` means ``N(0, I)`` (time-score estimators only).
+        :param int num_iterations: optimiser steps (Adam, cosine learning-rate decay to 0).
+        :param int batch_size: samples per side and step.
+        :param float ema_decay: exponential moving average of the weights used after training (None: off).
+        :param bool standardize: standardise by the denominator's mean/std (ignored without denominator).
+        :param bool progress_bar: show a tqdm bar.
+        :returns: ``self``.
+        """
+        for name, v in (("num_iterations", num_iterations), ("batch_size", batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if batch_size < 2:
+            raise ValueError("batch_size must be at least 2")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}")
+        sample_num, probe = _as_sampler(numerator, "numerator", self.dim, MIN_SAMPLES)
+        if denominator is None:
+            if not self.allows_standard_normal_denominator:
+                raise ValueError(f"{type(self).__name__} needs denominator samples")
+            sample_den, probe_den = None, None
+        else:
+            sample_den, probe_den = _as_sampler(denominator, "denominator", self.dim, MIN_SAMPLES)
+            if probe_den.dtype != probe.dtype or probe_den.device != probe.device:
+                raise ValueError("numerator and denominator must share dtype and device")
+        first = not self.is_fitted
+        self.to(device=probe.device, dtype=probe.dtype)
+        if first:
+            self.two_sided.fill_(denominator is not None)
+            if denominator is not None and standardize:
+                self.shift.copy_(probe_den.mean(0))
+                self.scale.copy_(probe_den.std(0).clamp_min(1e-12))
+        elif bool(self.two_sided) != (denominator is not None):
+            raise ValueError("continue training with the same kind of denominator as the first fit")
+
+        opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_iterations)
+        ema = None
+        if ema_decay is not None:
+            ema = AveragedModel(self, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
+        losses = torch.empty(num_iterations, dtype=probe.dtype, device=probe.device)
+        self.train()
+        bar = tqdm(range(num_iterations), disable=not progress_bar, desc=type(self).__name__)
+        for i in bar:
+            x_num = self.standardize(sample_num(batch_size))
+            x_den = None if sample_den is None else self.standardize(sample_den(batch_size))
+            loss = self._loss(x_num, x_den, i / num_iterations)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(self)
+            losses[i] = loss.detach()
+            if progress_bar and (i % 100 == 0 or i == num_iterations - 1):
+                bar.set_postfix(loss=f"{loss.item():.4g}")
+        if ema is not None:
+            with torch.no_grad():
+                for p, q in zip(self.parameters(), ema.module.parameters()):
+                    p.copy_(q)
+        self.eval()
+        self.fitted.fill_(True)
+        lost = losses.tolist()
+        if not all(math.isfinite(v) for v in lost[-10:]):
+            raise FloatingPointError("training diverged (non-finite loss); lower lr")
+        self.losses.extend(lost)
+        return self
+
+    def log_ratio(self, x: torch.Tensor, num_steps: int | None = None, *, chunk_size: int = 65536,
+                  **kwargs) -> torch.Tensor:
+        """``log r(x) = log p_num(x) - log p_den(x)``; ``x`` ``(..., d) -> (...)``.
+
+        :param int num_steps: network evaluations (NFE) for the time-score estimators; ignored by the
+            classifier and TRE (one evaluation).
+        :param int chunk_size: points per network batch (bounds memory).
+        """
+        if not self.is_fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted; call fit first")
+        x = torch.as_tensor(x)
+        if not torch.is_floating_point(x):
+            raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (..., {self.dim}), got {tuple(x.shape)}")
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
+                                      or num_steps < 1):
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        batch_shape = x.shape[:-1]
+        z = self.standardize(x.reshape(-1, self.dim).to(self.shift.dtype))
+        out = [self._log_ratio(c, num_steps, **kwargs) for c in z.split(max(1, chunk_size // max(
+            1, num_steps or 1)))] if z.shape[0] else [z.new_zeros(0)]
+        return torch.cat(out).reshape(batch_shape).to(x.dtype)
+
+    # persistence -------------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Save the constructor options, weights, standardisation and losses (``torch.save``)."""
+        torch.save({"class": type(self).__name__, "config": self._config, "state": self.state_dict(),
+                    "losses": self.losses}, path)
+
+    @classmethod
+    def load(cls, path, map_location=None) -> RatioEstimator:
+        """Rebuild an estimator written by :meth:`save` (custom ``nn.Module`` networks are not
+        serialised by name: pass them through ``cls(**config, network=...)`` and ``load_state_dict``)."""
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+        if blob["class"] != cls.__name__ and cls is not RatioEstimator:
+            raise ValueError(f"{path} holds a {blob['class']}, not a {cls.__name__}")
+        klass = cls if cls is not RatioEstimator else _registry()[blob["class"]]
+        est = klass(**blob["config"])
+        state = blob["state"]
+        est.to(dtype=state["shift"].dtype, device=state["shift"].device)
+        est.load_state_dict(state)
+        est.losses = list(blob["losses"])
+        est.eval()
+        return est
+
+    def extra_repr(self):
+        return f"dim={self.dim}, fitted={self.is_fitted}"
+
+
+def _registry():
+    from .classifier import ClassifierRatioEstimator
+    from .secant import SecantRatioEstimator
+    from .tangent import TangentRatioEstimator
+    from .telescoping import TelescopingRatioEstimator
+
+    return {c.__name__: c for c in (ClassifierRatioEstimator, TelescopingRatioEstimator,
+                                    TangentRatioEstimator, SecantRatioEstimator)}
