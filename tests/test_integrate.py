@@ -7,9 +7,11 @@ import torch
 
 from pyro_sde.sde import (
     BrownianReference,
+    OUReference,
     VPReference,
     euler_maruyama,
     log_ratio_increment,
+    path_log_prob,
     path_log_ratio,
     torchsde_euler,
 )
@@ -73,7 +75,9 @@ class TestPathLogRatio:
         assert path.terminal.mean(0).sub(mu).abs().max().item() < 0.15
 
     @pytest.mark.parametrize(
-        "reference", [BrownianReference(20, sigma=1.0, T=1.5), VPReference(30)], ids=str
+        "reference",
+        [BrownianReference(20, sigma=1.0, T=1.5), VPReference(30), OUReference(12, sigma=1.3)],
+        ids=str,
     )
     def test_weights_are_unbiased_for_any_control(self, reference):
         # E_P[w] = Z for an arbitrary (bad) control: the weights are exact for the discrete chain.
@@ -88,7 +92,7 @@ class TestPathLogRatio:
         assert abs(w.mean().item() - 1) < 4 * stderr
         assert stderr < 0.05  # the test has power
 
-    @pytest.mark.parametrize("reference", [BrownianReference(15), VPReference(15)], ids=str)
+    @pytest.mark.parametrize("reference", [BrownianReference(15), VPReference(15), OUReference(15)], ids=str)
     def test_batched_over_time_equals_loop(self, reference):
         control = lambda k, t, x: torch.sin(3 * x) * (1 + t)  # noqa: E731
         x0 = reference.sample_initial(64, 4, dtype=D64, device=None)
@@ -141,3 +145,76 @@ class TestTorchsdeBackend:
         theirs = torchsde_euler(ref, control, x0, bm=bm)
         assert torch.allclose(ours.states, theirs.states, atol=1e-10)
         assert torch.allclose(ours.log_ratio, theirs.log_ratio, atol=1e-8)
+
+
+class TestOUReference:
+    def test_exponential_integrator_preserves_the_stationary_law(self):
+        ref = OUReference(7, sigma=1.7, beta_min=0.5, beta_max=30.0)  # big steps: still exact
+        c = ref.coefficients()
+        assert torch.allclose(c.drift_scale**2 * 1.7**2 + c.noise_std**2, torch.full((7,), 1.7**2, dtype=D64))
+        x0 = ref.sample_initial(200_000, 1, dtype=D64, device=None)
+        path = euler_maruyama(ref, lambda k, t, x: torch.zeros_like(x), x0, store_path=False)
+        assert path.terminal.std().item() == pytest.approx(1.7, rel=0.01)
+        assert path.log_ratio.abs().max().item() < 1e-12
+
+    def test_optimal_control_leaves_only_the_initial_mismatch(self):
+        # rho = Z N(mu, sigma^2 I): rho / p_ref = Z exp(mu.x / sigma^2 - |mu|^2 / 2 sigma^2) is log-linear,
+        # so h_k(x) = E[rho/p_ref(X_K) / Z | X_k = x] = exp(A_k mu.x / sigma^2 - A_k^2 |mu|^2 / 2 sigma^2)
+        # with A_k = prod_{j >= k} a_j, and the optimal kernel is N(a x + s^2 A_{k+1} mu / sigma^2, s^2).
+        # Under it log w = log Z + log h_0(x_0) exactly: the start N(0, sigma^2) is not the optimal
+        # initial law, a mismatch that vanishes as A_0 = exp(-int beta / 2) -> 0.
+        ref = OUReference(20, sigma=1.5)
+        mu, log_z, var = torch.tensor([1.0, -2.0], dtype=D64), -0.4, 1.5**2
+        c = ref.coefficients()
+        A = torch.flip(torch.cumprod(torch.flip(c.drift_scale, [0]), 0), [0])  # A_k, k = 0..K-1
+        tail = torch.cat([A[1:], torch.ones(1, dtype=D64)])  # A_{k+1}
+        v = (c.noise_std**2 * tail / (var * c.control_scale))[:, None] * mu  # (K, d)
+        x0 = ref.sample_initial(1000, 2, dtype=D64, device=None)
+        path = euler_maruyama(ref, lambda k, t, x: v[k].expand_as(x), x0)
+        lw = log_weights(ref, path, gaussian_log_rho(mu, var, log_z))
+        A0 = c.drift_scale.prod()
+        log_h0 = A0 * (x0 @ mu) / var - 0.5 * A0**2 * mu.dot(mu) / var
+        assert (lw - log_z - log_h0).abs().max().item() < 1e-10
+        assert 0.05 < A0 < 0.1  # the default schedule: int beta = 5.05
+
+
+class TestBridge:
+    def test_zero_backward_control_is_dis(self):
+        ref = VPReference(15)
+        x0 = ref.sample_initial(64, 3, dtype=D64, device=None)
+        path = euler_maruyama(ref, lambda k, t, x: torch.sin(x) - x, x0)
+        zero = torch.zeros_like(path.controls)
+        bridge = path_log_ratio(ref, path.states, path.controls, zero)
+        assert torch.allclose(bridge, path.log_ratio, atol=1e-12)
+
+    def test_weights_are_unbiased_for_any_pair_of_controls(self):
+        ref = VPReference(12)
+        mu, log_z = torch.tensor([0.5, -0.3], dtype=D64), 0.7
+        log_rho = gaussian_log_rho(mu, 0.5, log_z)
+        x0 = ref.sample_initial(400_000, 2, dtype=D64, device=None)
+        path = euler_maruyama(ref, lambda k, t, x: -0.5 * x + 0.3 * torch.tanh(x), x0)
+        u = 0.4 * torch.cos(path.states[1:]) - 0.2  # an arbitrary backward control
+        lw = log_rho(path.terminal) + ref.boundary_log_weight(path.initial, path.terminal)
+        w = (lw + path_log_ratio(ref, path.states, path.controls, u) - log_z).exp()
+        stderr = w.std().item() / math.sqrt(w.numel())
+        assert abs(w.mean().item() - 1) < 4 * stderr and stderr < 0.05
+
+    def test_backward_control_needs_a_backward_reference(self):
+        ref = BrownianReference(5)
+        x0 = ref.sample_initial(4, 2, dtype=D64, device=None)
+        path = euler_maruyama(ref, lambda k, t, x: x, x0)
+        with pytest.raises(ValueError, match="backward"):
+            path_log_ratio(ref, path.states, path.controls, torch.zeros_like(path.controls))
+
+
+def test_path_log_prob_is_the_gaussian_transition_density():
+    ref = OUReference(6, sigma=0.8)
+    x0 = ref.sample_initial(10, 2, dtype=D64, device=None)
+    path = euler_maruyama(ref, lambda k, t, x: torch.tanh(x), x0)
+    c = ref.coefficients()
+    expected = sum(
+        torch.distributions.Normal(c.drift_scale[k] * path.states[k] + c.control_scale[k] * path.controls[k],
+                                   c.noise_std[k]).log_prob(path.states[k + 1]).sum(-1)
+        for k in range(6)
+    )
+    assert torch.allclose(path_log_prob(ref, path.states, path.controls), expected, atol=1e-10)

@@ -5,13 +5,15 @@ from .integrate import (
     euler_maruyama,
     euler_maruyama_step,
     log_ratio_increment,
+    path_log_prob,
     path_log_ratio,
     torchsde_euler,
 )
-from .reference import BrownianReference, ReferenceProcess, StepCoefficients, VPReference
+from .reference import BrownianReference, OUReference, ReferenceProcess, StepCoefficients, VPReference
 
 __all__ = [
     "BrownianReference",
+    "OUReference",
     "PathSample",
     "ReferenceProcess",
     "StepCoefficients",
@@ -19,6 +21,7 @@ __all__ = [
     "euler_maruyama",
     "euler_maruyama_step",
     "log_ratio_increment",
+    "path_log_prob",
     "path_log_ratio",
     "torchsde_euler",
 ]

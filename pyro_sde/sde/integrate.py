@@ -15,6 +15,7 @@ Everything here works on a :class:`~pyro_sde.sde.reference.ReferenceProcess` cha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ __all__ = [
     "euler_maruyama",
     "torchsde_euler",
     "path_log_ratio",
+    "path_log_prob",
 ]
 
 #: ``control_fn(k, t, x) -> v``: step index, time (0-d tensor), state ``(N, d)`` -> control ``(N, d)``.
@@ -50,13 +52,14 @@ def euler_maruyama_step(x, drift_scale, control_scale, noise_std, control, noise
     return drift_scale * x + control_scale * control + noise_std * noise
 
 
-def log_ratio_increment(kind, a, c, s, b, x, x_next, v, residual=None):
+def log_ratio_increment(kind, a, c, s, b, x, x_next, v, residual=None, u=None):
     """``log Q_k(.) - log F^v_k(x_next | x)`` for one step (or many, broadcasting), shape ``x.shape[:-1]``.
 
     ``F^v_k = N(a x + c v, s^2 I)`` is the controlled kernel. ``Q_k`` is the reference's target kernel:
     ``N(x_next; a x, s^2)`` (``kind="forward"``) or the noising kernel ``N(x; b x_next, s^2)``
-    (``kind="backward"``). ``residual = (x_next - a x - c v) / s`` may be passed when known exactly
-    (the noise, when ``x_next`` was drawn from ``F^v``).
+    (``kind="backward"``), or with a backward control ``u`` (two-control bridge)
+    ``N(x; b x_next + c u, s^2)``. ``residual = (x_next - a x - c v) / s`` may be passed when known
+    exactly (the noise, when ``x_next`` was drawn from ``F^v``).
     """
     if residual is None:
         residual = (x_next - a * x - c * v) / s
@@ -65,7 +68,8 @@ def log_ratio_increment(kind, a, c, s, b, x, x_next, v, residual=None):
         delta = (c / s) * v
         return -((residual + 0.5 * delta) * delta).sum(-1)
     if kind == "backward":
-        target_residual = (x - b * x_next) / s
+        mean = b * x_next if u is None else b * x_next + c * u
+        target_residual = (x - mean) / s
         return 0.5 * ((residual - target_residual) * (residual + target_residual)).sum(-1)
     raise ValueError(f"unknown reference kind {kind!r}")
 
@@ -130,19 +134,28 @@ def euler_maruyama(
     return PathSample(x0, x, log_ratio, torch.stack(states), torch.stack(controls))
 
 
-def path_log_ratio(reference: ReferenceProcess, states: torch.Tensor, controls: torch.Tensor):
-    """Sum over steps of :func:`log_ratio_increment` for stored ``states`` (K+1, N, d) and
-    ``controls`` (K, N, d), evaluated in one batched call over time; returns ``(N,)``."""
+def _check_path(reference, states, controls):
     K = reference.num_steps
     if states.shape[0] != K + 1 or controls.shape[0] != K:
         raise ValueError(
             f"expected {K + 1} states and {K} controls, got {states.shape[0]} and {controls.shape[0]}"
         )
     coef = reference.coefficients(states.dtype, states.device)
+    return coef, lambda t: None if t is None else t.view(K, 1, 1)
 
-    def col(t):
-        return None if t is None else t.view(K, 1, 1)
 
+def path_log_ratio(
+    reference: ReferenceProcess,
+    states: torch.Tensor,
+    controls: torch.Tensor,
+    backward_controls: torch.Tensor | None = None,
+):
+    """Sum over steps of :func:`log_ratio_increment` for stored ``states`` (K+1, N, d) and
+    ``controls`` (K, N, d) (and, for a bridge, ``backward_controls`` ``u_k = u(t_{k+1}, x_{k+1})``
+    (K, N, d)), evaluated in one batched call over time; returns ``(N,)``."""
+    coef, col = _check_path(reference, states, controls)
+    if backward_controls is not None and reference.kind != "backward":
+        raise ValueError("backward controls need a reference of kind 'backward'")
     inc = log_ratio_increment(
         reference.kind,
         col(coef.drift_scale),
@@ -152,8 +165,20 @@ def path_log_ratio(reference: ReferenceProcess, states: torch.Tensor, controls: 
         states[:-1],
         states[1:],
         controls,
+        u=backward_controls,
     )
     return inc.sum(0)
+
+
+def path_log_prob(reference: ReferenceProcess, states: torch.Tensor, controls: torch.Tensor):
+    """``log P^v(x_{1:K} | x_0) = sum_k log N(x_{k+1}; a_k x_k + c_k v_k, s_k^2 I)`` for stored paths,
+    shape ``(N,)``: the score-function term of the log-derivative (REINFORCE) gradient."""
+    coef, col = _check_path(reference, states, controls)
+    s = col(coef.noise_std)
+    residual = (states[1:] - col(coef.drift_scale) * states[:-1] - col(coef.control_scale) * controls) / s
+    d = states.shape[-1]
+    log_norm = -(d * (s.log() + 0.5 * math.log(2 * math.pi))).sum()
+    return -0.5 * (residual * residual).sum((0, -1)) + log_norm
 
 
 class _TorchsdeChain(torch.nn.Module):

@@ -12,7 +12,8 @@ exact for the *discrete* chain, ``E_P[w] = Z`` for any control and any step size
   ``log w = log rho(x_K) - log p^ref_K(x_K) + sum_k [log F^ref_k - log F^v_k]``.
 * ``kind == "backward"`` (DIS): ``Q`` starts at the target and runs a fixed noising chain backwards,
   ``x_k | x_{k+1} ~ N(b_k x_{k+1}, s_k^2)``, and
-  ``log w = log rho(x_K) - log p_0(x_0) + sum_k [log B_k - log F^v_k]``.
+  ``log w = log rho(x_K) - log p_0(x_0) + sum_k [log B_k - log F^v_k]``. The two-control bridge
+  adds a learned backward control ``u``: ``x_k | x_{k+1} ~ N(b_k x_{k+1} + c_k u(t_{k+1}, x_{k+1}), s_k^2)``.
 
 The per-step log-ratio lives in :func:`pyro_sde.sde.integrate.log_ratio_increment`; the boundary
 term lives here (:meth:`ReferenceProcess.boundary_log_weight`).
@@ -25,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["StepCoefficients", "ReferenceProcess", "BrownianReference", "VPReference"]
+__all__ = ["StepCoefficients", "ReferenceProcess", "BrownianReference", "VPReference", "OUReference"]
 
 
 class StepCoefficients(NamedTuple):
@@ -202,5 +203,71 @@ class VPReference(ReferenceProcess):
     def __repr__(self):
         return (
             f"VPReference(num_steps={self.num_steps}, beta_min={self.beta_min}, "
+            f"beta_max={self.beta_max}, T={self.T})"
+        )
+
+
+class OUReference(ReferenceProcess):
+    """Stationary Ornstein-Uhlenbeck reference with exponential-integrator steps (DDS, Vargas et al.).
+
+    ``dX = -beta(t)/2 X dt + sigma sqrt(beta(t)) dW`` started at its invariant law ``N(0, sigma^2 I)``;
+    ``beta`` runs from ``beta_max`` at ``t = 0`` down to ``beta_min`` at ``t = T`` (fine steps near the
+    target). With ``B_k = int beta`` over step k the uncontrolled transition is exact,
+    ``a_k = exp(-B_k / 2)``, ``s_k = sigma sqrt(1 - a_k^2)``, so every marginal is ``N(0, sigma^2 I)`` and
+    the reference terminal law is known at any step size; the control enters through the integrated
+    drift ``c_k = 2 sigma^2 (1 - a_k)`` (``~ sigma^2 beta_k h``). ``kind == "forward"``.
+    """
+
+    kind = "forward"
+
+    def __init__(
+        self,
+        num_steps: int = 100,
+        *,
+        sigma: float = 1.0,
+        beta_min: float = 0.1,
+        beta_max: float = 10.0,
+        T: float = 1.0,
+    ):
+        super().__init__(num_steps, T)
+        if not (0 <= beta_min <= beta_max) or beta_max <= 0:
+            raise ValueError(f"need 0 <= beta_min <= beta_max, beta_max > 0; got {beta_min}, {beta_max}")
+        sigma = float(sigma)
+        if not sigma > 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        self.sigma, self.beta_min, self.beta_max = sigma, float(beta_min), float(beta_max)
+
+    def _coefficients(self):
+        K, h = self.num_steps, self.T / self.num_steps
+        times = torch.linspace(0.0, self.T, K + 1, dtype=torch.float64)
+        s_mid = self.T - 0.5 * (times[:-1] + times[1:])  # noising time at the step's midpoint
+        B = (self.beta_min + (self.beta_max - self.beta_min) * s_mid / self.T) * h
+        a = torch.exp(-0.5 * B)
+        return StepCoefficients(
+            times=times,
+            drift_scale=a,
+            control_scale=-2 * self.sigma**2 * torch.expm1(-0.5 * B),
+            noise_std=self.sigma * (-torch.expm1(-B)).sqrt(),
+            backward_scale=None,
+        )
+
+    def sample_initial(self, num_samples, dim, *, dtype, device):
+        return self.sigma * torch.randn(num_samples, dim, dtype=dtype, device=device)
+
+    def initial_log_prob(self, x0):
+        d, var = x0.shape[-1], self.sigma**2
+        return -0.5 * (x0 * x0).sum(-1) / var - 0.5 * d * math.log(2 * math.pi * var)
+
+    terminal_log_prob = initial_log_prob  # stationary
+
+    def initial_score(self, x):
+        return -x / self.sigma**2
+
+    def boundary_log_weight(self, x0, xK):
+        return -self.terminal_log_prob(xK)
+
+    def __repr__(self):
+        return (
+            f"OUReference(num_steps={self.num_steps}, sigma={self.sigma:.4g}, beta_min={self.beta_min}, "
             f"beta_max={self.beta_max}, T={self.T})"
         )

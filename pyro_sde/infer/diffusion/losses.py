@@ -2,11 +2,19 @@
 
 With ``log w = log dQ/dP^v`` (unnormalised, ``E_{P^v}[w] = Z``) of paths:
 
-* reverse KL: ``KL(P^v || Q) = E_{P^v}[-log w] + log Z``, differentiated *through* the simulation
-  (reparametrisation), the loss of PIS / DIS;
-* log-variance: ``Var_{P^w}[log w^v]`` over paths of a detached reference control ``w`` (by default
-  the current control), differentiated only through ``v`` in the log-ratio; at the optimum
-  ``log w`` is constant along paths, so the loss *and its gradient estimator* vanish (Richter & Berner).
+* reverse KL (``"kl"``): ``KL(P^v || Q/Z) = E_{P^v}[-log w] + log Z``, differentiated *through* the
+  simulation (reparametrisation), the loss of PIS / DIS / DDS;
+* log-variance (``"log_variance"``): ``Var_{P^w}[log w^v]`` over paths of a detached reference control
+  ``w`` (by default the current control), differentiated only through the controls in the log-ratio;
+  at the optimum ``log w`` is constant along paths, so the loss *and its gradient estimator* vanish
+  (Richter & Berner). With a fixed reference process its gradient is (twice) the variance-reduced
+  log-derivative gradient of the reverse KL;
+* reverse KL with the log-derivative trick (``"rkl_ld"``): paths detached,
+  ``grad KL = E[-(log w - b) grad log P^v] - E[grad log w]`` with the baseline ``b = mean(log w)``.
+  It is the sound choice for the two-control bridge, where both path measures have learned
+  parameters: there the log-variance gradient is no longer a gradient of a divergence that respects
+  the data-processing inequality (Sanokowski et al. 2025), whereas ``rkl_ld`` is an unbiased gradient
+  of the reverse KL. It needs on-policy paths (``exploration_noise = 1``).
 """
 
 from __future__ import annotations
@@ -15,30 +23,47 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["kl_loss", "log_variance_loss", "LossSpec", "get_loss"]
+__all__ = ["kl_loss", "log_variance_loss", "rkl_log_derivative_loss", "LossSpec", "get_loss"]
 
 
-def kl_loss(log_weights: torch.Tensor) -> torch.Tensor:
+def kl_loss(log_weights: torch.Tensor, log_forward=None) -> torch.Tensor:
     """``mean(-log w)``: reverse KL up to the constant ``log Z``."""
     return -log_weights.mean()
 
 
-def log_variance_loss(log_weights: torch.Tensor) -> torch.Tensor:
+def log_variance_loss(log_weights: torch.Tensor, log_forward=None) -> torch.Tensor:
     """Unbiased sample variance of ``log w``."""
     return log_weights.var()
+
+
+def rkl_log_derivative_loss(log_weights: torch.Tensor, log_forward: torch.Tensor) -> torch.Tensor:
+    """Surrogate whose value is ``mean(-log w)`` and whose gradient is the log-derivative estimator
+    ``mean(-(log w - mean log w) grad log P^v - grad log w)`` (paths detached, ``log_forward = log P^v``)."""
+    advantage = (log_weights - log_weights.mean()).detach()
+    score_term = -(advantage * log_forward).mean()
+    return -log_weights.mean() + (score_term - score_term.detach())
 
 
 class LossSpec(NamedTuple):
     name: str
     fn: object
     reparametrized: bool  #: differentiate through the simulated states
+    needs_forward_log_prob: bool = False  #: ``fn(log_w, log P^v)``
+    off_policy: bool = True  #: valid on paths of a different (exploration) control
 
 
 _LOSSES = {
-    "kl": LossSpec("kl", kl_loss, True),
+    "kl": LossSpec("kl", kl_loss, True, off_policy=False),
     "log_variance": LossSpec("log_variance", log_variance_loss, False),
+    "rkl_ld": LossSpec("rkl_ld", rkl_log_derivative_loss, False, True, off_policy=False),
 }
-_ALIASES = {"reverse_kl": "kl", "lv": "log_variance", "log-variance": "log_variance"}
+_ALIASES = {
+    "reverse_kl": "kl",
+    "lv": "log_variance",
+    "log-variance": "log_variance",
+    "rkl_log_derivative": "rkl_ld",
+    "reinforce": "rkl_ld",
+}
 
 
 def get_loss(name: str) -> LossSpec:

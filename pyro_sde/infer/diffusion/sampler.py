@@ -9,7 +9,9 @@ finished, and the weights tell how far it is (ESS, Pareto k).
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -20,13 +22,22 @@ from tqdm.auto import tqdm
 
 from ... import diagnostics
 from ...nn import ControlNetwork
-from ...sde import BrownianReference, VPReference, euler_maruyama, path_log_ratio, torchsde_euler
+from ...sde import (
+    BrownianReference,
+    OUReference,
+    VPReference,
+    euler_maruyama,
+    path_log_prob,
+    path_log_ratio,
+    torchsde_euler,
+)
 from ..potential import LogDensityPotential, ModelPotential, Potential
 from .losses import get_loss
 
 __all__ = ["DiffusionSampler", "StepInfo"]
 
-_METHODS = ("pis", "dis")
+_METHODS = ("pis", "dis", "dds", "bridge")
+_CHECKPOINT_VERSION = 1
 _BACKENDS = ("euler", "torchsde")
 
 
@@ -57,7 +68,8 @@ def _positive_float(name, value):
 
 
 class DiffusionSampler:
-    r"""Learned diffusion sampler (PIS / DIS) for a Pyro model or an unnormalised log density.
+    r"""Learned diffusion sampler (PIS / DIS / DDS / two-control bridge) for a Pyro model or an
+    unnormalised log density.
 
     Example::
 
@@ -72,15 +84,20 @@ class DiffusionSampler:
     :param callable log_density: instead of a model, a batched unnormalised log density
         ``(N, dim) -> (N,)`` on ``R^dim`` (samples are returned under the site name ``"x"``).
     :param int dim: dimension, with ``log_density``.
-    :param str method: ``"pis"`` (Brownian reference from the origin, Path Integral Sampler) or
+    :param str method: ``"pis"`` (Brownian reference from the origin, Path Integral Sampler),
         ``"dis"`` (VP/Ornstein-Uhlenbeck reference from ``N(0, I)``, time-reversal, Diffusion-based
-        sampler).
-    :param str loss: ``"log_variance"`` (default; no differentiation through the solver) or ``"kl"``
-        (reverse KL, reparametrised through the solver, second derivatives of the target).
+        sampler), ``"dds"`` (stationary OU reference from ``N(0, sigma^2 I)`` with exponential-
+        integrator steps, Denoising Diffusion Sampler) or ``"bridge"`` (DIS with a second, learned
+        backward control: the general two-control bridge).
+    :param str loss: ``"log_variance"`` (default for pis/dis/dds; no differentiation through the
+        solver), ``"kl"`` (reverse KL, reparametrised through the solver, second derivatives of the
+        target) or ``"rkl_ld"`` (reverse KL with the log-derivative gradient; default for the bridge,
+        where it is the sound choice: see :mod:`pyro_sde.infer.diffusion.losses`).
     :param int num_steps: Euler-Maruyama steps ``K`` (100).
-    :param float T: time horizon (PIS 5, DIS 1).
-    :param float sigma: PIS diffusion coefficient (``sqrt(0.2)``, so ``Var X_T = 1``).
-    :param float beta_min, beta_max: DIS noise schedule (0.1, 10).
+    :param float T: time horizon (PIS 5, DIS/DDS/bridge 1).
+    :param float sigma: PIS diffusion coefficient (``sqrt(0.2)``, so ``Var X_T = 1``); DDS prior
+        standard deviation (1).
+    :param float beta_min, beta_max: DIS / DDS / bridge noise schedule (0.1, 10).
     :param torch.nn.Module control: a custom control ``control(tau, x, guide) -> v`` with ``tau = t / T``;
         default :class:`~pyro_sde.nn.ControlNetwork`.
     :param int hidden_dim, num_layers: size of the default network (64, 3).
@@ -91,8 +108,13 @@ class DiffusionSampler:
     :param float score_clip: the target score fed to the control is clamped to ``[-score_clip,
         score_clip]`` (100): it bounds the drift of explicit Euler steps on stiff targets.
     :param float control_clip: the control is clamped likewise (100).
-    :param float exploration_noise: for the log-variance loss, paths are drawn with the noise
-        multiplied by this factor (1.0 = the current control; > 1 explores more).
+    :param float exploration_noise: the reference control of the log-variance loss: paths are drawn
+        with the noise multiplied by this factor (1.0 = the current control, exploitation; > 1 explores
+        more, which helps against mode collapse). Only the log-variance loss allows it.
+    :param float ema_decay: decay of the exponential moving average of the network weights used for
+        sampling (0.999, with the warm-up ``min(decay, (1 + n) / (10 + n))``; ``None`` disables).
+    :param torch.nn.Module backward_control: a custom backward control for the bridge,
+        ``backward_control(tau, x, None) -> u`` (default: a zero-initialised :class:`ControlNetwork`).
     :param str backend: ``"euler"`` (our batched loop) or ``"torchsde"`` (``torchsde.sdeint``).
     :param init_strategy: Pyro init strategy (only sets a reference point for checks).
     :param bool vectorize: evaluate the model on batches under a particle plate (see
@@ -107,10 +129,10 @@ class DiffusionSampler:
         log_density: Callable | None = None,
         dim: int | None = None,
         method: str = "dis",
-        loss: str = "log_variance",
+        loss: str | None = None,
         num_steps: int = 100,
         T: float | None = None,
-        sigma: float = math.sqrt(0.2),
+        sigma: float | None = None,
         beta_min: float = 0.1,
         beta_max: float = 10.0,
         control: torch.nn.Module | None = None,
@@ -122,6 +144,8 @@ class DiffusionSampler:
         score_clip: float = 100.0,
         control_clip: float = 100.0,
         exploration_noise: float = 1.0,
+        ema_decay: float | None = 0.999,
+        backward_control: torch.nn.Module | None = None,
         backend: str = "euler",
         init_strategy=init_to_uniform,
         vectorize: bool = True,
@@ -136,15 +160,31 @@ class DiffusionSampler:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        if control is not None and not isinstance(control, torch.nn.Module):
-            raise TypeError("control must be a torch.nn.Module")
+        for name, net in [("control", control), ("backward_control", backward_control)]:
+            if net is not None and not isinstance(net, torch.nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module")
+        if backward_control is not None and method != "bridge":
+            raise ValueError("backward_control is only used by method='bridge'")
+        self._config = dict(
+            method=method, loss=loss, num_steps=num_steps, T=T, sigma=sigma, beta_min=beta_min,
+            beta_max=beta_max, hidden_dim=hidden_dim, num_layers=num_layers, lr=lr, grad_clip=grad_clip,
+            final_lr_fraction=final_lr_fraction, score_clip=score_clip, control_clip=control_clip,
+            exploration_noise=exploration_noise, ema_decay=ema_decay, backend=backend, vectorize=vectorize,
+            dim=dim, dtype=dtype,
+        )
         self.model = model
         self.method = method
+        if loss is None:
+            loss = "rkl_ld" if method == "bridge" else "log_variance"
         self.loss_spec = get_loss(loss)
         self.num_steps = _positive_int("num_steps", num_steps)
         T = (5.0 if method == "pis" else 1.0) if T is None else T
         if method == "pis":
+            sigma = math.sqrt(0.2) if sigma is None else sigma
             self.reference = BrownianReference(num_steps, sigma=sigma, T=T)
+        elif method == "dds":
+            sigma = 1.0 if sigma is None else sigma
+            self.reference = OUReference(num_steps, sigma=sigma, beta_min=beta_min, beta_max=beta_max, T=T)
         else:
             self.reference = VPReference(num_steps, beta_min=beta_min, beta_max=beta_max, T=T)
         self.lr = _positive_float("lr", lr)
@@ -155,6 +195,21 @@ class DiffusionSampler:
         self.score_clip = _positive_float("score_clip", score_clip)
         self.control_clip = _positive_float("control_clip", control_clip)
         self.exploration_noise = _positive_float("exploration_noise", exploration_noise)
+        if self.exploration_noise != 1.0 and not self.loss_spec.off_policy:
+            raise ValueError(
+                f"loss={self.loss_spec.name!r} needs on-policy paths: exploration_noise must be 1 "
+                "(an exploration control is a feature of the log-variance loss)"
+            )
+        if method == "bridge" and self.loss_spec.name == "log_variance":
+            warnings.warn(
+                "with two learned controls the log-variance gradient is not the gradient of a divergence "
+                "that respects the data-processing inequality; loss='rkl_ld' (the default) or 'kl' is sound",
+                UserWarning,
+                stacklevel=2,
+            )
+        if ema_decay is not None and not (isinstance(ema_decay, float) and 0 <= ema_decay < 1):
+            raise ValueError(f"ema_decay must be a float in [0, 1) or None, got {ema_decay!r}")
+        self.ema_decay = ema_decay
         self.backend = backend
         self.init_strategy, self.vectorize = init_strategy, vectorize
         self._network_options = dict(
@@ -163,7 +218,13 @@ class DiffusionSampler:
             guide_scale_init=0.01 if method == "pis" else 1.0,
         )
         self.control = control
+        self.backward_control = backward_control
         self.optimizer = None
+        self._ema_nets: list[torch.nn.Module] | None = None
+        self._ema_updates = 0
+        self._run_state: dict | None = None  # progress of the current run (for checkpoints / resume)
+        self._pending_state: dict | None = None  # state loaded from a checkpoint, applied at set-up
+        self._resume_rng = None
         self.potential: Potential | None = None
         self._model_call = None
         if log_density is not None:
@@ -201,8 +262,40 @@ class DiffusionSampler:
         if self.control is None:
             self.control = ControlNetwork(p.dim, **self._network_options)
         self.control.to(dtype=p.dtype, device=p.device)
+        if self.method == "bridge":
+            if self.backward_control is None:
+                options = dict(self._network_options, guide_scale_init=0.0)
+                self.backward_control = ControlNetwork(p.dim, **options)
+            self.backward_control.to(dtype=p.dtype, device=p.device)
         if self.optimizer is None:
-            self.optimizer = torch.optim.Adam(self.control.parameters(), lr=self.lr)
+            self.optimizer = torch.optim.Adam(self._parameters(), lr=self.lr)
+        if self.ema_decay is not None and self._ema_nets is None:
+            self._ema_nets = [copy.deepcopy(net).requires_grad_(False) for net in self._nets()]
+        if self._pending_state is not None:
+            self._load_state(self._pending_state)
+            self._pending_state = None
+
+    def _nets(self) -> list[torch.nn.Module]:
+        return [self.control] + ([self.backward_control] if self.method == "bridge" else [])
+
+    def _parameters(self):
+        return [q for net in self._nets() for q in net.parameters()]
+
+    def _sampling_nets(self):
+        """``(control, backward_control)`` used to draw samples: the EMA copies when enabled."""
+        nets = self._ema_nets if self._ema_nets is not None else self._nets()
+        return nets[0], (nets[1] if self.method == "bridge" else None)
+
+    @torch.no_grad()
+    def _update_ema(self):
+        if self._ema_nets is None:
+            return
+        self._ema_updates += 1
+        n = self._ema_updates
+        decay = min(self.ema_decay, (1 + n) / (10 + n))
+        for ema, net in zip(self._ema_nets, self._nets()):
+            for q_ema, q in zip(ema.parameters(), net.parameters()):
+                q_ema.lerp_(q, 1 - decay)
 
     def _require_potential(self):
         if self.potential is None:
@@ -214,16 +307,18 @@ class DiffusionSampler:
         """The input the control multiplies: clipped target score (PIS) or lerp(prior, target) (DIS)."""
         _, score = self.potential.log_density_and_score(z, create_graph=create_graph)
         score = _clip(score, self.score_clip)
-        if self.method == "dis":
+        if self.method in ("dis", "bridge"):  # lerp of prior and target scores
             score = (1 - tau) * self.reference.initial_score(z) + tau * score
+        elif self.method == "dds":  # grows from 0 to grad log (rho / p_ref), the terminal optimal control
+            score = tau * (score - self.reference.initial_score(z))
         return score
 
     def _control_value(self, tau, z, guide):
         return _clip(self.control(tau, z, guide), self.control_clip)
 
-    def _control_fn(self, differentiable, guides=None):
-        """``control_fn(k, t, z)`` for the integrator; records the guide of step k in ``guides``."""
-        T, net, p = self.reference.T, self.control, self.potential
+    def _control_fn(self, net, differentiable, guides=None):
+        """``control_fn(k, t, z)`` of ``net`` for the integrator; records step k's guide in ``guides``."""
+        T, p = self.reference.T, self.potential
         forward = None
         if hasattr(net, "time_features"):  # evaluate the time branch once for the whole grid
             tau = self.reference.coefficients(p.dtype, p.device).times[:-1] / T
@@ -243,6 +338,19 @@ class DiffusionSampler:
 
         return control_fn
 
+    def _backward_controls(self, net, states):
+        """``u(t_{k+1}, x_{k+1})`` for stored states (K+1, N, d) -> (K, N, d), one batched call."""
+        coef = self.reference.coefficients(states.dtype, states.device)
+        tau = (coef.times[1:] / self.reference.T).view(-1, 1, 1)
+        return _clip(net(tau, states[1:], None), self.control_clip)
+
+    def _path_log_ratio(self, path, backward_net):
+        """The path part of ``log w``; for the bridge it needs the backward control on stored paths."""
+        if self.method != "bridge":
+            return path.log_ratio
+        u = self._backward_controls(backward_net, path.states)
+        return path_log_ratio(self.reference, path.states, path.controls, u)
+
     def _simulate(self, x0, **kw):
         sim = torchsde_euler if self.backend == "torchsde" else euler_maruyama
         if self.backend == "torchsde":
@@ -259,28 +367,35 @@ class DiffusionSampler:
         )
 
     def _training_log_weights(self, batch_size):
+        """``(log_w, behaviour_log_w, log_forward)`` on a fresh batch; ``log_w`` is differentiable."""
         x0 = self._initial(batch_size)
+        bridge = self.method == "bridge"
         if self.loss_spec.reparametrized:
             path = self._simulate(
-                x0, control_fn=self._control_fn(True), differentiable=True, store_path=False
+                x0, control_fn=self._control_fn(self.control, True), differentiable=True, store_path=bridge
             )
-            return self._boundary(path) + path.log_ratio, None
+            return self._boundary(path) + self._path_log_ratio(path, self.backward_control), None, None
         guides = {}
         with torch.no_grad():
             path = self._simulate(
                 x0,
-                control_fn=self._control_fn(False, guides),
+                control_fn=self._control_fn(self.control, False, guides),
                 noise_scale=self.exploration_noise,
                 store_path=True,
             )
             boundary = self._boundary(path)
+            behaviour = boundary + self._path_log_ratio(path, self.backward_control)
         K = self.num_steps
         coef = self.reference.coefficients(x0.dtype, x0.device)
         tau = (coef.times[:-1] / self.reference.T).view(K, 1, 1)
         guide = torch.stack([guides[k] for k in range(K)])
         controls = self._control_value(tau, path.states[:-1], guide)
-        log_w = boundary + path_log_ratio(self.reference, path.states, controls)
-        return log_w, boundary + path.log_ratio
+        u = self._backward_controls(self.backward_control, path.states) if bridge else None
+        log_w = boundary + path_log_ratio(self.reference, path.states, controls, u)
+        log_forward = None
+        if self.loss_spec.needs_forward_log_prob:
+            log_forward = path_log_prob(self.reference, path.states, controls)
+        return log_w, behaviour, log_forward
 
     # ----------------------------------------------------------------------------------------
     # training
@@ -294,11 +409,12 @@ class DiffusionSampler:
         ``KL`` or ``log-variance`` of the batch's log weights divided by ``dim`` and ``log_w_batch``
         (detached) are the weights of the simulated paths under their own control."""
         self._require_potential()
-        log_w, behaviour_log_w = self._training_log_weights(batch_size)
+        log_w, behaviour_log_w, log_forward = self._training_log_weights(batch_size)
         finite = torch.isfinite(log_w)
         if int(finite.sum()) < 2:
             raise FloatingPointError("fewer than 2 paths with a finite log weight in the batch")
-        loss = self.loss_spec.fn(log_w[finite]) / self.potential.dim
+        log_forward = None if log_forward is None else log_forward[finite]
+        loss = self.loss_spec.fn(log_w[finite], log_forward) / self.potential.dim
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()}")
         return loss, (log_w if behaviour_log_w is None else behaviour_log_w).detach()[finite]
@@ -307,13 +423,15 @@ class DiffusionSampler:
     def step(self, batch_size: int = 512) -> StepInfo:
         """One optimisation step on a fresh batch of ``batch_size`` paths."""
         self._require_potential()
-        self.control.train()
+        for net in self._nets():
+            net.train()
         loss, ref_log_w = self.compute_loss(batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.control.parameters(), self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self._parameters(), self.grad_clip)
         self.optimizer.step()
+        self._update_ema()
         info = StepInfo(
             float(loss.detach()),
             float(ref_log_w.mean()),
@@ -331,47 +449,164 @@ class DiffusionSampler:
         batch_size: int = 512,
         progress_bar: bool = True,
         max_failed_steps: int = 20,
+        checkpoint: str | None = None,
+        checkpoint_every: int = 100,
         **kwargs,
     ) -> DiffusionSampler:
         """Train the control for ``num_iterations`` steps; ``args``/``kwargs`` go to the model.
 
-        Calling ``run`` again continues training (with the same data or new data of the same shape).
-        Steps whose batch gives a non-finite loss are skipped; ``max_failed_steps`` consecutive ones
-        raise ``FloatingPointError``. Returns ``self``.
+        The learning rate decays geometrically from ``lr`` to ``lr * final_lr_fraction`` over the run.
+        Calling ``run`` again starts a new run (new schedule) from the current weights. Steps whose
+        batch gives a non-finite loss are skipped; ``max_failed_steps`` consecutive ones raise
+        ``FloatingPointError``. With ``checkpoint`` (a file path) the state is saved every
+        ``checkpoint_every`` iterations and at the end: see :meth:`save`, :meth:`load`, :meth:`resume`.
+        Returns ``self``.
         """
         _positive_int("num_iterations", num_iterations)
         _positive_int("batch_size", batch_size)
+        _positive_int("max_failed_steps", max_failed_steps)
         if batch_size < 2:
             raise ValueError("batch_size must be at least 2")
         self._setup_potential(args, kwargs)
-        self._weighted = None
-        gamma = self.final_lr_fraction ** (1.0 / max(num_iterations - 1, 1))
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma)
+        self._run_state = dict(
+            total=num_iterations,
+            done=0,
+            batch_size=batch_size,
+            gamma=self.final_lr_fraction ** (1.0 / max(num_iterations - 1, 1)),
+            max_failed_steps=max_failed_steps,
+        )
+        return self._train(progress_bar, checkpoint, checkpoint_every)
+
+    def resume(
+        self, *args, progress_bar: bool = True, checkpoint: str | None = None, checkpoint_every: int = 100,
+        **kwargs,
+    ) -> DiffusionSampler:
+        """Finish the run that a checkpoint was saved in (after :meth:`load`), with the model's
+        arguments. The random state saved in the checkpoint is restored first, so that the result is
+        the same as that of the uninterrupted run with the same seed."""
+        if self._run_state is None and self._pending_state is None:
+            raise RuntimeError("nothing to resume: no run was started or loaded")
+        self._setup_potential(args, kwargs)
+        if self._resume_rng is not None:
+            _set_rng_state(self._resume_rng)
+            self._resume_rng = None
+        if self._run_state["done"] >= self._run_state["total"]:
+            warnings.warn("the saved run had finished; nothing to resume", UserWarning, stacklevel=2)
+            return self
+        return self._train(progress_bar, checkpoint, checkpoint_every)
+
+    def _train(self, progress_bar, checkpoint, checkpoint_every):
+        state = self._run_state
+        if checkpoint is not None:
+            _positive_int("checkpoint_every", checkpoint_every)
+        self._weighted = None
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, state["gamma"])
         failed = 0
-        desc = f"{self.method}-{self.loss_spec.name}"
-        bar = tqdm(range(num_iterations), disable=not progress_bar, desc=desc)
+        bar = tqdm(
+            range(state["done"], state["total"]),
+            initial=state["done"],
+            total=state["total"],
+            disable=not progress_bar,
+            desc=f"{self.method}-{self.loss_spec.name}",
+        )
         for i in bar:
             try:
-                info = self.step(batch_size)
+                info = self.step(state["batch_size"])
                 failed = 0
             except FloatingPointError as e:
                 failed += 1
-                if failed >= max_failed_steps:
+                if failed >= state["max_failed_steps"]:
                     raise FloatingPointError(
                         f"{failed} consecutive training steps failed ({e}); lower lr, score_clip, or "
                         "check the model's log density"
                     ) from e
-                continue
-            finally:
-                scheduler.step()
-            if i % 10 == 0 or i == num_iterations - 1:
+                info = None
+            scheduler.step()
+            state["done"] = i + 1
+            if checkpoint is not None and (state["done"] % checkpoint_every == 0 or i + 1 == state["total"]):
+                self.save(checkpoint)
+            if info is not None and (i % 10 == 0 or i + 1 == state["total"]):
                 bar.set_postfix(
                     loss=f"{info.loss:.3g}", elbo=f"{info.log_z_lower_bound:.3g}", ess=f"{info.ess:.2f}"
                 )
-        self.control.eval()
+        for net in self._nets():
+            net.eval()
         return self
+
+    # ----------------------------------------------------------------------------------------
+    # checkpoints
+    def save(self, path) -> None:
+        """Write the sampler's state (configuration, weights, EMA, optimiser, run progress, losses and
+        the random state) to ``path`` (atomically). The model and its data are not saved."""
+        if self.optimizer is None:
+            raise RuntimeError("nothing to save before set-up: call .setup(*model_args) or .run first")
+        state = dict(
+            version=_CHECKPOINT_VERSION,
+            config=self._config,
+            nets=[net.state_dict() for net in self._nets()],
+            ema_nets=None if self._ema_nets is None else [net.state_dict() for net in self._ema_nets],
+            ema_updates=self._ema_updates,
+            optimizer=self.optimizer.state_dict(),
+            run_state=None if self._run_state is None else dict(self._run_state),
+            losses=list(self.losses),
+            history=[tuple(h) for h in self.history],
+            rng=_get_rng_state(),
+        )
+        path = os.fspath(path)
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(
+        cls,
+        path,
+        model: Callable | None = None,
+        *,
+        log_density: Callable | None = None,
+        control: torch.nn.Module | None = None,
+        backward_control: torch.nn.Module | None = None,
+        map_location=None,
+        **overrides,
+    ) -> DiffusionSampler:
+        """Rebuild a sampler saved with :meth:`save`: give the same ``model`` (then call
+        :meth:`resume` or :meth:`setup` with its arguments) or ``log_density``, and the custom
+        networks if the saved sampler had them. ``overrides`` replace saved options that do not change
+        the networks (e.g. ``backend``, ``init_strategy``)."""
+        state = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
+        if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
+            raise ValueError(f"{path!r} is not a DiffusionSampler checkpoint (version {_CHECKPOINT_VERSION})")
+        config = dict(state["config"])
+        if log_density is None:
+            config.pop("dim", None)
+            config.pop("dtype", None)
+        config.update(overrides)
+        sampler = cls(
+            model, log_density=log_density, control=control, backward_control=backward_control, **config
+        )
+        sampler._pending_state = state
+        if sampler.optimizer is not None:  # a log density: the networks exist already
+            sampler._load_state(state)
+            sampler._pending_state = None
+        sampler._run_state = state["run_state"]
+        sampler.losses = list(state["losses"])
+        sampler.history = [StepInfo(*h) for h in state["history"]]
+        sampler._resume_rng = state["rng"]
+        return sampler
+
+    def _load_state(self, state):
+        nets = self._nets()
+        if len(state["nets"]) != len(nets):
+            raise ValueError("the checkpoint's networks do not match this sampler's method")
+        for net, sd in zip(nets, state["nets"]):
+            net.load_state_dict(sd)
+        if state["ema_nets"] is not None and self._ema_nets is not None:
+            for net, sd in zip(self._ema_nets, state["ema_nets"]):
+                net.load_state_dict(sd)
+        self._ema_updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
 
     # ----------------------------------------------------------------------------------------
     # sampling and estimates
@@ -381,14 +616,15 @@ class DiffusionSampler:
         terminal states ``z`` (N, dim) and their log importance weights (N,)."""
         self._require_potential()
         _positive_int("num_samples", num_samples)
+        control, backward = self._sampling_nets()
         zs, log_ws = [], []
         for start in range(0, num_samples, chunk_size):
             n = min(chunk_size, num_samples - start)
             path = self._simulate(
-                self._initial(n), control_fn=self._control_fn(False), store_path=False
+                self._initial(n), control_fn=self._control_fn(control, False), store_path=backward is not None
             )
             zs.append(path.terminal)
-            log_ws.append(self._boundary(path) + path.log_ratio)
+            log_ws.append(self._boundary(path) + self._path_log_ratio(path, backward))
         return torch.cat(zs), torch.cat(log_ws)
 
     default_num_samples = 10_000
@@ -479,3 +715,16 @@ def _same_call(a, b):
         and kw_a.keys() == kw_b.keys()
         and all(kw_a[k] is kw_b[k] for k in kw_a)
     )
+
+
+def _get_rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
