@@ -13,7 +13,7 @@ from .matching import (
     generalized_sliced_score_matching,
     sliced_score_matching,
 )
-from .reverse import LangevinSDE, TransformedReverseSDE, VPSDE
+from .reverse import VPSDE, LangevinSDE, TransformedReverseSDE
 from .transform import (
     AdditiveLogisticTransform,
     TransformedScore,

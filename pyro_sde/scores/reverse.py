@@ -28,11 +28,12 @@ from torch.distributions.transforms import Transform
 from ..sde.integrate import euler_maruyama_step
 from .transform import (
     AdditiveLogisticTransform,
-    _check_shape_change,
     _chart,
+    _check_shape_change,
     _flat_jacobian,
     _inverse_chart,
     _is_elementwise,
+    _uncached,
 )
 
 __all__ = ["VPSDE", "LangevinSDE", "TransformedReverseSDE"]
@@ -137,8 +138,8 @@ class TransformedReverseSDE:
         if not callable(score_fn):
             raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}")
         if not isinstance(transform, Transform):
-            raise TypeError(f"transform must be a torch.distributions Transform, got {type(transform).__name__}")
-        self.forward, self.score_fn, self.transform = forward, score_fn, transform
+            raise TypeError(f"transform must be a Transform, got {type(transform).__name__}")
+        self.forward, self.score_fn, self.transform = forward, score_fn, _uncached(transform)
         self.T = float(forward.T)
 
     # -- geometry of phi -------------------------------------------------------------------------
@@ -155,11 +156,13 @@ class TransformedReverseSDE:
             return torch.cat([y, 1 - y.sum(-1, keepdim=True)], dim=-1)
         return y
 
-    def _geometry(self, x: torch.Tensor, g2: torch.Tensor):
-        """``(jvp, L)``: ``v -> J(x) v`` and the ``g^2``-weighted Laplacian of ``phi`` at ``x``."""
+    def _geometry(self, x: torch.Tensor, g2: torch.Tensor, y: torch.Tensor | None = None):
+        """``(jvp, L)``: ``v -> J(x) v`` and the ``g^2``-weighted Laplacian of ``phi`` at ``x``
+        (``y = phi(x)`` in codomain coordinates may be passed to skip recomputing it)."""
         t = self.transform
         if isinstance(t, AdditiveLogisticTransform):
-            return (lambda v: t.jvp(x, v)), t.weighted_laplacian(x, g2)
+            y = t(x) if y is None else y
+            return (lambda v: t.jvp(y, v)), t.weighted_laplacian(y, g2)
         simplex = self._simplex(x.shape)
         if _is_elementwise(t) and not simplex:
             with torch.enable_grad():
@@ -179,16 +182,17 @@ class TransformedReverseSDE:
     def _jacobian(self, x):
         t = self.transform
         if isinstance(t, AdditiveLogisticTransform):
-            return t.jacobian(x)
+            return t.jacobian(t(x))
         return _flat_jacobian(_chart(t, self._simplex(x.shape)), x.detach())
 
     # -- drift and diffusion in reverse time ----------------------------------------------------
     def _drift_and_jvp(self, tau, y):
         t = self.T - tau
-        x = self.to_x(y)
+        y_full = self.to_codomain(y)
+        x = self.transform.inv(y_full)
         g = self.forward.g(t, x)
         g2 = (g * g).expand_as(x)
-        jvp, L = self._geometry(x, g2)
+        jvp, L = self._geometry(x, g2, y_full)
         reverse_x_drift = -self.forward.f(t, x) + g2 * self.score_fn(t, x)
         return jvp(reverse_x_drift) + 0.5 * L, jvp, g
 
@@ -237,7 +241,7 @@ class TransformedReverseSDE:
         if backend not in ("euler", "torchsde"):
             raise ValueError(f"backend must be 'euler' or 'torchsde', got {backend!r}")
         if not isinstance(y0, torch.Tensor) or y0.dim() != 2 or not y0.dtype.is_floating_point:
-            raise ValueError(f"y0 must be a floating tensor of shape (N, dim), got {getattr(y0, 'shape', y0)}")
+            raise ValueError(f"y0 must be a floating tensor (N, dim), got {getattr(y0, 'shape', y0)}")
         if torch.isnan(y0).any():
             raise ValueError("y0 contains NaN")
         if not bool(self.transform.codomain.check(y0).all()):
@@ -262,7 +266,8 @@ class TransformedReverseSDE:
                         states.append(y)
                 path = torch.stack(states) if return_path else y[None]
         out = self.to_codomain(path[-1])
-        bad = ~torch.isfinite(out).all(-1) | ~self.transform.codomain.check(out).reshape(out.shape[0], -1).all(-1)
+        inside = self.transform.codomain.check(out).reshape(out.shape[0], -1).all(-1)
+        bad = ~torch.isfinite(out).all(-1) | ~inside
         num_bad = int(bad.sum())
         if num_bad:
             warnings.warn(f"{num_bad} of {out.shape[0]} paths left the domain; returned as NaN", stacklevel=2)
