@@ -1,6 +1,17 @@
-"""Inference algorithms."""
+"""Inference algorithms: learned diffusion samplers and diffusion-bridge importance sampling."""
 
+from . import bridge
+from .bridge import LearnedBridge, bridge_log_weights
 from .diffusion import DiffusionSampler, StepInfo
 from .potential import LogDensityPotential, ModelPotential, Potential
 
-__all__ = ["DiffusionSampler", "LogDensityPotential", "ModelPotential", "Potential", "StepInfo"]
+__all__ = [
+    "DiffusionSampler",
+    "LearnedBridge",
+    "LogDensityPotential",
+    "ModelPotential",
+    "Potential",
+    "StepInfo",
+    "bridge",
+    "bridge_log_weights",
+]

@@ -1,5 +1,6 @@
 """SDE objects, reference processes and the integrator."""
 
+from .distributions import DiscretelyObservedSDE, EulerMaruyama, SDEPath
 from .integrate import (
     PathSample,
     euler_maruyama,
@@ -9,9 +10,36 @@ from .integrate import (
     path_log_ratio,
     torchsde_euler,
 )
+from .models import (
+    CIR,
+    SDE,
+    DiffusionFactor,
+    GeometricBrownianMotion,
+    KunitaFlow,
+    LandmarkBrownian,
+    LinearAuxiliary,
+    OrnsteinUhlenbeck,
+    TorchsdeModel,
+    gaussian_kernel,
+    linear_sde_moments,
+)
 from .reference import BrownianReference, OUReference, ReferenceProcess, StepCoefficients, VPReference
 
 __all__ = [
+    "CIR",
+    "SDE",
+    "DiffusionFactor",
+    "DiscretelyObservedSDE",
+    "EulerMaruyama",
+    "GeometricBrownianMotion",
+    "KunitaFlow",
+    "LandmarkBrownian",
+    "LinearAuxiliary",
+    "OrnsteinUhlenbeck",
+    "SDEPath",
+    "TorchsdeModel",
+    "gaussian_kernel",
+    "linear_sde_moments",
     "BrownianReference",
     "OUReference",
     "PathSample",

@@ -63,18 +63,39 @@ class DiffusionFactor:
         """``L^{-1} r`` for ``r`` of shape ``(..., d)``."""
         if self.diagonal:
             return r / self.tril
+        if self.tril.dim() == 2:  # one factor for all rows: a single solve with many right-hand sides
+            flat = r.reshape(-1, r.shape[-1]).transpose(0, 1)
+            return (
+                torch.linalg.solve_triangular(self.tril, flat, upper=False).transpose(0, 1).reshape(r.shape)
+            )
         return torch.linalg.solve_triangular(self.tril, r.unsqueeze(-1), upper=False).squeeze(-1)
+
+    def solve_transpose(self, r: torch.Tensor) -> torch.Tensor:
+        """``L^{-T} r``."""
+        if self.diagonal:
+            return r / self.tril
+        if self.tril.dim() == 2:
+            flat = r.reshape(-1, r.shape[-1]).transpose(0, 1)
+            out = torch.linalg.solve_triangular(self.tril.transpose(0, 1), flat, upper=True)
+            return out.transpose(0, 1).reshape(r.shape)
+        return torch.linalg.solve_triangular(
+            self.tril.transpose(-1, -2), r.unsqueeze(-1), upper=True
+        ).squeeze(-1)
 
     def matvec(self, r: torch.Tensor) -> torch.Tensor:
         """``L r``."""
         if self.diagonal:
             return self.tril * r
+        if self.tril.dim() == 2:
+            return r @ self.tril.transpose(0, 1)
         return (self.tril @ r.unsqueeze(-1)).squeeze(-1)
 
     def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
         """``L^T r``."""
         if self.diagonal:
             return self.tril * r
+        if self.tril.dim() == 2:
+            return r @ self.tril
         return (self.tril.transpose(-1, -2) @ r.unsqueeze(-1)).squeeze(-1)
 
     def log_abs_det(self) -> torch.Tensor:
@@ -215,7 +236,9 @@ class SDE(torch.nn.Module):
     @property
     def batch_shape(self) -> torch.Size:
         """Broadcast of the parameters' batch shapes."""
-        shapes = [getattr(self, n).shape[: getattr(self, n).dim() - e] for n, e in self._param_event_dims.items()]
+        shapes = [
+            getattr(self, n).shape[: getattr(self, n).dim() - e] for n, e in self._param_event_dims.items()
+        ]
         return torch.broadcast_shapes(*shapes) if shapes else torch.Size()
 
     # -- torchsde protocol --------------------------------------------------------------------
@@ -341,7 +364,9 @@ class OrnsteinUhlenbeck(SDE):
         params["mean"] = (mean if torch.is_tensor(mean) else [float(mean)], 1)
         self.register_params(**params)
         if self.mean.shape[-1] not in (1, dim):
-            raise ValueError(f"mean must have trailing dimension 1 or {dim}, got shape {tuple(self.mean.shape)}")
+            raise ValueError(
+                f"mean must have trailing dimension 1 or {dim}, got shape {tuple(self.mean.shape)}"
+            )
         for name in ("drift_matrix",):
             if name in params and getattr(self, name).shape[-2:] != (dim, dim):
                 raise ValueError(f"{name} must have shape (..., {dim}, {dim})")
@@ -349,9 +374,6 @@ class OrnsteinUhlenbeck(SDE):
             raise ValueError(f"diffusion_matrix must have shape (..., {dim}, m)")
         self.noise_type = "diagonal" if sigma is not None else "general"
         self._scalar_rate = theta is not None
-
-    def _batch(self, p, event_dim, y):
-        return p
 
     def f(self, t, y):
         r = y - self.mean
@@ -376,7 +398,9 @@ class OrnsteinUhlenbeck(SDE):
             Q = (self.sigma**2).unsqueeze(-1).expand(self.sigma.shape + (self.dim,))
             return A, -A * self.mean, Q, True
         if self._scalar_rate:
-            A = -self.theta[..., None, None] * torch.eye(self.dim, dtype=self.theta.dtype, device=self.theta.device)
+            A = -self.theta[..., None, None] * torch.eye(
+                self.dim, dtype=self.theta.dtype, device=self.theta.device
+            )
         else:
             A = -self.drift_matrix
         Q = self.diffusion_factor(None, None).matrix()
@@ -482,12 +506,15 @@ class _Landmarks(SDE):
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.register_params(sigma=(sigma, 0))
 
-    def _g_from_shape(self, q):
-        """``sigma K(q) kron I_m`` of shape ``(..., d, d)`` for landmarks ``q`` of shape ``(..., k, m)``."""
+    def _kernel_kron(self, q):
+        """``K(q) kron I_m`` of shape ``(..., d, d)`` for landmarks ``q`` of shape ``(..., k, m)``."""
         K = gaussian_kernel(q, q, self.alpha, self.gamma)
         eye = torch.eye(self.landmark_dim, dtype=K.dtype, device=K.device)
-        kron = (K[..., :, None, :, None] * eye[:, None, :]).reshape(K.shape[:-2] + (self.dim, self.dim))
-        return self.sigma[..., None, None] * kron
+        return (K[..., :, None, :, None] * eye[:, None, :]).reshape(K.shape[:-2] + (self.dim, self.dim))
+
+    def _g_from_shape(self, q):
+        """``sigma K(q) kron I_m``."""
+        return self.sigma[..., None, None] * self._kernel_kron(q)
 
     def f(self, t, y):
         return torch.zeros_like(y)
@@ -522,8 +549,7 @@ class LandmarkBrownian(_Landmarks):
         """QR factor of ``K(q) kron I`` (sigma = 1), computed once."""
         if self._unit_factor is None or self._unit_factor.tril.dtype != dtype:
             q = self.reference.to(dtype=dtype, device=device)
-            g = self._g_from_shape(q) / self.sigma[..., None, None].to(dtype)
-            self._unit_factor = factor_from_g(g.reshape(-1, self.dim, self.dim)[0], False)
+            self._unit_factor = factor_from_g(self._kernel_kron(q), False)
         return self._unit_factor
 
     def g(self, t, y):

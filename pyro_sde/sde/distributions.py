@@ -1,0 +1,319 @@
+"""SDE paths and discretely observed SDEs as Pyro distributions (time at dim -2, state at dim -1).
+
+* :class:`SDEPath` / :class:`EulerMaruyama`: a path on a time grid; ``log_prob`` is the Euler
+  transition density (one step per grid interval), ``rsample`` the Euler chain (our loop or torchsde).
+* :class:`DiscretelyObservedSDE`: observations at ``times``; ``log_prob`` is an importance-sampling
+  estimate of ``sum_i log p(x_{i+1} | x_i)`` with diffusion-bridge proposals between observations
+  (:mod:`pyro_sde.infer.bridge`), differentiable in the SDE parameters; or the exact transition density
+  (``proposal="exact"``) where the model has one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions import Delta, TorchDistribution
+from torch.distributions import constraints
+
+from ..diagnostics import effective_sample_size, psis
+from .integrate import euler_maruyama_step
+from .models import SDE
+
+__all__ = ["SDEPath", "EulerMaruyama", "DiscretelyObservedSDE"]
+
+
+def _check_times(times) -> torch.Tensor:
+    times = torch.as_tensor(times)
+    if not times.dtype.is_floating_point:
+        times = times.to(torch.get_default_dtype())
+    if times.dim() != 1 or times.numel() < 2:
+        raise ValueError(
+            f"times must be a 1-D tensor with at least 2 entries, got shape {tuple(times.shape)}"
+        )
+    if not torch.isfinite(times).all():
+        raise ValueError("times must be finite")
+    if not (times[1:] > times[:-1]).all():
+        raise ValueError("times must be strictly increasing")
+    return times
+
+
+def _check_sde(sde):
+    if not isinstance(sde, SDE):
+        raise TypeError(
+            f"sde must be a pyro_sde SDE (wrap torchsde modules in TorchsdeModel), got {type(sde)}"
+        )
+
+
+def _initial_dist(initial, dim):
+    if initial is None or isinstance(initial, torch.distributions.Distribution):
+        if initial is not None and initial.event_shape != (dim,):
+            raise ValueError(f"initial must have event_shape ({dim},), got {tuple(initial.event_shape)}")
+        return initial
+    x0 = torch.as_tensor(initial)
+    if x0.shape[-1:] != (dim,):
+        raise ValueError(f"initial state must have trailing dimension {dim}, got shape {tuple(x0.shape)}")
+    return Delta(x0, event_dim=1)
+
+
+def _intervals(times, value):
+    """``u, v`` of shape ``(T-1, *batch, d)`` and ``t0, dt`` of shape ``(T-1, 1, ..., 1)``."""
+    x = value.movedim(-2, 0)
+    shape = (times.numel() - 1,) + (1,) * (value.dim() - 2)
+    times = times.to(dtype=value.dtype, device=value.device)
+    return x[:-1], x[1:], times[:-1].reshape(shape), (times[1:] - times[:-1]).reshape(shape)
+
+
+class _PathBase(TorchDistribution):
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 2)
+
+    def _setup(self, sde, times, initial, validate_args):
+        _check_sde(sde)
+        self.sde = sde
+        self.times = _check_times(times)
+        self.initial = _initial_dist(initial, sde.dim)
+        batch = sde.batch_shape
+        if self.initial is not None:
+            batch = torch.broadcast_shapes(batch, self.initial.batch_shape)
+        super().__init__(batch, (self.times.numel(), sde.dim), validate_args=validate_args)
+
+    def _check_value(self, value):
+        if value.shape[-2:] != self.event_shape:
+            raise ValueError(
+                f"value must have shape (..., {self.event_shape[0]}, {self.event_shape[1]}) "
+                f"(times x state dim), got {tuple(value.shape)}"
+            )
+        if self._validate_args and torch.isnan(value).any():
+            raise ValueError("value (observations) contain NaN")
+        batch = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        return value.expand(batch + self.event_shape)
+
+    def _initial_log_prob(self, value):
+        if self.initial is None:
+            return 0.0
+        return self.initial.log_prob(value[..., 0, :])
+
+    def _draw_initial(self, sample_shape):
+        if self.initial is None:
+            raise NotImplementedError("sampling needs an initial distribution (initial=...)")
+        init = self.initial.expand(self.batch_shape)
+        return init.rsample(sample_shape) if init.has_rsample else init.sample(sample_shape)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(type(self), _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
+        if self.initial is not None:
+            new.initial = self.initial.expand(batch_shape)
+        super(_PathBase, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+
+class SDEPath(_PathBase):
+    """Distribution over a path ``x(t_0), ..., x(t_{T-1})`` of an SDE on a time grid (Euler density).
+
+    ``log p(x) = log p_0(x_0) + sum_k log N(x_{k+1}; x_k + dt_k f(t_k, x_k), dt_k a(t_k, x_k))``.
+
+    :param SDE sde: the model (:mod:`pyro_sde.sde.models`).
+    :param times: strictly increasing grid ``(T,)``.
+    :param initial: distribution of ``x_0`` (event shape ``(d,)``) or a fixed state ``(..., d)``.
+    :param str backend: ``rsample`` by ``"euler"`` (our batched loop) or ``"torchsde"``
+        (``torchsde.sdeint(method="euler")``; needs a uniform grid).
+    Shapes: ``batch_shape`` = broadcast of the SDE's and ``initial``'s; ``event_shape = (T, d)``.
+    """
+
+    has_rsample = True
+
+    def __init__(self, sde: SDE, times, initial, *, backend: str = "euler", validate_args=None):
+        if initial is None:
+            raise ValueError("SDEPath needs an initial distribution or state")
+        if backend not in ("euler", "torchsde"):
+            raise ValueError(f"backend must be 'euler' or 'torchsde', got {backend!r}")
+        self.backend = backend
+        self._setup(sde, times, initial, validate_args)
+
+    def log_prob(self, value):
+        value = self._check_value(value)
+        x, x_next, t, dt = _intervals(self.times, value)
+        drift = self.sde.f(t, x)
+        L = self.sde.diffusion_factor(t, x)
+        steps = L.log_normal(x_next - x - dt.unsqueeze(-1) * drift, dt)
+        return self._initial_log_prob(value) + steps.sum(0)
+
+    def rsample(self, sample_shape=()):
+        x0 = self._draw_initial(torch.Size(sample_shape))
+        times = self.times.to(dtype=x0.dtype, device=x0.device)
+        if self.backend == "torchsde":
+            return self._torchsde(x0, times)
+        states = [x0]
+        x = x0
+        for k in range(times.numel() - 1):
+            dt = times[k + 1] - times[k]
+            g = self.sde.g(times[k], x)
+            if self.sde.noise_type == "diagonal":
+                dw = g * torch.randn_like(x)
+            else:
+                xi = torch.randn(x.shape[:-1] + g.shape[-1:], dtype=x.dtype, device=x.device)
+                dw = (g @ xi.unsqueeze(-1)).squeeze(-1)
+            x = euler_maruyama_step(x, 1.0, dt, dt.sqrt(), self.sde.f(times[k], x), dw)
+            states.append(x)
+        return torch.stack(states, -2)
+
+    def _torchsde(self, x0, times):
+        import torchsde
+
+        steps = times[1:] - times[:-1]
+        if not torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-6):
+            raise ValueError("backend='torchsde' needs a uniform time grid")
+        shape = x0.shape
+        flat = _FlatSDE(self.sde, shape)
+        ys = torchsde.sdeint(flat, x0.reshape(-1, shape[-1]), times, method="euler", dt=float(steps[0]))
+        return ys.reshape((times.numel(),) + shape).movedim(0, -2)
+
+
+class _FlatSDE(torch.nn.Module):
+    """View of a batched SDE as torchsde's ``(batch, d)`` states."""
+
+    sde_type = "ito"
+
+    def __init__(self, sde, shape):
+        super().__init__()
+        self.sde, self.shape = sde, shape
+        self.noise_type = sde.noise_type
+
+    def f(self, t, y):
+        return self.sde.f(t, y.reshape(self.shape)).reshape(y.shape)
+
+    def g(self, t, y):
+        g = self.sde.g(t, y.reshape(self.shape))
+        if self.noise_type == "diagonal":
+            return g.reshape(y.shape)
+        return g.reshape(y.shape + g.shape[-1:])
+
+
+class EulerMaruyama(SDEPath):
+    """:class:`SDEPath` with NumPyro's argument order ``EulerMaruyama(t, sde, init_dist)``."""
+
+    def __init__(self, t, sde: SDE, init_dist, *, backend: str = "euler", validate_args=None):
+        super().__init__(sde, t, init_dist, backend=backend, validate_args=validate_args)
+
+
+class DiscretelyObservedSDE(_PathBase):
+    """Observations of an SDE at ``times``, with an importance-sampling transition likelihood.
+
+    ``log_prob(x) = log p_0(x_0) + sum_i log (1/N) sum_j w_ij`` where ``w_ij`` are the bridge importance
+    weights of interval ``i`` (:func:`pyro_sde.infer.bridge.bridge_log_weights`), computed with
+    ``logsumexp``; ``E[w] = `` the ``num_substeps``-step Euler transition density. Differentiable in the
+    SDE parameters (reparametrised proposals), so usable with SVI / MAP / our samplers.
+
+    :param SDE sde: the model. :param times: strictly increasing observation times ``(T,)``.
+    :param proposal: ``"euler"`` (no imputation), ``"forward"`` (Pedersen), ``"mdb"`` (modified diffusion
+        bridge), ``"guided"`` (guided proposal, linear auxiliary), ``"exact"`` (closed-form transition
+        density of the model), or a fitted :class:`~pyro_sde.infer.bridge.LearnedBridge`.
+    :param int num_particles: bridges per interval ``N``. :param int num_substeps: Euler substeps ``M``.
+    :param initial: optional distribution (or fixed state) of ``x(t_0)``; without it ``x(t_0)`` is
+        conditioned on (contributes 0) and :meth:`sample` is unavailable.
+    :param seed: if given, the proposal noise is drawn from a generator with this seed at every call
+        (common random numbers: a smooth, deterministic objective for MAP / L-BFGS).
+    After each ``log_prob``, :meth:`diagnostics` gives the ESS and Pareto k of every interval.
+    """
+
+    has_rsample = False
+
+    def __init__(
+        self,
+        sde: SDE,
+        times,
+        *,
+        proposal="mdb",
+        num_particles: int = 64,
+        num_substeps: int = 20,
+        initial=None,
+        seed: int | None = None,
+        validate_args=None,
+    ):
+        from ..infer.bridge.proposals import PROPOSALS
+
+        if isinstance(proposal, str):
+            if proposal not in PROPOSALS + ("exact",):
+                raise ValueError(f"unknown proposal {proposal!r}; expected one of {PROPOSALS + ('exact',)}")
+            if proposal == "exact" and not sde.has_transition_log_prob:
+                raise ValueError(f"{type(sde).__name__} has no closed-form transition density")
+        elif not hasattr(proposal, "log_weights"):
+            raise TypeError("proposal must be a string or a LearnedBridge")
+        for name, val in (("num_particles", num_particles), ("num_substeps", num_substeps)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        self.proposal, self.num_particles, self.num_substeps = proposal, num_particles, num_substeps
+        self.seed = seed
+        self.last_log_weights = None
+        self._setup(sde, times, initial, validate_args)
+
+    def _noise(self, shape, like):
+        if self.seed is None:
+            return None
+        gen = torch.Generator(device=like.device)
+        gen.manual_seed(self.seed)
+        return torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device)
+
+    def interval_log_weights(self, value) -> torch.Tensor:
+        """Log weights ``(N, T-1, *batch)`` of every interval (no reduction)."""
+        from ..infer.bridge.proposals import bridge_log_weights
+
+        value = self._check_value(value)
+        u, v, t0, dt = _intervals(self.times, value)
+        N, M = self.num_particles, self.num_substeps
+        if isinstance(self.proposal, str):
+            if self.proposal == "euler":
+                N, M = 1, 1
+            noise = self._noise((M - 1, N) + u.shape, u) if M > 1 else None
+            return bridge_log_weights(
+                self.sde, t0, dt, u, v, proposal=self.proposal, num_particles=N, num_substeps=M, noise=noise
+            )
+        noise = self._noise((M - 1, N) + u.shape, u) if M > 1 else None
+        return self.proposal.log_weights(self.sde, t0, dt, u, v, num_particles=N, num_substeps=M, noise=noise)
+
+    def log_prob(self, value):
+        if self.proposal == "exact":
+            value = self._check_value(value)
+            u, v, t0, dt = _intervals(self.times, value)
+            return self._initial_log_prob(value) + self.sde.transition_log_prob(t0, u, t0 + dt, v).sum(0)
+        log_w = self.interval_log_weights(value)
+        self.last_log_weights = log_w.detach()
+        ll = log_w.logsumexp(0) - math.log(log_w.shape[0])
+        return self._initial_log_prob(self._check_value(value)) + ll.sum(0)
+
+    def diagnostics(self) -> dict:
+        """ESS (normalised, in (0, 1]) and PSIS Pareto k of the bridge weights of every interval of the
+        last ``log_prob`` call: ``{"ess": (T-1, *batch), "pareto_k": (T-1, *batch)}``."""
+        if self.last_log_weights is None:
+            raise RuntimeError("call log_prob first")
+        lw = self.last_log_weights
+        flat = lw.reshape(lw.shape[0], -1)
+        ess = torch.stack([effective_sample_size(flat[:, j]) for j in range(flat.shape[1])])
+        if lw.shape[0] >= 2:
+            k = torch.stack([psis(flat[:, j])[1] for j in range(flat.shape[1])])
+        else:
+            k = torch.full_like(ess, math.nan)
+        return {"ess": ess.reshape(lw.shape[1:]), "pareto_k": k.reshape(lw.shape[1:])}
+
+    @torch.no_grad()
+    def sample(self, sample_shape=()):
+        """Simulate with ``num_substeps`` Euler steps per interval (exactly the model ``log_prob``
+        estimates), returning the states at ``times``: ``sample_shape + batch_shape + (T, d)``."""
+        x = self._draw_initial(torch.Size(sample_shape))
+        times = self.times.to(dtype=x.dtype, device=x.device)
+        M = self.num_substeps
+        out = [x]
+        for k in range(times.numel() - 1):
+            delta = (times[k + 1] - times[k]) / M
+            for m in range(M):
+                t = times[k] + m * delta
+                L = self.sde.diffusion_factor(t, x)
+                x = euler_maruyama_step(
+                    x, 1.0, delta, delta.sqrt(), self.sde.f(t, x), L.matvec(torch.randn_like(x))
+                )
+            out.append(x)
+        return torch.stack(out, -2)
