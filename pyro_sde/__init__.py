@@ -2,11 +2,11 @@
 
 Learned diffusion samplers with importance weights and evidence estimates (:mod:`pyro_sde.infer`),
 the integrator and reference processes (:mod:`pyro_sde.sde`), diagnostics and ArviZ conversion
-(:mod:`pyro_sde.diagnostics`), score change of variables (:mod:`pyro_sde.scores`) and benchmark
+(:mod:`pyro_sde.diagnostics`), density-ratio estimators (:mod:`pyro_sde.ratio`), score change of variables (:mod:`pyro_sde.scores`) and benchmark
 targets with exact log Z (:mod:`pyro_sde.targets`).
 """
 
-from . import diagnostics, infer, nn, scores, sde, targets
+from . import diagnostics, infer, nn, ratio, scores, sde, targets
 from .diagnostics import effective_sample_size, log_evidence, psis, to_inference_data
 from .infer import DiffusionSampler
 
@@ -20,6 +20,7 @@ __all__ = [
     "log_evidence",
     "nn",
     "psis",
+    "ratio",
     "scores",
     "sde",
     "targets",

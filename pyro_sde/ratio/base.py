@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from ..nn import FourierTimeEmbedding
@@ -81,15 +80,16 @@ def _as_sampler(x, name: str, dim: int, min_samples: int) -> tuple[Callable, tor
 
 
 class MLP(nn.Module):
-    """``x -> R^out``: ``num_layers`` hidden SiLU layers of width ``hidden_dim``; ``(N, d) -> (N, out)``
+    """``x -> R^out``: ``num_layers`` hidden GELU layers of width ``hidden_dim``; ``(N, d) -> (N, out)``
     (``(N,)`` when ``out_dim == 1`` and ``squeeze``)."""
 
-    def __init__(self, dim: int, out_dim: int = 1, *, hidden_dim: int = 256, num_layers: int = 3, squeeze=True):
+    def __init__(self, dim: int, out_dim: int = 1, *, hidden_dim: int = 256, num_layers: int = 3,
+                 squeeze=True):
         super().__init__()
         sizes = [dim] + [hidden_dim] * num_layers
         layers = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(n_in, n_out), nn.SiLU()]
+            layers += [nn.Linear(n_in, n_out), nn.GELU()]
         layers.append(nn.Linear(sizes[-1], out_dim))
         self.net = nn.Sequential(*layers)
         self.squeeze = squeeze and out_dim == 1
@@ -117,7 +117,7 @@ class TimeScoreNetwork(nn.Module):
     """MLP time score ``s(x, times, side) -> R``: ``times`` ``(N, k)`` (``k = 1``: ``t``; ``k = 2``:
     ``(l, t)`` for secants), ``side`` ``(N,)`` in {0, 1} (which end a two-sided estimator models).
 
-    ``h = W_x x + W_t phi(times, side)``, then ``num_layers`` SiLU layers of width ``hidden_dim``.
+    ``h = W_x x + W_t phi(times, side)``, then ``num_layers`` GELU layers of width ``hidden_dim``.
     """
 
     def __init__(self, dim: int, num_times: int = 1, *, hidden_dim: int = 256, num_layers: int = 3,
@@ -128,8 +128,8 @@ class TimeScoreNetwork(nn.Module):
         self.input_t = nn.Linear(self.features.out_dim, hidden_dim)
         layers = []
         for _ in range(num_layers - 1):
-            layers += [nn.SiLU(), nn.Linear(hidden_dim, hidden_dim)]
-        layers += [nn.SiLU(), nn.Linear(hidden_dim, 1)]
+            layers += [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
+        layers += [nn.GELU(), nn.Linear(hidden_dim, 1)]
         self.body = nn.Sequential(*layers)
 
     def forward(self, x, times, side):
@@ -274,9 +274,8 @@ class RatioEstimator(nn.Module):
 
         opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_iterations)
-        ema = None
-        if ema_decay is not None:
-            ema = AveragedModel(self, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
+        params = [p for p in self.parameters() if p.requires_grad]
+        ema = None if ema_decay is None else [p.detach().clone() for p in params]
         losses = torch.empty(num_iterations, dtype=probe.dtype, device=probe.device)
         self.train()
         bar = tqdm(range(num_iterations), disable=not progress_bar, desc=type(self).__name__)
@@ -288,15 +287,15 @@ class RatioEstimator(nn.Module):
             loss.backward()
             opt.step()
             sched.step()
-            if ema is not None:
-                ema.update_parameters(self)
+            if ema is not None:  # EMA with warm-up: decay min(ema_decay, (1 + i) / (10 + i))
+                w = 1 - min(ema_decay, (1 + i) / (10 + i))
+                torch._foreach_lerp_(ema, [p.detach() for p in params], w)
             losses[i] = loss.detach()
             if progress_bar and (i % 100 == 0 or i == num_iterations - 1):
                 bar.set_postfix(loss=f"{loss.item():.4g}")
         if ema is not None:
             with torch.no_grad():
-                for p, q in zip(self.parameters(), ema.module.parameters()):
-                    p.copy_(q)
+                torch._foreach_copy_(params, ema)
         self.eval()
         self.fitted.fill_(True)
         lost = losses.tolist()

@@ -22,10 +22,13 @@ class ClassifierRatioEstimator(RatioEstimator):
     :param nn.Module network: a custom logit network ``(N, d) -> (N,)`` instead of the MLP.
     """
 
-    def __init__(self, dim: int, *, hidden_dim: int = 256, num_layers: int = 3, network: nn.Module | None = None):
+    def __init__(self, dim: int, *, hidden_dim: int = 256, num_layers: int = 3,
+                 network: nn.Module | None = None):
         super().__init__(dim)
-        self.network = network if network is not None else MLP(dim, 1, hidden_dim=hidden_dim, num_layers=num_layers)
         if network is None:
+            network = MLP(dim, 1, hidden_dim=hidden_dim, num_layers=num_layers)
+        self.network = network
+        if isinstance(network, MLP):
             self._config.update(hidden_dim=hidden_dim, num_layers=num_layers)
 
     def _loss(self, x_num, x_den, progress):

@@ -33,6 +33,7 @@ __all__ = [
 def time_derivative(fn, t: torch.Tensor):
     """``(fn(t), d fn / dt)`` by forward-mode AD (``fn`` may return a tensor or a tuple of tensors)."""
     with fwAD.dual_level():
+        t = t.contiguous()
         out = fn(fwAD.make_dual(t, torch.ones_like(t)))
         if isinstance(out, tuple):
             pairs = [fwAD.unpack_dual(o) for o in out]
@@ -110,7 +111,8 @@ class TrigonometricPath(InterpolationPath):
 
 
 class VPPath(InterpolationPath):
-    """Score-SDE VP: ``alpha_t = exp(-t^2 (b_max - b_min) / 4 - t b_min / 2)``, ``beta_t = sqrt(1 - alpha_t^2)``."""
+    """Score-SDE VP: ``alpha_t = exp(-t^2 (b_max - b_min) / 4 - t b_min / 2)``,
+    ``beta_t = sqrt(1 - alpha_t^2)``."""
 
     name = "vp"
 
@@ -174,7 +176,8 @@ class GaussianPath:
         self.mean = torch.as_tensor(mean)
         cov = torch.as_tensor(cov, dtype=self.mean.dtype, device=self.mean.device)
         if self.mean.dim() != 1 or cov.shape != (self.mean.shape[0],) * 2:
-            raise ValueError(f"mean must be (d,) and cov (d, d), got {tuple(self.mean.shape)}, {tuple(cov.shape)}")
+            raise ValueError(
+                f"mean must be (d,) and cov (d, d), got {tuple(self.mean.shape)}, {tuple(cov.shape)}")
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(cov)
         if not bool((self.eigenvalues > 0).all()):
             raise ValueError("cov must be positive definite")

@@ -15,19 +15,27 @@ from __future__ import annotations
 import torch
 
 from .paths import time_derivative
-from .tangent import _TimeScoreEstimator
+from .tangent import _stratified_times, _TimeScoreEstimator
 
 __all__ = ["SecantRatioEstimator", "sai_target"]
 
 
-def sai_target(secant_fn, x: torch.Tensor, l: torch.Tensor, t: torch.Tensor, tangent: torch.Tensor):
-    """SAI regression target ``tangent - (t - l) d/dt u(x, l, t)`` and ``u(x, l, t)``.
+def sai_target(secant_fn, x: torch.Tensor, l: torch.Tensor, t: torch.Tensor, tangent: torch.Tensor,
+               anchor: str = "right"):
+    """SAI regression target and ``u(x, l, t)``; ``secant_fn(x, l, t) -> (N,)``.
 
-    ``secant_fn(x, l, t) -> (N,)``; the returned ``u`` keeps its graph, the target is detached.
-    With the exact secant and tangent, ``target == u`` (the identity; tested).
+    ``anchor="right"``: ``tangent = s(x, t)`` and target ``s(x, t) - (t - l) d/dt u`` (the paper's form);
+    ``anchor="left"``: ``tangent = s(x, l)`` and target ``s(x, l) + (t - l) d/dl u`` (from
+    ``d/dl [(t - l) u] = -s(x, l)``). The returned ``u`` keeps its graph, the target is detached. With the
+    exact secant and tangent, ``target == u`` (the identity; tested).
     """
-    u, du_dt = time_derivative(lambda s: secant_fn(x, l, s), t)
-    return (tangent - (t - l) * du_dt).detach(), u
+    if anchor == "right":
+        u, du = time_derivative(lambda s: secant_fn(x, l, s), t)
+        return (tangent - (t - l) * du).detach(), u
+    if anchor == "left":
+        u, du = time_derivative(lambda s: secant_fn(x, s, t), l)
+        return (tangent + (t - l) * du).detach(), u
+    raise ValueError(f"anchor must be 'left' or 'right', got {anchor!r}")
 
 
 class SecantRatioEstimator(_TimeScoreEstimator):
@@ -38,13 +46,18 @@ class SecantRatioEstimator(_TimeScoreEstimator):
     :param network: ``"mlp"``, ``"quadratic"`` or a module ``(x, times (N, 2) = [l, t], side) -> (N,)``.
     :param float eps: time domain ``[0, 1 - eps]`` (1e-3).
     :param float aligned_fraction: share of the batch with ``l = t`` (pure tangent regression; 0.25).
-    :param float grid_fraction: share drawn from the query intervals ``[i/K, (i+1)/K]`` of ``grid_steps`` (0.25).
+    :param float grid_fraction: share drawn from the query intervals ``[i/K, (i+1)/K]`` of
+        ``grid_steps`` (0.25).
     :param tuple grid_steps: step counts whose intervals are emphasised ((1, 2, 4)).
     :param float anneal_fraction: CIA: the width cap reaches the whole interval after this share of
         training (0.5); ``0`` disables annealing.
     :param float min_width: initial CIA cap (0.05).
     :param str time_grid: ``"uniform"`` or ``"sigmoid"`` (OpenDRE's ``sigmoid(1.5 logit(i/K) + 0.2)``).
     :param int default_num_steps: NFE when ``log_ratio`` gets none (2).
+    :param str anchor: ``"right"`` (default, the paper's form): draw ``x`` at ``t``, target
+        ``s(x, t) - (t - l) d/dt u``; ``"left"``: draw at ``l``, target ``s(x, l) + (t - l) d/dl u``. Both
+        are the SAI; on the Gaussian tests the left anchor was less accurate (``x`` drawn further
+        from ``p_1``).
     :param dict network_options: keyword arguments of the network class.
     """
 
@@ -53,7 +66,9 @@ class SecantRatioEstimator(_TimeScoreEstimator):
     def __init__(self, dim: int, *, path="dre_infinity", network="mlp", eps: float = 1e-3,
                  aligned_fraction: float = 0.25, grid_fraction: float = 0.25, grid_steps=(1, 2, 4),
                  anneal_fraction: float = 0.5, min_width: float = 0.05, time_grid: str = "uniform",
-                 default_num_steps: int = 2, network_options: dict | None = None):
+                 default_num_steps: int = 2, anchor: str = "right", network_options: dict | None = None):
+        if anchor not in ("left", "right"):
+            raise ValueError(f"anchor must be 'left' or 'right', got {anchor!r}")
         for name, v in (("aligned_fraction", aligned_fraction), ("grid_fraction", grid_fraction),
                         ("anneal_fraction", anneal_fraction), ("min_width", min_width)):
             if not 0 <= v <= 1:
@@ -67,9 +82,12 @@ class SecantRatioEstimator(_TimeScoreEstimator):
             raise ValueError("grid_steps must be positive ints")
         super().__init__(dim, path=path, network=network, eps=eps, network_options=network_options)
         self.aligned_fraction, self.grid_fraction = float(aligned_fraction), float(grid_fraction)
-        self.grid_steps, self.anneal_fraction, self.min_width = grid_steps, float(anneal_fraction), float(min_width)
-        self.time_grid, self.default_num_steps = time_grid, default_num_steps
-        self._config.update(aligned_fraction=aligned_fraction, grid_fraction=grid_fraction, grid_steps=grid_steps,
+        self.grid_steps, self.min_width = grid_steps, float(min_width)
+        self.anneal_fraction = float(anneal_fraction)
+        self.time_grid, self.default_num_steps, self.anchor = time_grid, default_num_steps, anchor
+        self._config["anchor"] = anchor
+        self._config.update(aligned_fraction=aligned_fraction, grid_fraction=grid_fraction,
+                            grid_steps=grid_steps,
                             anneal_fraction=anneal_fraction, min_width=min_width, time_grid=time_grid,
                             default_num_steps=default_num_steps)
 
@@ -103,13 +121,17 @@ class SecantRatioEstimator(_TimeScoreEstimator):
     def _loss(self, x_num, x_den, progress):
         x1, side = self._sides(x_num, x_den)
         n = x1.shape[0]
-        t = (torch.arange(n, dtype=x1.dtype, device=x1.device) + torch.rand_like(x1[:, 0])) * (self.t_max / n)
+        t = _stratified_times(n, self.t_max, x1)
         l, t = self._intervals(t, progress)
         noise = torch.randn_like(x1)
-        xt = self.path.interpolate(noise, x1, t)
-        tangent = self.path.conditional_time_score(noise, x1, t)
-        target, u = sai_target(lambda x, a, b: self.score(x, torch.stack([a, b], -1), side), xt, l, t, tangent)
-        return (self.path.weight(t) * (u - target) ** 2).mean() / self.dim
+        at = l if self.anchor == "left" else t  # the time where x is drawn and the tangent is regressed
+        xa = self.path.interpolate(noise, x1, at)
+        tangent = self.path.conditional_time_score(noise, x1, at)
+        def secant(x, a, b):
+            return self.score(x, torch.stack([a, b], -1), side)
+
+        target, u = sai_target(secant, xa, l, t, tangent, self.anchor)
+        return (self.path.weight(at) * (u - target) ** 2).mean() / self.dim
 
     def secant(self, x: torch.Tensor, l, t) -> torch.Tensor:
         """Learned ``u(x, l, t)`` (side 1: path from ``N(0, I)`` to ``p_num``) at raw ``x`` ``(N, d)``."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
 from .base import RatioEstimator, make_time_score_network
 from .paths import get_path
 
@@ -55,7 +54,7 @@ class _TimeScoreEstimator(RatioEstimator):
     def _ctsm_batch(self, x1):
         """``(x_t, t, target, weight)`` for one side; ``t`` stratified on ``[0, 1 - eps]``."""
         n = x1.shape[0]
-        t = (torch.arange(n, dtype=x1.dtype, device=x1.device) + torch.rand_like(x1[:, 0])) * (self.t_max / n)
+        t = _stratified_times(n, self.t_max, x1)
         noise = torch.randn_like(x1)
         xt = self.path.interpolate(noise, x1, t)
         return xt, t, self.path.conditional_time_score(noise, x1, t), self.path.weight(t)
@@ -72,7 +71,7 @@ class _TimeScoreEstimator(RatioEstimator):
         return self.network(z, times, side)
 
     def _side_difference(self, z, times):
-        """``f(side=1) - f(side=0)`` (two-sided) or ``f(side=1)``, for ``z`` ``(M, d)``, ``times`` ``(M, k)``."""
+        """``f(side=1) - f(side=0)`` (two-sided) or ``f(side=1)``; ``z`` ``(M, d)``, ``times`` ``(M, k)``."""
         one = torch.ones_like(z[:, 0])
         out = self.score(z, times, one)
         if bool(self.two_sided):
@@ -112,7 +111,7 @@ class TangentRatioEstimator(_TimeScoreEstimator):
         return (weight * (s - target) ** 2).mean() / self.dim
 
     def time_score(self, x: torch.Tensor, t) -> torch.Tensor:
-        """Learned ``d/dt log p_t(x)`` (side 1: the path from ``N(0, I)`` to ``p_num``) at raw ``x`` ``(N, d)``."""
+        """Learned ``d/dt log p_t(x)`` (side 1: from ``N(0, I)`` to ``p_num``) at raw ``x`` ``(N, d)``."""
         z = self.standardize(x)
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device).expand(z.shape[:-1])
         return self.score(z, t[:, None], torch.ones_like(t))
@@ -136,3 +135,10 @@ class TangentRatioEstimator(_TimeScoreEstimator):
         return (weights[:, None] * self._side_difference(zz, tt).reshape(k, n)).sum(0)
 
 
+
+
+def _stratified_times(n: int, t_max: float, like: torch.Tensor) -> torch.Tensor:
+    """``n`` stratified uniform times on ``[0, t_max]`` in random order, shape ``(n,)``."""
+    u = torch.arange(n, dtype=like.dtype, device=like.device)
+    u = u + torch.rand(n, dtype=like.dtype, device=like.device)
+    return (u * (t_max / n))[torch.randperm(n, device=like.device)]

@@ -1,0 +1,423 @@
+"""Tests of pyro_sde.ratio against closed forms: Gaussian paths with exact time scores and log ratios."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import MCMC, NUTS
+from torch import nn
+
+from pyro_sde.ratio import (
+    ClassifierRatioEstimator,
+    GaussianPath,
+    RatioLikelihood,
+    RatioTilted,
+    SecantRatioEstimator,
+    TangentRatioEstimator,
+    TelescopingRatioEstimator,
+    get_path,
+    mutual_information,
+    sai_target,
+)
+from pyro_sde.ratio.paths import time_derivative
+
+PATHS = ["dre_infinity", "linear", "vp", "cosine", "trigonometric"]
+D64 = torch.float64
+
+
+def gaussian_pair(dim=2, dtype=D64, path="dre_infinity"):
+    mean = torch.linspace(0.8, -0.6, dim, dtype=dtype)
+    a = torch.linspace(-1, 1, dim * dim, dtype=dtype).reshape(dim, dim)
+    cov = 0.3 * torch.eye(dim, dtype=dtype) + 0.2 * a @ a.T
+    return GaussianPath(path, mean, cov)
+
+
+class AnalyticTangent(nn.Module):
+    """The exact time score of a GaussianPath in the network protocol ``(x, times, side)``."""
+
+    def __init__(self, gp):
+        super().__init__()
+        self.gp = gp
+        self.dummy = nn.Parameter(torch.zeros((), dtype=gp.mean.dtype))
+
+    def forward(self, x, times, side):
+        return self.gp.time_score(x, times[:, 0])
+
+
+class AnalyticSecant(AnalyticTangent):
+    def forward(self, x, times, side):
+        return self.gp.secant(x, times[:, 0], times[:, 1])
+
+
+def fitted(est, two_sided=False):
+    est.fitted.fill_(True)
+    est.two_sided.fill_(two_sided)
+    return est.to(D64)
+
+
+# ------------------------------------------------------------------------------------------------
+# paths
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_path_end_points_and_derivatives(name):
+    path = get_path(name)
+    t = torch.tensor([0.0, 1.0], dtype=D64)
+    a, b = path.coefficients(t)
+    assert torch.allclose(a[0], torch.tensor(1.0, dtype=D64)) and b[0] == 0
+    if name != "vp":
+        assert abs(a[1]) < 1e-7 and torch.allclose(b[1], torch.tensor(1.0, dtype=D64))
+    s = torch.linspace(0.1, 0.9, 7, dtype=D64)
+    _, _, da, db = path.coefficients_and_derivatives(s)
+    h = 1e-6
+    (ap, bp), (am, bm) = path.coefficients(s + h), path.coefficients(s - h)
+    assert torch.allclose(da, (ap - am) / (2 * h), atol=1e-6)
+    assert torch.allclose(db, (bp - bm) / (2 * h), atol=1e-6)
+
+
+def test_dre_infinity_weight_closed_form():
+    t = torch.linspace(0, 0.99, 11, dtype=D64)
+    assert torch.allclose(get_path("dre_infinity").weight(t), (1 - t**2) ** 2 / (1 + t**2))
+
+
+def test_unknown_path():
+    with pytest.raises(ValueError, match="unknown path"):
+        get_path("nope")
+
+
+@pytest.mark.parametrize("name", ["dre_infinity", "trigonometric"])
+def test_gaussian_path_time_score_and_log_ratio(name):
+    gp = gaussian_pair(3, path=name)
+    x = gp.sample(50)
+    t = torch.full((50,), 0.4, dtype=D64)
+    h = 1e-6
+    fd = (gp.log_prob(x, t + h) - gp.log_prob(x, t - h)) / (2 * h)
+    assert torch.allclose(gp.time_score(x, t), fd, atol=1e-6)
+    cov = gp.eigenvectors @ torch.diag(gp.eigenvalues) @ gp.eigenvectors.T
+    exact = dist.MultivariateNormal(gp.mean, cov).log_prob(x)
+    exact = exact - dist.Normal(torch.zeros(3, dtype=D64), 1.0).log_prob(x).sum(-1)
+    assert torch.allclose(gp.log_ratio(x), exact, atol=1e-10)
+
+
+def test_conditional_time_score_is_unbiased_for_marginal():
+    """E[target * f(x_t)] = E[s(x_t, t) * f(x_t)] for test functions f (regression consistency)."""
+    gp = gaussian_pair(2)
+    n = 400_000
+    x1, noise = gp.sample(n), torch.randn(n, 2, dtype=D64)
+    for tv in (0.3, 0.8):
+        t = torch.full((n,), tv, dtype=D64)
+        xt = gp.path.interpolate(noise, x1, t)
+        target, s = gp.path.conditional_time_score(noise, x1, t), gp.time_score(xt, t)
+        for f in (torch.ones(n, dtype=D64), xt[:, 0], xt[:, 1] ** 2, xt[:, 0] * xt[:, 1]):
+            se = (target * f).std() / math.sqrt(n)
+            assert abs((target * f).mean() - (s * f).mean()) < 5 * se
+
+
+# ------------------------------------------------------------------------------------------------
+# secant alignment identity and quadrature with exact time scores
+# ------------------------------------------------------------------------------------------------
+
+
+def test_secant_alignment_identity_exact():
+    """s(x,t) = u(x,l,t) + (t-l) d/dt u(x,l,t): the SAI target equals the exact secant, while the
+    correction term is far from zero (a zeroed correction, as in the public code, fails this)."""
+    gp = gaussian_pair(2)
+    x = gp.sample(64)
+    l = torch.rand(64, dtype=D64) * 0.5
+    t = l + 0.1 + 0.4 * torch.rand(64, dtype=D64)
+    tangent = gp.time_score(x, t)
+    target, u = sai_target(gp.secant, x, l, t, tangent)
+    assert torch.allclose(target, u, atol=1e-10)
+    target_left, _ = sai_target(gp.secant, x, l, t, gp.time_score(x, l), anchor="left")
+    assert torch.allclose(target_left, u, atol=1e-10)
+    correction = (t - l) * time_derivative(lambda s: gp.secant(x, l, s), t)[1]
+    assert correction.abs().mean() > 0.05
+    assert (tangent - u).abs().mean() > 0.05  # without the correction the target would be off
+
+
+def test_secant_equals_integral_of_tangent():
+    gp = gaussian_pair(2)
+    x = gp.sample(16)
+    l, t = 0.2, 0.7
+    nodes, w = __import__("pyro_sde.ratio", fromlist=["gauss_legendre"]).gauss_legendre(32, l, t, x)
+    integral = sum(wk * gp.time_score(x, nk) for nk, wk in zip(nodes, w))
+    assert torch.allclose(gp.secant(x, torch.tensor(l, dtype=D64), torch.tensor(t, dtype=D64)) * (t - l),
+                          integral, atol=1e-8)
+
+
+def test_tangent_quadrature_with_exact_time_score():
+    gp = gaussian_pair(2)
+    x = gp.sample(200)
+    truth = gp.log_ratio(x)
+    err = {}
+    for q in ("gauss-legendre", "trapezoid"):
+        est = fitted(TangentRatioEstimator(2, network=AnalyticTangent(gp), eps=1e-6, quadrature=q))
+        err[q] = {k: (est.log_ratio(x, k) - truth).abs().max().item() for k in (4, 16, 64)}
+    assert err["gauss-legendre"][64] < 1e-4
+    assert err["gauss-legendre"][16] < err["trapezoid"][16]
+    assert err["trapezoid"][64] < err["trapezoid"][16] < err["trapezoid"][4]
+
+
+@pytest.mark.parametrize("time_grid", ["uniform", "sigmoid"])
+def test_secant_any_step_with_exact_secant(time_grid):
+    gp = gaussian_pair(2)
+    x = gp.sample(200)
+    truth = gp.log_ratio(x)
+    est = fitted(SecantRatioEstimator(2, network=AnalyticSecant(gp), eps=1e-7, time_grid=time_grid))
+    for k in (1, 2, 5):
+        assert torch.allclose(est.log_ratio(x, k), truth, atol=1e-5)
+
+
+def test_two_sided_difference_with_exact_scores():
+    """Two-sided: log r = log(p_num / N) - log(p_den / N); with exact networks it is exact."""
+    g1, g0 = gaussian_pair(2), GaussianPath("dre_infinity", torch.tensor([0.5, 0.0], dtype=D64),
+                                            torch.diag(torch.tensor([2.0, 0.5], dtype=D64)))
+
+    class Sided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros((), dtype=D64))
+
+        def forward(self, x, times, side):
+            return torch.where(side > 0.5, g1.secant(x, times[:, 0], times[:, 1]),
+                               g0.secant(x, times[:, 0], times[:, 1]))
+
+    est = fitted(SecantRatioEstimator(2, network=Sided(), eps=1e-7), two_sided=True)
+    x = g1.sample(100)
+    assert torch.allclose(est.log_ratio(x, 1), g1.log_ratio(x) - g0.log_ratio(x), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# learned estimators on Gaussian pairs
+# ------------------------------------------------------------------------------------------------
+
+FIT = dict(batch_size=256, progress_bar=False)
+
+
+def rmse(a, b):
+    return ((a - b) ** 2).mean().sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def pair32():
+    torch.manual_seed(1)
+    gp = GaussianPath("dre_infinity", torch.tensor([1.0, -0.5]), torch.tensor([[0.5, 0.2], [0.2, 0.8]]))
+    return gp, gp.sample(2000)
+
+
+def test_tangent_rmse_decreases_with_training(pair32):
+    gp, xq = pair32
+    truth = gp.log_ratio(xq)
+    est = TangentRatioEstimator(2, network="quadratic")
+    est.fit(gp.sample, None, num_iterations=100, **FIT)
+    early = rmse(est.log_ratio(xq, 16), truth)
+    est.fit(gp.sample, None, num_iterations=1200, **FIT)
+    late = rmse(est.log_ratio(xq, 16), truth)
+    assert late < 0.3 and late < 0.6 * early
+    assert len(est.losses) == 1300
+
+
+@pytest.fixture(scope="module")
+def trained_secant(pair32):
+    gp, _ = pair32
+    torch.manual_seed(2)
+    return SecantRatioEstimator(2, network="quadratic").fit(gp.sample, None, num_iterations=1200, **FIT)
+
+
+def test_learned_secant_matches_integral_of_tangent(pair32, trained_secant):
+    """The learned secant over [l, t] is the interval average of the tangent, not the tangent at t."""
+    gp, xq = pair32
+    T = trained_secant.t_max
+    for l, t in ((0.0, T), (0.0, 0.5 * T), (0.5 * T, T)):
+        lt, tt = torch.tensor(l), torch.tensor(t)
+        learned, exact = trained_secant.secant(xq, lt, tt), gp.secant(xq, lt, tt)
+        tangent_at_t = gp.time_score(xq, tt.expand(xq.shape[0]))
+        assert rmse(learned, exact) < 0.5 * rmse(tangent_at_t, exact)
+        assert rmse(learned, exact) < 0.8
+
+
+@pytest.mark.slow
+def test_secant_few_steps_agrees_with_tangent_many_steps(pair32, trained_secant):
+    gp, xq = pair32
+    truth = gp.log_ratio(xq)
+    torch.manual_seed(3)
+    tangent = TangentRatioEstimator(2, network="quadratic").fit(gp.sample, None, num_iterations=1200, **FIT)
+    t64 = tangent.log_ratio(xq, 64)
+    assert rmse(t64, truth) < 0.45
+    for k, tol in ((1, 0.6), (2, 0.45)):
+        s_k = trained_secant.log_ratio(xq, k)
+        assert rmse(s_k, truth) < tol
+        assert rmse(s_k, t64) < tol
+        assert abs(s_k.mean() - truth.mean()) < tol
+
+
+def test_classifier_and_tre_gaussian_mean_shift():
+    torch.manual_seed(0)
+    mu = torch.tensor([1.0, 0.0])
+    x_num, x_den = torch.randn(4000, 2) + mu, torch.randn(4000, 2)
+    xq = torch.randn(1000, 2) + mu
+    truth = xq @ mu - 0.5 * mu @ mu
+    for est in (ClassifierRatioEstimator(2, hidden_dim=64, num_layers=2),
+                TelescopingRatioEstimator(2, num_bridges=3, hidden_dim=64, num_layers=2)):
+        est.fit(x_num, x_den, num_iterations=600, **FIT)
+        assert rmse(est.log_ratio(xq), truth) < 0.25
+
+
+@pytest.mark.slow
+def test_two_sided_tangent_learns_nonstandard_denominator():
+    torch.manual_seed(0)
+    mu = torch.tensor([1.0, -1.0])
+    x_num, x_den = torch.randn(4000, 2) * 0.7 + mu, torch.randn(4000, 2) * 1.5 + 2
+    xq = torch.randn(1000, 2) * 0.7 + mu
+    truth = (dist.Normal(mu, 0.7).log_prob(xq) - dist.Normal(2.0, 1.5).log_prob(xq)).sum(-1)
+    est = TangentRatioEstimator(2).fit(x_num, x_den, num_iterations=800, **FIT)
+    assert rmse(est.log_ratio(xq, 16), truth) < 0.6
+    assert abs(est.log_ratio(xq, 16).mean() - truth.mean()) < 0.3
+
+
+# ------------------------------------------------------------------------------------------------
+# mutual information, persistence, bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mutual_information_bivariate_normal():
+    torch.manual_seed(0)
+    rho = 0.8
+    x = torch.randn(5000, 1)
+    y = rho * x + math.sqrt(1 - rho**2) * torch.randn(5000, 1)
+    truth = -0.5 * math.log(1 - rho**2)
+    est = ClassifierRatioEstimator(2, hidden_dim=64, num_layers=2)
+    res = mutual_information(x, y, est, num_iterations=800, **FIT)
+    assert 0 < res.stderr < 0.1
+    assert abs(res.estimate - truth) < 0.1 + 3 * res.stderr
+    assert res.log_ratio.shape == (1000,)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(100, 3) + 1
+    for est in (ClassifierRatioEstimator(3, hidden_dim=16), TelescopingRatioEstimator(3, hidden_dim=16),
+                TangentRatioEstimator(3, network_options=dict(hidden_dim=16)),
+                SecantRatioEstimator(3, network="quadratic", path="linear")):
+        est.fit(x, torch.randn(100, 3), num_iterations=5, **FIT)
+        est.save(tmp_path / "r.pt")
+        back = type(est).load(tmp_path / "r.pt")
+        assert torch.equal(back.log_ratio(x, 2), est.log_ratio(x, 2))
+        assert back.losses == est.losses
+
+
+def test_bad_input():
+    est = TangentRatioEstimator(3)
+    good = torch.randn(50, 3)
+    with pytest.raises(ValueError, match="dimension 2, expected 3"):
+        est.fit(torch.randn(50, 2), good)
+    with pytest.raises(ValueError, match="dimension 4, expected 3"):
+        est.fit(good, torch.randn(50, 4))
+    bad = good.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        est.fit(bad, good)
+    with pytest.raises(ValueError, match="at least"):
+        est.fit(good[:3], good)
+    with pytest.raises(TypeError, match="floating"):
+        est.fit(good.long(), good)
+    with pytest.raises(ValueError, match=r"\(num_samples, dim\)"):
+        est.fit(good[0], good)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        est.log_ratio(good)
+    with pytest.raises(ValueError, match="needs denominator"):
+        ClassifierRatioEstimator(3).fit(good)
+    with pytest.raises(ValueError, match="dim must be"):
+        TangentRatioEstimator(0)
+    with pytest.raises(ValueError, match="quadrature"):
+        TangentRatioEstimator(3, quadrature="simpson")
+    with pytest.raises(ValueError, match="aligned_fraction"):
+        SecantRatioEstimator(3, aligned_fraction=2.0)
+    est.fit(good, good, num_iterations=2, **FIT)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 3\)"):
+        est.log_ratio(torch.randn(5, 2))
+    with pytest.raises(ValueError, match="num_steps"):
+        est.log_ratio(good, 0)
+    with pytest.raises(ValueError, match="same number of samples"):
+        mutual_information(torch.randn(50, 1), torch.randn(40, 1))
+    with pytest.raises(ValueError, match="same kind of denominator"):
+        est.fit(good, None, num_iterations=1, **FIT)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pyro integration
+# ------------------------------------------------------------------------------------------------
+
+
+def exact_shift_estimator(mu):
+    """Classifier estimator whose network is the exact log N(x; mu, I) / N(x; 0, I)."""
+    lin = nn.Linear(mu.shape[0], 1)
+    with torch.no_grad():
+        lin.weight.copy_(mu[None])
+        lin.bias.fill_(-0.5 * float(mu @ mu))
+    est = ClassifierRatioEstimator(mu.shape[0], network=nn.Sequential(lin, nn.Flatten(0)))
+    est.fitted.fill_(True)
+    return est
+
+
+def test_ratio_tilted_log_prob_and_pyro():
+    mu = torch.tensor([1.0, -2.0])
+    est = exact_shift_estimator(mu)
+    base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    tilted = RatioTilted(base, est)
+    x = torch.randn(7, 2)
+    assert torch.equal(tilted.log_prob(x), base.log_prob(x) + est.log_ratio(x))
+    assert torch.allclose(tilted.log_prob(x), dist.Normal(mu, 1.0).to_event(1).log_prob(x), atol=1e-5)
+
+    def model():
+        pyro.sample("x", tilted)
+
+    def factor_model():
+        z = pyro.sample("x", base)
+        pyro.factor("tilt", est.log_ratio(z))
+
+    tr = pyro.poutine.trace(pyro.poutine.condition(model, {"x": x[0]})).get_trace()
+    tr2 = pyro.poutine.trace(pyro.poutine.condition(factor_model, {"x": x[0]})).get_trace()
+    assert torch.allclose(tr.log_prob_sum(), tr2.log_prob_sum())
+    draws = RatioTilted(base, est, num_proposals=1000).sample((4000,))
+    assert draws.shape == (4000, 2) and torch.allclose(draws.mean(0), mu, atol=0.15)
+    assert tilted.expand((3,)).log_prob(x[:3]).shape == (3,)
+    mcmc = MCMC(NUTS(model), num_samples=300, warmup_steps=150, disable_progbar=True)
+    mcmc.run()
+    assert torch.allclose(mcmc.get_samples()["x"].mean(0), mu, atol=0.3)
+
+
+def test_ratio_tilted_bad_input():
+    est = exact_shift_estimator(torch.zeros(2))
+    with pytest.raises(ValueError, match="event_shape"):
+        RatioTilted(dist.Normal(torch.zeros(3), 1.0).to_event(1), est)
+    with pytest.raises(ValueError, match="fitted"):
+        RatioTilted(dist.Normal(torch.zeros(2), 1.0).to_event(1), ClassifierRatioEstimator(2))
+
+
+@pytest.mark.slow
+def test_ratio_likelihood_gaussian_simulator():
+    """theta ~ N(0, 1), x | theta ~ N(theta, 0.5^2): posterior N(0.8 x, 0.2)."""
+    torch.manual_seed(0)
+
+    def prior():
+        pyro.sample("theta", dist.Normal(0.0, 1.0))
+
+    def simulator(params):
+        return (params["theta"] + 0.5 * torch.randn_like(params["theta"]))[:, None]
+
+    lik = RatioLikelihood(prior, simulator, ClassifierRatioEstimator(2, hidden_dim=64, num_layers=2))
+    lik.fit(20_000, num_iterations=1500, **FIT)
+    x_obs = torch.tensor([0.8])
+    theta = torch.randn(100_000)
+    logw = lik.log_likelihood({"theta": theta}, x_obs)
+    w = torch.softmax(logw, 0)
+    mean = (w * theta).sum()
+    std = (w * (theta - mean) ** 2).sum().sqrt()
+    assert abs(mean - 0.64) < 0.08 and abs(std - math.sqrt(0.2)) < 0.06
+    mcmc = MCMC(NUTS(lik.posterior_model(x_obs)), num_samples=300, warmup_steps=150, disable_progbar=True)
+    mcmc.run()
+    assert abs(mcmc.get_samples()["theta"].mean() - 0.64) < 0.15
