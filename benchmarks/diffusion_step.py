@@ -36,10 +36,11 @@ def time_it(fn, repeats, warmup=3):
     return statistics.median(times)
 
 
-def sampler_iteration(method, loss, backend):
+def sampler_iteration(method, loss, backend, closed_form_score=False):
     target = GMM9()
     sampler = DiffusionSampler(
-        log_density=target.log_prob, dim=DIM, method=method, loss=loss, num_steps=STEPS, backend=backend
+        log_density=target.log_prob, dim=DIM, method=method, loss=loss, num_steps=STEPS, backend=backend,
+        score=target.score if closed_form_score else None,
     )
     return lambda: sampler.step(BATCH)
 
@@ -76,13 +77,17 @@ def main():
     rows = []
     raw_seq = time_it(raw_network(True), args.repeats)
     raw_batched = time_it(raw_network(False), args.repeats)
-    for method in ["dis", "pis"]:
+    for method in ["dis", "pis", "dds"]:
         for loss in ["log_variance", "kl"]:
             ours = time_it(sampler_iteration(method, loss, "euler"), args.repeats)
             theirs = time_it(sampler_iteration(method, loss, "torchsde"), max(3, args.repeats // 4))
-            rows.append([method, loss, ours, theirs, theirs / ours, ours / raw_seq])
+            rows.append([method, loss, "autograd", ours, theirs, theirs / ours, ours / raw_seq])
+            if loss == "log_variance":  # the KL loss needs second derivatives: autograd only
+                ours = time_it(sampler_iteration(method, loss, "euler", True), args.repeats)
+                theirs = time_it(sampler_iteration(method, loss, "torchsde", True), max(3, args.repeats // 4))
+                rows.append([method, loss, "closed form", ours, theirs, theirs / ours, ours / raw_seq])
     header = [
-        "method", "loss", "ours s/iter", "torchsde s/iter", "torchsde / ours",
+        "method", "loss", "target score", "ours s/iter", "torchsde s/iter", "torchsde / ours",
         "ours / raw network (sequential)",
     ]
     table = markdown_table(header, rows)

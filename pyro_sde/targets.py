@@ -288,6 +288,14 @@ class GaussianMixture(Target):
         var = self._scale.to(x) ** 2
         return torch.logsumexp(self._log_coef.to(x) - 0.5 * self._sq_dist(x) / var, dim=-1)
 
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Closed-form ``grad log rho(x) = sum_k r_k(x) (mu_k - x) / s_k^2`` (``r``: responsibilities)."""
+        x = self._validate(x)
+        var = self._scale.to(x) ** 2
+        resp = torch.softmax(self._log_coef.to(x) - 0.5 * self._sq_dist(x) / var, dim=-1)
+        locs = self._locs.to(x)
+        return (resp / var) @ locs - (resp / var).sum(-1, keepdim=True) * x
+
     def _sample(self, n, generator, dtype, device):
         k = torch.multinomial(self._weights.to(device), n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=dtype, device=device)

@@ -198,3 +198,22 @@ def test_checkpoint_of_a_model_sampler_round_trips(tmp_path):
         DiffusionSampler.load(tmp_path / "other.pt", model)
     with pytest.raises(RuntimeError, match="nothing to resume"):
         DiffusionSampler(model).resume(y)
+
+
+def test_closed_form_score_replaces_autograd_exactly():
+    target = GMM9()
+    x = 3 * torch.randn(50, 2, dtype=D64)
+    x.requires_grad_(True)
+    (auto,) = torch.autograd.grad(target.log_prob(x).sum(), x)
+    assert torch.allclose(target.score(x.detach()), auto, atol=1e-12)
+    samplers = []
+    for score in [None, target.score]:
+        torch.manual_seed(3)
+        sampler = DiffusionSampler(log_density=target.log_prob, score=score, dim=2, num_steps=10)
+        sampler.run(num_iterations=3, batch_size=64, progress_bar=False)
+        samplers.append(sampler)
+    assert samplers[0].losses == pytest.approx(samplers[1].losses, rel=1e-4)
+    with pytest.raises(ValueError, match="does not match"):
+        DiffusionSampler(log_density=target.log_prob, score=lambda x: -x, dim=2)
+    with pytest.raises(ValueError, match="goes with `log_density`"):
+        DiffusionSampler(lambda: None, score=target.score)

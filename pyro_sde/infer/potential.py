@@ -69,6 +69,8 @@ class LogDensityPotential(Potential):
     :param callable log_density: unnormalised log density, batched over leading dims.
     :param int dim: dimension of ``z``.
     :param str site_name: the name of the single site in samples (default ``"x"``).
+    :param callable score: optional ``grad log_density`` ``(N, dim) -> (N, dim)`` (e.g. a closed form),
+        used instead of autograd; checked against autograd at two points.
     """
 
     def __init__(
@@ -80,7 +82,10 @@ class LogDensityPotential(Potential):
         dtype: torch.dtype | None = None,
         device=None,
         initial_params: torch.Tensor | None = None,
+        score: Callable | None = None,
     ):
+        if score is not None and not callable(score):
+            raise TypeError(f"score must be callable, got {type(score).__name__}")
         if not callable(log_density):
             raise TypeError(f"log_density must be callable, got {type(log_density).__name__}")
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
@@ -101,6 +106,26 @@ class LogDensityPotential(Potential):
                 "log_density must map a batch (N, dim) to (N,); on a batch of 2 it returned "
                 f"{getattr(out, 'shape', type(out).__name__)}"
             )
+        self._score = score
+        if score is not None:
+            probe = torch.stack([initial_params, initial_params + 0.5])
+            given = score(probe)
+            if not isinstance(given, torch.Tensor) or given.shape != probe.shape:
+                raise ValueError(f"score must map (N, dim) to (N, dim), got {getattr(given, 'shape', given)}")
+            self._score = None
+            _, expected = self.log_density_and_score(probe)
+            if not torch.allclose(given, expected, rtol=1e-3, atol=1e-4):
+                raise ValueError(
+                    "score does not match the gradient of log_density: "
+                    f"{given.tolist()} vs {expected.tolist()}"
+                )
+            self._score = score
+
+    def log_density_and_score(self, z: torch.Tensor, *, create_graph: bool = False):
+        if self._score is None:
+            return super().log_density_and_score(z, create_graph=create_graph)
+        self._check_z(z)
+        return self.log_density(z), self._score(z.reshape(-1, self.dim)).reshape(z.shape)
 
     def log_density(self, z):
         self._check_z(z)

@@ -84,6 +84,8 @@ class DiffusionSampler:
     :param callable log_density: instead of a model, a batched unnormalised log density
         ``(N, dim) -> (N,)`` on ``R^dim`` (samples are returned under the site name ``"x"``).
     :param int dim: dimension, with ``log_density``.
+    :param callable score: optional closed-form ``grad log_density`` ``(N, dim) -> (N, dim)``, with
+        ``log_density`` (saves the autograd pass of the guide; checked against autograd at set-up).
     :param str method: ``"pis"`` (Brownian reference from the origin, Path Integral Sampler),
         ``"dis"`` (VP/Ornstein-Uhlenbeck reference from ``N(0, I)``, time-reversal, Diffusion-based
         sampler), ``"dds"`` (stationary OU reference from ``N(0, sigma^2 I)`` with exponential-
@@ -128,6 +130,7 @@ class DiffusionSampler:
         *,
         log_density: Callable | None = None,
         dim: int | None = None,
+        score: Callable | None = None,
         method: str = "dis",
         loss: str | None = None,
         num_steps: int = 100,
@@ -154,6 +157,8 @@ class DiffusionSampler:
     ):
         if (model is None) == (log_density is None):
             raise ValueError("give exactly one of `model` (a Pyro model) and `log_density`")
+        if score is not None and log_density is None:
+            raise ValueError("`score` goes with `log_density` (a model's score comes from autograd)")
         if model is not None and not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         if method not in _METHODS:
@@ -230,7 +235,7 @@ class DiffusionSampler:
         if log_density is not None:
             if dim is None:
                 raise ValueError("`dim` is required with `log_density`")
-            self.potential = LogDensityPotential(log_density, dim, dtype=dtype, device=device)
+            self.potential = LogDensityPotential(log_density, dim, dtype=dtype, device=device, score=score)
             self._setup_training()
         self.losses: list[float] = []
         self.history: list[StepInfo] = []
