@@ -212,6 +212,7 @@ def main(argv=None):
     parser.add_argument("--doc", type=Path, default=_report.DOC)
     parser.add_argument("--plots", type=Path, default=_report.DOC.parent / "img")
     parser.add_argument("--json", type=Path, default=None, help="also dump the raw results")
+    parser.add_argument("--tag", default="", help="suffix of the section and plot names")
     args = parser.parse_args(argv)
     if args.quick:
         args.targets, args.methods, args.losses = ["gmm9"], ["dis"], ["log_variance", "kl"]
@@ -272,7 +273,7 @@ def main(argv=None):
             table_rows.append(cells)
         table = _report.markdown_table(header, table_rows)
         print(table, flush=True)
-        files = plots(name, target, samples, losses, masses, args.plots)
+        files = plots(name + args.tag, target, samples, losses, masses, args.plots)
         images = "\n".join(f"![{f.stem}]({_relative(f, args.doc)})" for f in files)
         body = f"""### Diffusion samplers vs NUTS on {name} (exact log Z = {target.log_Z:.6f})
 
@@ -285,7 +286,7 @@ log-variance rows against issue #3's goals.
 {table}
 
 {images}"""
-        _report.write_section(f"samplers_{name}", body)
+        _report.write_section(f"samplers_{name}{args.tag}", body)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
