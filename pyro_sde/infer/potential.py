@@ -56,6 +56,10 @@ class Potential:
             (score,) = torch.autograd.grad(log_rho.sum(), z, create_graph=create_graph)
         return log_rho, score
 
+    def score(self, z: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+        """``grad_z log rho(z)``, shape of ``z`` (subclasses with a closed form skip the log density)."""
+        return self.log_density_and_score(z, create_graph=create_graph)[1]
+
     def _check_z(self, z):
         if not isinstance(z, torch.Tensor):
             raise TypeError(f"expected a tensor, got {type(z).__name__}")
@@ -125,7 +129,13 @@ class LogDensityPotential(Potential):
         if self._score is None:
             return super().log_density_and_score(z, create_graph=create_graph)
         self._check_z(z)
-        return self.log_density(z), self._score(z.reshape(-1, self.dim)).reshape(z.shape)
+        return self.log_density(z), self.score(z)
+
+    def score(self, z: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
+        if self._score is None:
+            return super().score(z, create_graph=create_graph)
+        self._check_z(z)
+        return self._score(z.reshape(-1, self.dim)).reshape(z.shape)
 
     def log_density(self, z):
         self._check_z(z)

@@ -5,11 +5,14 @@ Estimators share one interface (:class:`RatioEstimator`: ``fit``, ``log_ratio(x,
 :class:`TelescopingRatioEstimator` (TRE), the time-score :class:`TangentRatioEstimator` (DRE-infinity /
 CTSM, quadrature) and :class:`SecantRatioEstimator` (ISA-DRE, Secant Alignment Identity, any-step).
 :func:`mutual_information` estimates MI with a bootstrap error; :class:`RatioTilted` and
-:class:`RatioLikelihood` bring ratios into Pyro models.
+:class:`RatioLikelihood` bring ratios into Pyro models. :class:`FlowGuidedGenerator` (FDRL) is a generative
+model driven by a learned ratio; :class:`FDRLDistribution` makes it a Pyro sample site.
 """
 
 from .base import MLP, QuadraticTimeScore, RatioEstimator, TimeScoreNetwork, check_samples
 from .classifier import ClassifierRatioEstimator
+from .fdrl import FlowGuidedGenerator, energy_distance, fit_gaussian
+from .fdrl_distribution import FDRLDistribution
 from .mutual_information import MutualInformation, mutual_information
 from .paths import (
     CosinePath,
@@ -30,6 +33,8 @@ __all__ = [
     "ClassifierRatioEstimator",
     "CosinePath",
     "DREInfinityPath",
+    "FDRLDistribution",
+    "FlowGuidedGenerator",
     "GaussianPath",
     "InterpolationPath",
     "LinearPath",
@@ -46,6 +51,8 @@ __all__ = [
     "TrigonometricPath",
     "VPPath",
     "check_samples",
+    "energy_distance",
+    "fit_gaussian",
     "gauss_legendre",
     "get_path",
     "mutual_information",

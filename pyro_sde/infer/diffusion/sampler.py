@@ -310,7 +310,7 @@ class DiffusionSampler:
     # the control along a path
     def _guide(self, tau, z, create_graph):
         """The input the control multiplies: clipped target score (PIS) or lerp(prior, target) (DIS)."""
-        _, score = self.potential.log_density_and_score(z, create_graph=create_graph)
+        score = self.potential.score(z, create_graph=create_graph)
         score = _clip(score, self.score_clip)
         if self.method in ("dis", "bridge"):  # lerp of prior and target scores
             score = (1 - tau) * self.reference.initial_score(z) + tau * score

@@ -1,0 +1,454 @@
+"""Flow-guided density-ratio learning (FDRL, Heng, Ansari & Soh, arXiv 2303.03714): a generative model.
+
+A network ``r_theta(x) ~ q_tilde(x) / p(x)`` (``q_tilde``: flowed samples, ``p``: data) drives the
+discretised Wasserstein gradient flow of ``D_f(q || p)``, simulated with the package's Euler-Maruyama
+step (:func:`pyro_sde.sde.integrate.euler_maruyama_step`)::
+
+    x_{k+1} = x_k - eta * grad_x f'(r_theta(x_k)) + nu * xi_k,    xi_k ~ N(0, I),    x_0 ~ prior.
+
+Training (Alg. 1): each iteration pushes a prior batch through ``K`` flow steps with the *stale*
+(current, detached) estimator and takes one optimiser step on a Bregman loss between the flowed batch
+(numerator) and a data batch (denominator)::
+
+    LSIF  g(y) = (y - 1)^2 / 2:            L = E_p[r^2] / 2 - E_q[r]                (network: r)
+    LR    g(y) = y log y - (1+y) log(1+y): L = E_p[softplus(l)] + E_q[softplus(-l)]  (network: l = log r)
+    KL    g(y) = y log y - y:              L = E_p[exp l] - E_q[l]                   (network: l = log r)
+
+The estimator therefore learns from progressively improving samples, which bridges the "density chasm"
+between a simple prior and the data. Sampling (Alg. 2) runs ``K + kappa`` flow steps from the prior.
+The model is a :class:`~pyro_sde.ratio.RatioEstimator`: ``log_ratio(x) = log q_tilde(x) - log p(x)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..sde.integrate import euler_maruyama_step
+from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples
+
+__all__ = ["FlowGuidedGenerator", "energy_distance", "fit_gaussian", "LOSSES", "DIVERGENCES"]
+
+#: Bregman losses; ``"bce"`` is the binary cross-entropy form of ``"lr"`` (the same objective).
+LOSSES = ("lsif", "lr", "bce", "kl")
+#: f-divergences of the flow, with ``f'(r)`` as a function of ``l = log r``.
+DIVERGENCES = ("chi2", "kl", "js", "logd")
+_DEFAULT_DIVERGENCE = {"lsif": "chi2", "lr": "kl", "bce": "kl", "kl": "kl"}
+_LOG_EPS = 1e-6  # floor of r when an LSIF output (which may be <= 0) is turned into log r
+
+
+def _positive_int(v, name, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+    return v
+
+
+def _nonnegative_float(v, name, positive=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+            positive and v == 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, "
+                         f"got {v!r}")
+    return float(v)
+
+
+def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic: all pairs, diagonal included).
+
+    ``x`` ``(N, d)``, ``y`` ``(M, d)`` -> 0-d tensor; zero iff the empirical measures coincide. In 1-D it is
+    ``2 int (F_x - F_y)^2``, the square of :func:`scipy.stats.energy_distance`.
+    """
+    x = check_samples(x, "x")
+    y = check_samples(y, "y", x.shape[-1])
+    if x.dtype != y.dtype or x.device != y.device:
+        raise ValueError(f"x and y must share dtype and device, got {x.dtype}/{x.device} and "
+                         f"{y.dtype}/{y.device}")
+
+    def mean_dist(a, b):  # exact distances (the matrix-product shortcut loses digits near 0); O(N M) memory
+        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").mean()
+
+    return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
+
+
+def fit_gaussian(x: torch.Tensor, jitter: float = 1e-6) -> torch.distributions.MultivariateNormal:
+    """The data-dependent prior: ``N(mean(x), cov(x) + jitter * mean(var) I)`` fitted to ``x`` ``(N, d)``."""
+    x = check_samples(x, "x", min_samples=2)
+    cov = torch.cov(x.T).reshape(x.shape[-1], x.shape[-1])
+    cov = cov + jitter * cov.diagonal().mean().clamp_min(1e-12) * torch.eye(x.shape[-1], dtype=x.dtype,
+                                                                            device=x.device)
+    return torch.distributions.MultivariateNormal(x.mean(0), covariance_matrix=cov)
+
+
+def _format_path(path, iteration: int):
+    return path.format(iteration=iteration) if isinstance(path, str) and "{iteration}" in path else path
+
+
+def _get_rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _f_prime(divergence: str, log_r: torch.Tensor) -> torch.Tensor:
+    """``f'(r)`` at ``r = exp(log_r)`` (Table 1 of the paper)."""
+    if divergence == "chi2":
+        return 2 * (log_r.exp() - 1)
+    if divergence == "kl":
+        return log_r + 1
+    if divergence == "js":  # log(2r / (r + 1))
+        return math.log(2.0) - F.softplus(-log_r)
+    if divergence == "logd":  # log(r + 1) + 1
+        return F.softplus(log_r) + 1
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
+class FlowGuidedGenerator(RatioEstimator):
+    """FDRL generator: a stale density-ratio estimator ``r_theta = q_tilde / p`` trained on flowed samples.
+
+    Example::
+
+        gen = FlowGuidedGenerator(2, loss="lsif", num_flow_steps=100, step_size=0.01)
+        gen.fit(data, num_iterations=2000)               # data (N, 2); tqdm bar, gen.losses
+        x = gen.sample(5000)                             # (5000, 2): K + kappa flow steps from the prior
+        gen.save("fdrl.pt"); gen = FlowGuidedGenerator.load("fdrl.pt")
+
+    All work happens on standardised inputs ``z = (x - mean) / s`` with the data mean and one scalar
+    ``s`` (root mean per-coordinate variance, so the flow geometry stays isotropic); ``step_size`` and
+    ``noise_std`` are in these units.
+
+    :param int dim: data dimension ``d``.
+    :param str loss: Bregman loss: ``"lsif"`` (network outputs ``r``), ``"lr"`` / ``"bce"`` (logistic,
+        network outputs ``log r``) or ``"kl"`` (KLIEP-style, outputs ``log r``).
+    :param str divergence: the flow's f-divergence ``"chi2"``, ``"kl"``, ``"js"`` or ``"logd"``; default
+        the paper's pairing (LSIF-chi2, LR-KL, KL-KL).
+    :param prior: ``"data"`` (the data-dependent prior, a full-covariance Gaussian fitted to the data in
+        :meth:`fit`), a ``torch.distributions.Distribution`` with ``event_shape == (d,)``, or a sampler
+        ``n -> (n, d)`` (in data units).
+    :param int num_flow_steps: ``K``, flow steps per training iteration.
+    :param int num_refine_steps: ``kappa``, extra flow steps when sampling (Alg. 2).
+    :param float step_size: ``eta``, the drift step of the Euler-Maruyama flow.
+    :param float noise_std: ``nu``, the per-step noise std (``nu = sqrt(2 gamma eta)`` for the SDE
+        ``dz = -grad f'(r) dt + sqrt(2 gamma) dW``).
+    :param int hidden_dim: MLP width. :param int num_layers: MLP hidden layers.
+    :param nn.Module network: a custom network ``(N, d) -> (N,)`` (standardised inputs) instead of the MLP.
+    """
+
+    def __init__(self, dim: int, *, loss: str = "lsif", divergence: str | None = None, prior="data",
+                 num_flow_steps: int = 100, num_refine_steps: int = 0, step_size: float = 0.01,
+                 noise_std: float = 0.01, hidden_dim: int = 128, num_layers: int = 3,
+                 network: nn.Module | None = None):
+        super().__init__(dim)
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        divergence = _DEFAULT_DIVERGENCE[loss] if divergence is None else divergence
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        self.loss, self.divergence = loss, divergence
+        self.num_flow_steps = _positive_int(num_flow_steps, "num_flow_steps")
+        self.num_refine_steps = _positive_int(num_refine_steps, "num_refine_steps", 0)
+        self.step_size = _nonnegative_float(step_size, "step_size", positive=True)
+        self.noise_std = _nonnegative_float(noise_std, "noise_std")
+        self._set_prior(prior)
+        if network is None:
+            network = MLP(dim, 1, hidden_dim=hidden_dim, num_layers=num_layers)
+        self.network = network
+        self._config.update(loss=loss, divergence=divergence, num_flow_steps=num_flow_steps,
+                            num_refine_steps=num_refine_steps, step_size=step_size, noise_std=noise_std)
+        if isinstance(network, MLP):
+            self._config.update(hidden_dim=hidden_dim, num_layers=num_layers)
+        self.iteration = 0  # optimiser steps taken so far (over all fit calls)
+        self._resume: dict | None = None  # optimiser / EMA / RNG state of an interrupted fit
+
+    # prior -----------------------------------------------------------------------------------
+    def _set_prior(self, prior):
+        # the data-dependent prior lives in buffers (standardised units) so it travels with state_dict
+        self.register_buffer("prior_loc", torch.zeros(self.dim))
+        self.register_buffer("prior_scale_tril", torch.eye(self.dim))
+        if isinstance(prior, str):
+            if prior != "data":
+                raise ValueError(f"prior must be 'data', a Distribution or a sampler, got {prior!r}")
+            self.user_prior = None
+        elif isinstance(prior, torch.distributions.Distribution):
+            if tuple(prior.event_shape) != (self.dim,) or tuple(prior.batch_shape) != ():
+                raise ValueError(f"prior must have event_shape ({self.dim},) and batch_shape (), got "
+                                 f"{tuple(prior.event_shape)} and {tuple(prior.batch_shape)}")
+            self.user_prior = prior
+        elif callable(prior):
+            self.user_prior = prior
+        else:
+            raise TypeError(f"prior must be 'data', a Distribution or a sampler n -> (n, d), got "
+                            f"{type(prior).__name__}")
+
+    def sample_prior(self, num_samples: int) -> torch.Tensor:
+        """``num_samples`` prior draws in *standardised* units, shape ``(num_samples, d)``."""
+        if self.user_prior is None:
+            eps = torch.randn(num_samples, self.dim, dtype=self.prior_loc.dtype, device=self.prior_loc.device)
+            return self.prior_loc + eps @ self.prior_scale_tril.T
+        if isinstance(self.user_prior, torch.distributions.Distribution):
+            x = self.user_prior.sample((num_samples,))
+        else:
+            x = self.user_prior(num_samples)
+        x = check_samples(x, "prior sample", self.dim)
+        if x.shape[0] != num_samples:
+            raise ValueError(f"the prior sampler returned {x.shape[0]} samples, {num_samples} requested")
+        return self.standardize(x.to(device=self.shift.device, dtype=self.shift.dtype))
+
+    # the ratio network -----------------------------------------------------------------------
+    def _log_r(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.network(z)
+        return out.clamp_min(_LOG_EPS).log() if self.loss == "lsif" else out
+
+    def _log_ratio(self, z, num_steps=None):
+        return self._log_r(z)
+
+    def _loss(self, x_num, x_den, progress):
+        """Bregman loss: ``x_num`` flowed samples (``q_tilde``), ``x_den`` data (``p``), both standardised."""
+        out_q, out_p = self.network(x_num), self.network(x_den)
+        if self.loss == "lsif":
+            return 0.5 * (out_p**2).mean() - out_q.mean()
+        if self.loss in ("lr", "bce"):
+            return F.softplus(out_p).mean() + F.softplus(-out_q).mean()
+        return out_p.exp().mean() - out_q.mean()  # "kl"
+
+    def potential(self, z: torch.Tensor, classifier=None, label=None, guidance_scale: float = 1.0):
+        """``f'(r_theta(z))`` on standardised ``z`` ``(N, d) -> (N,)``; with a classifier, the composed
+        class-conditional ratio ``r(x | y) = r(x) / (C p(y | x))`` (the log term scaled by
+        ``guidance_scale``)."""
+        if self.divergence == "chi2" and self.loss == "lsif" and classifier is None:
+            return 2 * (self.network(z) - 1)  # exact chi2 on the raw LSIF output (r may be <= 0)
+        log_r = self._log_r(z)
+        if classifier is not None:
+            x = z * self.scale + self.shift
+            logits = classifier(x)
+            if logits.dim() != 2 or logits.shape[0] != z.shape[0]:
+                raise ValueError(f"classifier must map (N, d) to (N, num_classes) logits, got "
+                                 f"{tuple(logits.shape)}")
+            if label is None or label.shape != (z.shape[0],):
+                raise ValueError(f"label must have shape ({z.shape[0]},) with a classifier")
+            if bool((label >= logits.shape[-1]).any()):
+                raise ValueError(f"label must be < num_classes = {logits.shape[-1]}")
+            log_p = logits.log_softmax(-1)
+            log_py = log_p.gather(-1, label[:, None]).squeeze(-1)
+            log_r = log_r - guidance_scale * (log_py + math.log(logits.shape[-1]))
+        return _f_prime(self.divergence, log_r)
+
+    # the flow ----------------------------------------------------------------------------------
+    def _check_flow_options(self, num_steps, step_size, noise_std):
+        num_steps = self.num_flow_steps + self.num_refine_steps if num_steps is None else num_steps
+        _positive_int(num_steps, "num_steps", 0)
+        step_size = self.step_size if step_size is None else _nonnegative_float(step_size, "step_size")
+        noise_std = self.noise_std if noise_std is None else _nonnegative_float(noise_std, "noise_std")
+        return num_steps, step_size, noise_std
+
+    def flow(self, z0: torch.Tensor, num_steps: int | None = None, *, step_size: float | None = None,
+             noise_std: float | None = None, classifier: Callable | None = None, label=None,
+             guidance_scale: float = 1.0, return_path: bool = False):
+        """Run the Euler-Maruyama flow ``z <- z - eta grad f'(r(z)) + nu xi`` from standardised ``z0``.
+
+        ``z0`` ``(N, d)`` -> ``(N, d)`` (or ``(num_steps + 1, N, d)`` with ``return_path``); no autograd
+        graph is kept (the estimator is stale). ``num_steps`` defaults to ``K + kappa``.
+        """
+        num_steps, eta, nu = self._check_flow_options(num_steps, step_size, noise_std)
+        z = check_samples(z0, "z0", self.dim).detach()
+        path = [z] if return_path else None
+        for _ in range(num_steps):
+            with torch.enable_grad():
+                zk = z.requires_grad_(True)
+                grad = torch.autograd.grad(self.potential(zk, classifier, label, guidance_scale).sum(), zk)[0]
+            z = euler_maruyama_step(z.detach(), 1.0, -eta, nu, grad, torch.randn_like(grad))
+            if return_path:
+                path.append(z)
+        return torch.stack(path) if return_path else z
+
+    # training ------------------------------------------------------------------------------------
+    def fit(self, data, *, num_iterations: int = 2000, batch_size: int = 256, lr: float = 1e-3,
+            weight_decay: float = 0.0, ema_decay: float | None = 0.998, lr_min_fraction: float = 0.0,
+            checkpoint_path=None, checkpoint_every: int | None = None, resume: bool = False,
+            progress_bar: bool = True) -> FlowGuidedGenerator:
+        """Train (Alg. 1): per iteration, flow a prior batch ``K`` steps with the current (detached)
+        estimator, then one Adam step on the Bregman loss (flowed batch vs a data batch).
+
+        :param data: ``(N, d)`` training samples (floating, finite, ``N >= 8``).
+        :param int num_iterations: optimiser steps of this call (cosine decay of ``lr`` to
+            ``lr_min_fraction * lr``).
+        :param int batch_size: flowed samples and data samples per step.
+        :param float ema_decay: EMA of the weights (the paper's 0.998), used after training; None: off.
+        :param checkpoint_path: file written every ``checkpoint_every`` iterations and at the end (model,
+            optimiser, EMA and RNG state: :meth:`load` then ``fit(data, resume=True)`` continues exactly);
+            a ``"{iteration}"`` field in the name keeps one file per checkpoint (``"run_{iteration}.pt"``).
+        :param bool resume: continue the interrupted run stored in a loaded checkpoint (same options).
+        :param bool progress_bar: show a tqdm bar with the loss.
+        :returns: ``self``.
+        """
+        _positive_int(num_iterations, "num_iterations")
+        _positive_int(batch_size, "batch_size", 2)
+        _nonnegative_float(lr, "lr", positive=True)
+        if checkpoint_every is not None:
+            _positive_int(checkpoint_every, "checkpoint_every")
+            if checkpoint_path is None:
+                raise ValueError("checkpoint_every needs a checkpoint_path")
+        data = check_samples(data, "data", self.dim, MIN_SAMPLES)
+        state = self._resume if resume else None
+        if resume and state is None:
+            raise ValueError("resume=True needs a model loaded from a checkpoint of an unfinished fit")
+        if state is not None and state["num_iterations"] != num_iterations:
+            raise ValueError(f"resume with the checkpoint's num_iterations={state['num_iterations']}")
+        first = not self.is_fitted and state is None
+        self.to(device=data.device, dtype=data.dtype)
+        if first:
+            self.shift.copy_(data.mean(0))
+            self.scale.fill_(data.var(0).mean().sqrt().clamp_min(1e-12))
+            if self.user_prior is None:
+                ddp = fit_gaussian(self.standardize(data))
+                self.prior_loc.copy_(ddp.loc)
+                self.prior_scale_tril.copy_(ddp.scale_tril)
+        z_data = self.standardize(data)
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_iterations, eta_min=lr * lr_min_fraction)
+        ema = None if ema_decay is None else [p.detach().clone() for p in params]
+        start = 0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            with torch.no_grad():  # live weights; the module holds the EMA copy after load
+                torch._foreach_copy_(params, [t.to(params[0]) for t in state["params"]])
+            if ema is not None:
+                ema = [t.to(params[0]).clone() for t in state["ema"]]
+            start = state["step"]
+            _set_rng_state(state["rng"], data.device)
+        done = [] if state is None else list(state["losses"])  # losses of the interrupted part
+        losses = torch.empty(num_iterations - start, dtype=data.dtype, device=data.device)
+        self.train()
+        bar = tqdm(range(start, num_iterations), disable=not progress_bar, desc=type(self).__name__,
+                   initial=start, total=num_iterations)
+        for i in bar:
+            z_q = self.flow(self.sample_prior(batch_size), self.num_flow_steps)
+            z_p = z_data[torch.randint(z_data.shape[0], (batch_size,), device=z_data.device)]
+            loss = self._loss(z_q, z_p, i / num_iterations)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:  # EMA with warm-up: decay min(ema_decay, (1 + i) / (10 + i))
+                w = 1 - min(ema_decay, (1 + i) / (10 + i))
+                torch._foreach_lerp_(ema, [p.detach() for p in params], w)
+            losses[i - start] = loss.detach()
+            self.iteration += 1
+            if progress_bar and (i % 50 == 0 or i == num_iterations - 1):
+                bar.set_postfix(loss=f"{loss.item():.4g}")
+            if checkpoint_every is not None and (i + 1) % checkpoint_every == 0 and i + 1 < num_iterations:
+                self._resume = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                                    params=[p.detach().clone() for p in params],
+                                    ema=None if ema is None else [t.clone() for t in ema], step=i + 1,
+                                    num_iterations=num_iterations, rng=_get_rng_state(data.device),
+                                    losses=done + losses[:i + 1 - start].tolist())
+                self.save(_format_path(checkpoint_path, i + 1))
+        self._resume = None
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(params, ema)
+        self.eval()
+        self.fitted.fill_(True)
+        lost = losses.tolist()
+        self.losses.extend(done + lost)
+        if not all(math.isfinite(v) for v in lost[-10:]):
+            raise FloatingPointError("FDRL training diverged (non-finite loss); lower lr or step_size")
+        if checkpoint_path is not None:
+            self.save(_format_path(checkpoint_path, num_iterations))
+        return self
+
+    # sampling --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, num_steps: int | None = None, step_size: float | None = None,
+               noise_std: float | None = None, classifier: Callable | None = None, label=None,
+               guidance_scale: float = 1.0, batch_size: int = 4096, return_path: bool = False):
+        """Draw ``(num_samples, d)`` samples (Alg. 2): prior draws pushed ``K + kappa`` flow steps.
+
+        :param int num_steps: flow steps (default ``num_flow_steps + num_refine_steps``).
+        :param float step_size: ``eta`` (default: the training value). :param float noise_std: ``nu``.
+        :param classifier: ``x (N, d) -> (N, C)`` logits or log-probabilities (data units) for
+            class-conditional sampling by composition, ``r(x | y) = r(x) / (C p(y | x))`` (Eq. 12).
+        :param label: class index (int) or ``(num_samples,)`` long tensor; needed with ``classifier``.
+        :param float guidance_scale: weight of ``log p(y | x)`` in the composition (1: exact).
+        :param int batch_size: samples flowed at once (bounds memory).
+        :param bool return_path: return ``(num_steps + 1, num_samples, d)`` states instead.
+        """
+        if not self.is_fitted:
+            raise RuntimeError("FlowGuidedGenerator is not fitted; call fit first")
+        _positive_int(num_samples, "num_samples")
+        _positive_int(batch_size, "batch_size")
+        self._check_flow_options(num_steps, step_size, noise_std)
+        labels = self._check_label(classifier, label, num_samples)
+        out = []
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            lab = None if labels is None else labels[start:start + n]
+            z = self.flow(self.sample_prior(n), num_steps, step_size=step_size, noise_std=noise_std,
+                          classifier=classifier, label=lab, guidance_scale=guidance_scale,
+                          return_path=return_path)
+            out.append(z * self.scale + self.shift)
+        return torch.cat(out, dim=-2)
+
+    def _check_label(self, classifier, label, num_samples):
+        if classifier is None:
+            if label is not None:
+                raise ValueError("label needs a classifier")
+            return None
+        if not callable(classifier):
+            raise TypeError("classifier must be callable: x (N, d) -> (N, num_classes) logits")
+        if label is None:
+            raise ValueError("class-conditional sampling needs a label")
+        label = torch.as_tensor(label, device=self.shift.device)
+        if label.dtype in (torch.bool,) or label.is_floating_point() or label.is_complex():
+            raise TypeError(f"label must be an integer class index, got dtype {label.dtype}")
+        label = label.long().expand(num_samples) if label.dim() == 0 else label.long()
+        if label.shape != (num_samples,):
+            raise ValueError(f"label must be an int or have shape ({num_samples},), got {tuple(label.shape)}")
+        if bool((label < 0).any()):
+            raise ValueError("label must be non-negative")
+        return label
+
+    # persistence -----------------------------------------------------------------------------
+    def save(self, path) -> None:
+        """Save options, weights (EMA weights for use), data statistics, prior, losses and -- during
+        training -- the optimiser / EMA / RNG state needed to resume."""
+        torch.save({"class": type(self).__name__, "config": self._config, "state": self.state_dict(),
+                    "losses": self.losses, "user_prior": self.user_prior, "iteration": self.iteration,
+                    "resume": self._resume, "network": None if isinstance(self.network, MLP) else
+                    self.network}, path)
+
+    @classmethod
+    def load(cls, path, map_location=None) -> FlowGuidedGenerator:
+        """Rebuild a generator written by :meth:`save` (or by a checkpoint of :meth:`fit`)."""
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+        if blob.get("class") != cls.__name__:
+            raise ValueError(f"{path} holds a {blob.get('class')}, not a {cls.__name__}")
+        prior = "data" if blob["user_prior"] is None else blob["user_prior"]
+        gen = cls(**blob["config"], prior=prior, network=blob["network"])
+        state = blob["state"]
+        gen.to(dtype=state["shift"].dtype, device=state["shift"].device)
+        gen.load_state_dict(state)
+        gen.losses, gen.iteration, gen._resume = list(blob["losses"]), blob["iteration"], blob["resume"]
+        if gen._resume is not None:  # a mid-training checkpoint: sample with the EMA weights
+            if gen._resume["ema"] is not None:
+                with torch.no_grad():
+                    params = [p for p in gen.network.parameters() if p.requires_grad]
+                    torch._foreach_copy_(params, [t.to(params[0]) for t in gen._resume["ema"]])
+            gen.fitted.fill_(True)
+        gen.eval()
+        return gen
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, loss={self.loss!r}, divergence={self.divergence!r}, "
+                f"K={self.num_flow_steps}, eta={self.step_size}, nu={self.noise_std}, "
+                f"fitted={self.is_fitted}")
