@@ -1,24 +1,27 @@
 """Bridge importance sampling benchmark: ESS, log-likelihood RMSE vs exact, timings, MAP recovery.
 
 Writes the section "bridges" of docs/benchmarks.md. Run: ``OMP_NUM_THREADS=1 python benchmarks/bridges.py``
-(``--quick`` for fewer repeats / training iterations).
+(``--quick`` for fewer repeats / training iterations; ``--parts timing,recovery`` re-runs only those parts
+and keeps the other tables of the current section).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import machine, markdown_table, write_section  # noqa: E402
+from _report import DOC, machine, markdown_table, write_section  # noqa: E402
 
-from pyro_sde.infer.bridge import LearnedBridge, bridge_log_weights  # noqa: E402
+from pyro_sde.infer.bridge import LearnedBridge, ScoreNetwork, bridge_log_weights  # noqa: E402
 from pyro_sde.sde.distributions import DiscretelyObservedSDE  # noqa: E402
 from pyro_sde.sde.models import CIR, GeometricBrownianMotion, LandmarkBrownian, OrnsteinUhlenbeck  # noqa: E402
 
@@ -106,10 +109,11 @@ def accuracy(R, N, M, quick):
 
 
 def timing(repeats=30):
-    """ms per log_prob and per forward+backward: one 1-D interval (64 x 20) and 200 intervals."""
+    """ms per log_prob and per forward+backward of the whole series: one 1-D interval (64 x 20) and a
+    series of 200 intervals (all intervals in one batched call)."""
     rows = []
     for n_int in (1, 200):
-        for prop in ("euler", "mdb", "guided", "learned"):
+        for prop in ("exact", "euler", "forward", "mdb", "guided", "learned"):
             theta, sigma = t64(2.0).requires_grad_(), t64(1.0).requires_grad_()
             times = torch.arange(n_int + 1, dtype=D64)
             x = torch.randn(n_int + 1, 1, dtype=D64)
@@ -127,28 +131,109 @@ def timing(repeats=30):
                     lp.backward()
 
             res = []
+            reps = max(3, repeats // 10) if prop == "learned" and n_int > 1 else repeats
             for backward in (False, True):
                 ctx = torch.enable_grad() if backward else torch.no_grad()
                 with ctx:
                     run(backward)
                     t = time.perf_counter()
-                    for _ in range(repeats):
+                    for _ in range(reps):
                         run(backward)
-                res.append(1e3 * (time.perf_counter() - t) / repeats)
+                res.append(1e3 * (time.perf_counter() - t) / reps)
             rows.append([n_int, prop, res[0], res[1]])
             print(rows[-1], flush=True)
     return rows
 
 
-def recovery(steps):
-    """MAP of (theta, sigma) on 200 OU intervals (theta=0.5, sigma=1, Delta=1) vs the exact MLE, in SE."""
+def _map_model(times, x, proposal, N, M):
     import pyro
     import pyro.distributions as dist
+    from torch.distributions import constraints
+
+    flat = dist.ImproperUniform(constraints.positive, (), ())
+
+    def model():
+        th, sg = pyro.sample("theta", flat), pyro.sample("sigma", flat)
+        obs = DiscretelyObservedSDE(
+            OrnsteinUhlenbeck(theta=th, mean=0.0, sigma=sg),
+            times,
+            proposal=proposal,
+            num_particles=N,
+            num_substeps=M,
+            seed=0,
+        )
+        pyro.sample("obs", obs, obs=x)
+
+    return model
+
+
+def svi_map(times, x, proposal, N, M, steps):
+    """SVI (AutoDelta, ClippedAdam) from theta = sigma = 1."""
+    import pyro
     from pyro.infer import SVI, Trace_ELBO
     from pyro.infer.autoguide import AutoDelta
     from pyro.optim import ClippedAdam
-    from torch.distributions import constraints
 
+    model = _map_model(times, x, proposal, N, M)
+    pyro.clear_param_store()
+    guide = AutoDelta(model, init_loc_fn=lambda site: t64(1.0))
+    svi = SVI(model, guide, ClippedAdam({"lr": 0.05, "lrd": 0.99}), Trace_ELBO())
+    for _ in range(steps):
+        svi.step()
+    med = guide.median()
+    return torch.stack([med["theta"], med["sigma"]]).detach()
+
+
+def lbfgs_map(times, x, proposal, N, M, init):
+    """AutoDelta + ``Trace_ELBO().differentiable_loss`` minimised by L-BFGS (deterministic with CRN)."""
+    import pyro
+    from pyro.infer import Trace_ELBO
+    from pyro.infer.autoguide import AutoDelta
+
+    model = _map_model(times, x, proposal, N, M)
+    pyro.clear_param_store()
+    guide = AutoDelta(model, init_loc_fn=lambda site: init[site["name"]])
+    loss_fn = Trace_ELBO().differentiable_loss
+    with pyro.poutine.trace(param_only=True) as tr:
+        loss_fn(model, guide)
+    params = [site["value"].unconstrained() for site in tr.trace.nodes.values()]
+    opt = torch.optim.LBFGS(params, max_iter=50, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model, guide)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "SDE parameters moved far", UserWarning)
+        opt.step(closure)
+    med = {k: v.detach() for k, v in guide.median().items()}
+    return torch.stack([med["theta"], med["sigma"]]), med
+
+
+def learned_map(times, x, rounds=((16, 500), (64, 500), (64, 500))):
+    """Learned bridge: fit at the current estimate, L-BFGS MAP, refit at the new estimate, until the
+    estimate moves < 2 % (at most ``len(rounds)`` rounds of ``(num_particles, fit iterations)``)."""
+    import pyro
+
+    pyro.set_rng_seed(0)
+    bridge = LearnedBridge(1, ScoreNetwork(1, hidden_dim=32), auto_refit=False)
+    point = {"theta": t64(1.0), "sigma": t64(1.0)}
+    est = torch.stack([point["theta"], point["sigma"]])
+    for k, (N, iters) in enumerate(rounds):
+        sde = OrnsteinUhlenbeck(theta=point["theta"], mean=0.0, sigma=point["sigma"])
+        bridge.fit(sde, x[:-1], 1.0, num_iterations=iters, progress_bar=False)
+        new, point = lbfgs_map(times, x, bridge, N, 50, point)
+        moved = ((new - est).abs() / est).max()
+        est = new
+        if k > 0 and moved < 0.02:
+            break
+    return est, k + 1
+
+
+def recovery(steps):
+    """MAP of (theta, sigma) on 200 OU intervals (theta=0.5, sigma=1, Delta=1) vs the exact MLE, in SE."""
     gen = torch.Generator().manual_seed(1)
     n = 200
     a, s = math.exp(-0.5), math.sqrt(1 - math.exp(-1.0))
@@ -179,52 +264,58 @@ def recovery(steps):
         .diagonal()
         .sqrt()
     )
-    flat = dist.ImproperUniform(constraints.positive, (), ())
-    rows = [["exact MLE", "-", mle[0].item(), mle[1].item(), 0.0, 0.0, "-"]]
-    for prop, N, M in (("euler", 1, 1), ("mdb", 64, 20), ("guided", 64, 20), ("guided", 16, 50)):
+    rows = [["exact MLE", "-", "-", mle[0].item(), mle[1].item(), 0.0, 0.0, "-"]]
 
-        def model(prop=prop, N=N, M=M):
-            th, sg = pyro.sample("theta", flat), pyro.sample("sigma", flat)
-            obs = DiscretelyObservedSDE(
-                OrnsteinUhlenbeck(theta=th, mean=0.0, sigma=sg),
-                times,
-                proposal=prop,
-                num_particles=N,
-                num_substeps=M,
-                seed=0,
-            )
-            pyro.sample("obs", obs, obs=x)
-
-        pyro.clear_param_store()
-        guide = AutoDelta(model, init_loc_fn=lambda site: t64(1.0))
-        svi = SVI(model, guide, ClippedAdam({"lr": 0.05, "lrd": 0.99}), Trace_ELBO())
-        t = time.perf_counter()
-        for _ in range(steps):
-            svi.step()
-        sec = time.perf_counter() - t
-        med = guide.median()
-        est = torch.stack([med["theta"], med["sigma"]]).detach()
+    def row(name, NM, how, est, sec):
         z = ((est - mle) / se).tolist()
-        rows.append([prop, f"{N}x{M}", est[0].item(), est[1].item(), z[0], z[1], f"{sec:.1f}"])
+        rows.append([name, NM, how, est[0].item(), est[1].item(), z[0], z[1], f"{sec:.1f}"])
         print(rows[-1], flush=True)
+
+    for prop, N, M in (("euler", 1, 1), ("mdb", 64, 20), ("guided", 64, 20), ("guided", 16, 50)):
+        t = time.perf_counter()
+        est = svi_map(times, x, prop, N, M, steps)
+        row(prop, f"{N}x{M}", f"SVI Adam, {steps} steps", est, time.perf_counter() - t)
+    t = time.perf_counter()
+    est, _ = lbfgs_map(times, x, "guided", 16, 50, {"theta": t64(1.0), "sigma": t64(1.0)})
+    row("guided", "16x50", "L-BFGS", est, time.perf_counter() - t)
+    t = time.perf_counter()
+    est, k = learned_map(times, x)
+    row("learned", "16x50, then 64x50", f"L-BFGS, {k} fit rounds", est, time.perf_counter() - t)
     return rows, se
+
+
+PARTS = ("accuracy", "timing", "recovery")
+
+
+def _previous_tables() -> dict:
+    """The current section's subsections (heading line -> text), to keep the parts not re-run."""
+    text = DOC.read_text() if DOC.exists() else ""
+    m = re.search(r"<!-- bridges:start -->(.*?)<!-- bridges:end -->", text, re.S)
+    out = {}
+    if m:
+        for block in re.split(r"\n(?=### )", m.group(1)):
+            if block.startswith("### "):
+                out[block.split(None, 2)[1].rstrip(":")] = block.strip()
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if not set(parts) <= set(PARTS):
+        parser.error(f"--parts must be a subset of {PARTS}, got {parts}")
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     R, N, M = (5, 256, 50) if args.quick else (20, 1024, 50)
-    acc = accuracy(R, N, M, args.quick)
-    tim = timing()
-    rec, se = recovery(100 if args.quick else 300)
-    body = f"""## bridges
-
-Bridge importance sampling of transition densities (`pyro_sde.infer.bridge`, `DiscretelyObservedSDE`).
-Regenerate: `OMP_NUM_THREADS=1 python benchmarks/bridges.py`. Machine: {machine()}, float64.
-
-### Accuracy: N={N} particles, M={M} substeps, R={R} repeats, u -> v over T=1
+    previous = _previous_tables()
+    sections = {}
+    if "accuracy" in parts:
+        acc = accuracy(R, N, M, args.quick)
+        head = f"### Accuracy: N={N} particles, M={M} substeps, R={R} repeats, u -> v over T=1"
+        sections["Accuracy"] = f"""{head}
 
 OU: theta=2, sigma=1, u=v=1; GBM mu=0.1, sigma=0.4, 1 -> 1.1; CIR kappa=theta=1, sigma=0.5, 1 -> 1.2;
 landmarks: 20 landmarks x 2 (d=40), fixed Gaussian kernel (alpha=1, gamma=0.02), sigma=0.2, exact Gaussian.
@@ -232,20 +323,43 @@ RMSE and bias of log p-hat against the exact (continuous-time) log-density; they
 bias that every Euler-ratio estimator shares (the estimators are unbiased for the M-step Euler density).
 `fit s`: training time of the learned bridge.
 
-{markdown_table(["problem", "proposal", "ESS %", "RMSE", "bias", "fit s"], acc)}
+{markdown_table(["problem", "proposal", "ESS %", "RMSE", "bias", "fit s"], acc)}"""
+    if "timing" in parts:
+        tim = timing()
+        sections["Time"] = f"""### Time per evaluation (1-D OU, 64 particles x 20 substeps)
 
-### Time per evaluation (1-D OU, 64 particles x 20 substeps)
+`intervals = 200`: one `log_prob` of the whole series of 200 intervals (all intervals in one batched
+call), and one forward+backward of it in (theta, sigma); `exact` is the closed-form OU density.
 
 {markdown_table(["intervals", "proposal", "log_prob ms", "forward+backward ms"], tim)}
 
-Goals: <= 20 ms per log_prob and <= 15 ms forward+backward for one interval.
+Goals: <= 20 ms per log_prob and <= 15 ms forward+backward for one interval."""
+    if "recovery" in parts:
+        rec, se = recovery(100 if args.quick else 300)
+        head = "### MAP recovery (AutoDelta, flat priors, common random numbers), OU theta=0.5, sigma=1"
+        cols = ["estimator", "N x M", "optimiser", "theta", "sigma", "dtheta / SE", "dsigma / SE", "s"]
+        sections["MAP"] = f"""{head}, 200 intervals
 
-### MAP recovery (SVI, AutoDelta, flat priors, common random numbers), OU theta=0.5, sigma=1, 200 intervals
+Distance to the exact-likelihood MLE in its standard errors (SE = {se[0].item():.3f},
+{se[1].item():.3f}); goal: within 0.2 SE.
+SVI: `pyro.infer.SVI` with ClippedAdam (lr 0.05, decay 0.99) from theta = sigma = 1.
+L-BFGS: the same AutoDelta guide and `Trace_ELBO().differentiable_loss`, minimised by `torch.optim.LBFGS`
+(the common-random-number objective is deterministic). Learned bridge (hidden width 32): fit at the current
+estimate (500 iterations), L-BFGS MAP, refit at the new estimate, until it moves < 2 %.
 
-Distance to the exact-likelihood MLE in its standard errors (SE = {se[0].item():.3f}, {se[1].item():.3f}).
+{markdown_table(cols, rec)}"""
+    blocks = []
+    for key in ("Accuracy", "Time", "MAP"):
+        block = sections.get(key, previous.get(key))
+        if block:
+            blocks.append(block)
+    body = f"""## bridges
 
-{markdown_table(["estimator", "N x M", "theta", "sigma", "dtheta / SE", "dsigma / SE", "SVI s"], rec)}
-"""
+Bridge importance sampling of transition densities (`pyro_sde.infer.bridge`, `DiscretelyObservedSDE`).
+Regenerate: `OMP_NUM_THREADS=1 python benchmarks/bridges.py` (`--parts timing,recovery` re-runs only
+those). Machine of the last run ({", ".join(parts)}): {machine()}, float64.
+
+""" + "\n\n".join(blocks)
     write_section("bridges", body)
     print(body)
 

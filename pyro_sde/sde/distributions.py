@@ -16,7 +16,7 @@ import torch
 from pyro.distributions import Delta, TorchDistribution
 from torch.distributions import constraints
 
-from ..diagnostics import effective_sample_size, psis
+from ..diagnostics import psis
 from .integrate import euler_maruyama_step
 from .models import SDE
 
@@ -216,7 +216,9 @@ class DiscretelyObservedSDE(_PathBase):
     :param initial: optional distribution (or fixed state) of ``x(t_0)``; without it ``x(t_0)`` is
         conditioned on (contributes 0) and :meth:`sample` is unavailable.
     :param seed: if given, the proposal noise is drawn from a generator with this seed at every call
-        (common random numbers: a smooth, deterministic objective for MAP / L-BFGS).
+        (common random numbers: a smooth, deterministic objective for MAP / L-BFGS). The noise is shared
+        across the parameters' batch dims (member ``i`` of a batched ``log_prob`` equals the unbatched
+        one at parameter ``i``, as Pyro's vectorised particles and our samplers need).
     After each ``log_prob``, :meth:`diagnostics` gives the ESS and Pareto k of every interval.
     """
 
@@ -251,28 +253,37 @@ class DiscretelyObservedSDE(_PathBase):
         self.last_log_weights = None
         self._setup(sde, times, initial, validate_args)
 
-    def _noise(self, shape, like):
-        if self.seed is None:
+    def _noise(self, value_batch, u, N, M):
+        """Common random numbers ``(M-1, N, T-1, *value_batch padded with 1s, d)`` or ``None``.
+
+        The noise depends on the observations' own batch shape only, never on the parameters': a
+        batch of parameter values (e.g. Pyro's vectorised particle plate) shares the same proposal
+        noise, so member ``i`` of a batched ``log_prob`` equals the unbatched ``log_prob`` at
+        parameter ``i`` (a deterministic function of the parameters)."""
+        if self.seed is None or M < 2:
             return None
-        gen = torch.Generator(device=like.device)
+        pad = (1,) * (u.dim() - 2 - len(value_batch))
+        shape = (M - 1, N, u.shape[0]) + pad + tuple(value_batch) + (u.shape[-1],)
+        gen = torch.Generator(device=u.device)
         gen.manual_seed(self.seed)
-        return torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device)
+        return torch.randn(shape, generator=gen, dtype=u.dtype, device=u.device)
 
     def interval_log_weights(self, value) -> torch.Tensor:
         """Log weights ``(N, T-1, *batch)`` of every interval (no reduction)."""
         from ..infer.bridge.proposals import bridge_log_weights
 
+        value_batch = torch.as_tensor(value).shape[:-2]
         value = self._check_value(value)
         u, v, t0, dt = _intervals(self.times, value)
         N, M = self.num_particles, self.num_substeps
         if isinstance(self.proposal, str):
             if self.proposal == "euler":
                 N, M = 1, 1
-            noise = self._noise((M - 1, N) + u.shape, u) if M > 1 else None
+            noise = self._noise(value_batch, u, N, M)
             return bridge_log_weights(
                 self.sde, t0, dt, u, v, proposal=self.proposal, num_particles=N, num_substeps=M, noise=noise
             )
-        noise = self._noise((M - 1, N) + u.shape, u) if M > 1 else None
+        noise = self._noise(value_batch, u, N, M)
         return self.proposal.log_weights(self.sde, t0, dt, u, v, num_particles=N, num_substeps=M, noise=noise)
 
     def log_prob(self, value):
@@ -286,18 +297,20 @@ class DiscretelyObservedSDE(_PathBase):
         return self._initial_log_prob(self._check_value(value)) + ll.sum(0)
 
     def diagnostics(self) -> dict:
-        """ESS (normalised, in (0, 1]) and PSIS Pareto k of the bridge weights of every interval of the
-        last ``log_prob`` call: ``{"ess": (T-1, *batch), "pareto_k": (T-1, *batch)}``."""
+        """ESS (normalised, ``(sum w)^2 / (N sum w^2)`` in (0, 1]) and PSIS Pareto k of the bridge weights
+        of every interval of the last ``log_prob`` call: ``{"ess": (T-1, *batch), "pareto_k": (T-1, *batch)}``
+        (``k`` is NaN with one particle; ESS < 0.5 or ``k > 0.7`` flags a failing proposal)."""
         if self.last_log_weights is None:
             raise RuntimeError("call log_prob first")
         lw = self.last_log_weights
-        flat = lw.reshape(lw.shape[0], -1)
-        ess = torch.stack([effective_sample_size(flat[:, j]) for j in range(flat.shape[1])])
-        if lw.shape[0] >= 2:
-            k = torch.stack([psis(flat[:, j])[1] for j in range(flat.shape[1])])
+        n = lw.shape[0]
+        ess = (2 * lw.logsumexp(0) - (2 * lw).logsumexp(0) - math.log(n)).exp()  # all intervals at once
+        flat = lw.reshape(n, -1)
+        if n >= 2:  # PSIS fits one generalised Pareto tail per interval
+            k = torch.stack([psis(flat[:, j])[1] for j in range(flat.shape[1])]).reshape(lw.shape[1:])
         else:
             k = torch.full_like(ess, math.nan)
-        return {"ess": ess.reshape(lw.shape[1:]), "pareto_k": k.reshape(lw.shape[1:])}
+        return {"ess": ess, "pareto_k": k}
 
     @torch.no_grad()
     def sample(self, sample_shape=()):

@@ -55,6 +55,16 @@ def guided_moments(sde: SDE, t1, dt, v, num_substeps: int):
     return nu, torch.linalg.cholesky(P), False
 
 
+def check_noise(noise: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """Check that ``noise`` has ``len(shape)`` dims and broadcasts to ``shape`` (``(M - 1, N, *B, d)``):
+    dims of size 1 share their noise (common random numbers across a parameter batch)."""
+    shape = tuple(shape)
+    ok = noise.dim() == len(shape) and all(a in (1, b) for a, b in zip(noise.shape, shape))
+    if not ok or noise.shape[0] != shape[0] or noise.shape[-1] != shape[-1]:
+        raise ValueError(f"noise must have shape {shape} (or broadcast to it), got {tuple(noise.shape)}")
+    return noise
+
+
 def _check(num_particles, num_substeps):
     for name, val in (("num_particles", num_particles), ("num_substeps", num_substeps)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
@@ -81,7 +91,8 @@ def bridge_log_weights(
     :param dt: interval lengths, same shape as ``t0``. :param u: ``(*B, d)`` starts. :param v: ``(*B, d)``.
     :param str proposal: ``"euler"``, ``"forward"``, ``"mdb"`` or ``"guided"``.
     :param int num_particles: ``N`` (1 for ``"euler"``). :param int num_substeps: ``M`` (1 for ``"euler"``).
-    :param noise: optional standard normals ``(M - 1, N, *B, d)`` (common random numbers).
+    :param noise: optional standard normals ``(M - 1, N, *B, d)`` (common random numbers); size-1
+        dims broadcast (the same noise for those batch members).
     :param generator: optional ``torch.Generator`` for the noise.
     :returns: ``(N, *B)`` log weights, differentiable in the SDE parameters (and ``u``, ``v``).
     """
@@ -107,8 +118,8 @@ def bridge_log_weights(
     if M > 1:
         if noise is None:
             noise = torch.randn((M - 1,) + x.shape, dtype=u.dtype, device=u.device, generator=generator)
-        elif noise.shape != (M - 1,) + x.shape:
-            raise ValueError(f"noise must have shape {(M - 1,) + tuple(x.shape)}, got {tuple(noise.shape)}")
+        else:
+            check_noise(noise, (M - 1,) + x.shape)
         if proposal == "guided":
             nu, P, diag = guided_moments(sde, t0 + dt, dt, v, M)
     if M > 1 and proposal != "forward":
