@@ -60,6 +60,14 @@ class InterpolationPath:
         (a, b), (da, db) = time_derivative(self.coefficients, t)
         return a, b, da, db
 
+    def alpha_squared(self, t: torch.Tensor) -> torch.Tensor:
+        """``alpha_t^2`` (override with a form that stays smooth where ``alpha_t = 0``)."""
+        return self.coefficients(t)[0] ** 2
+
+    def alpha_alpha_dot(self, t: torch.Tensor) -> torch.Tensor:
+        """``alpha_t alpha_t' = (1/2) d/dt alpha_t^2`` (finite at ``t = 1`` for the paths here)."""
+        return 0.5 * time_derivative(self.alpha_squared, t)[1]
+
     def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``x_t = alpha_t x_0 + beta_t x_1``; ``x0, x1`` ``(..., d)``, ``t`` ``(...)``."""
         a, b = self.coefficients(t)
@@ -90,6 +98,9 @@ class DREInfinityPath(InterpolationPath):
 
     def coefficients(self, t):
         return (1 - t * t).clamp_min(0).sqrt(), t
+
+    def alpha_squared(self, t):
+        return 1 - t * t
 
 
 class LinearPath(InterpolationPath):
@@ -139,6 +150,10 @@ class CosinePath(InterpolationPath):
         abar = abar.clamp(0, 1)
         return abar.sqrt(), (1 - abar).sqrt()
 
+    def alpha_squared(self, t):
+        s = self.s
+        return torch.cos((t + s) / (1 + s) * 0.5 * math.pi) / math.cos(s / (1 + s) * 0.5 * math.pi)
+
 
 _PATHS = {
     "dre_infinity": DREInfinityPath,
@@ -186,8 +201,8 @@ class GaussianPath:
     def log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``log p_t(x)``; ``x`` ``(N, d)``, ``t`` broadcastable to ``(N,)``."""
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[:-1])
-        a, b = self.path.coefficients(t)
-        var = a[..., None] ** 2 + b[..., None] ** 2 * self.eigenvalues  # (N, d)
+        b = self.path.coefficients(t)[1]
+        var = self.path.alpha_squared(t)[..., None] + b[..., None] ** 2 * self.eigenvalues  # (N, d)
         z = (x - b[..., None] * self.mean) @ self.eigenvectors
         return -0.5 * (z * z / var + var.log() + math.log(2 * math.pi)).sum(-1)
 

@@ -2,11 +2,22 @@
 
 Secant ``u(x, l, t) = (1 / (t - l)) int_l^t s(x, tau) dtau`` (``u(x, t, t) = s(x, t)``, the tangent).
 Secant Alignment Identity (SAI): ``d/dt [(t - l) u(x, l, t)] = s(x, t)``, i.e.
-``s(x, t) = u(x, l, t) + (t - l) d/dt u(x, l, t)`` with ``d/dt`` at fixed ``x``. Training regresses
-``u_theta(x_t, l, t)`` on the stop-gradient target ``s_hat(x_t, t) - (t - l) d/dt u_theta(x_t, l, t)``
-(``s_hat``: the conditional time score, one forward-mode JVP for ``d/dt u``); its fixed point satisfies
-the SAI. Contraction Interval Annealing (CIA) caps ``t - l`` by ``Delta(k)``, growing linearly from
-``min_width`` to the whole interval over the first ``anneal_fraction`` of training.
+``s(x, t) = u(x, l, t) + (t - l) d/dt u(x, l, t)`` with ``d/dt`` at fixed ``x``.
+
+So ``F(x, l, t) = (t - l) u_theta(x, l, t)`` vanishes at ``t = l`` by construction and its ``t``-derivative
+``u + (t - l) du/dt`` is a tangent model for every start ``l``: training that tangent to the true time
+score on ``[l, b]`` makes ``F(x, l, t) = int_l^t s`` for all ``t`` in ``[l, b]``, i.e. ``u`` the secant.
+The tangent is trained with the target-free objectives of :mod:`pyro_sde.ratio.tangent`:
+
+* ``"stein"`` (per-axis networks, default for ``"quadratic"``): per-axis conditional time-score
+  matching with the target integrated out by Stein's lemma, applied to ``d/dt F``;
+* ``"tsm"``: time-score matching by parts on ``[l, b]`` (needs ``d^2/dt^2 F``: second-order jets);
+* ``"ctsm"``: the paper's self-consistency regression of ``u_theta(x_t, l, t)`` on the stop-gradient
+  target ``s_hat(x_t, t) - (t - l) d/dt u_theta`` with the conditional time score ``s_hat``
+  (:func:`sai_target`); noisy near ``t = 1`` like the tangent's ``"ctsm"`` (kept for comparison).
+
+Contraction Interval Annealing (CIA) caps the interval width ``b - l`` by ``Delta(k)``, growing linearly
+from ``min_width`` to the whole time range over the first ``anneal_fraction`` of training.
 Any-step log ratio: ``log r(x) = sum_i (t_i - t_{i-1}) u(x, t_{i-1}, t_i)``; one step is ``u(x, 0, 1)``.
 """
 
@@ -14,8 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from .base import time_jets
 from .paths import time_derivative
-from .tangent import _stratified_times, _TimeScoreEstimator
+from .tangent import _TimeScoreEstimator
 
 __all__ = ["SecantRatioEstimator", "sai_target"]
 
@@ -44,31 +56,32 @@ class SecantRatioEstimator(_TimeScoreEstimator):
     :param int dim: data dimension.
     :param path: interpolation path (name or instance; ``"dre_infinity"``).
     :param network: ``"mlp"``, ``"quadratic"`` or a module ``(x, times (N, 2) = [l, t], side) -> (N,)``.
-    :param float eps: time domain ``[0, 1 - eps]`` (1e-3).
-    :param float aligned_fraction: share of the batch with ``l = t`` (pure tangent regression; 0.25).
-    :param float grid_fraction: share drawn from the query intervals ``[i/K, (i+1)/K]`` of
-        ``grid_steps`` (0.25).
+    :param str objective: ``"stein"`` (default for per-axis networks such as ``"quadratic"``), ``"tsm"``
+        (default otherwise) or ``"ctsm"`` (the paper's SAI regression); see the module docstring.
+    :param float eps: time domain ``[0, 1 - eps]`` (default 0; 1e-3 for ``"ctsm"``).
+    :param float aligned_fraction: share of time groups with ``l = t`` (the tangent itself; 0.1; not
+        used by ``"tsm"``, where a zero-width interval carries no loss).
+    :param float grid_fraction: share of groups on the query intervals ``[i/K, (i+1)/K]`` of
+        ``grid_steps`` (0.5).
     :param tuple grid_steps: step counts whose intervals are emphasised ((1, 2, 4)).
-    :param float anneal_fraction: CIA: the width cap reaches the whole interval after this share of
-        training (0.5); ``0`` disables annealing.
+    :param float anneal_fraction: CIA: the width cap reaches the whole range after this share of
+        training (0: no annealing, the default for the target-free objectives, 0.5 for ``"ctsm"``).
     :param float min_width: initial CIA cap (0.05).
     :param str time_grid: ``"uniform"`` or ``"sigmoid"`` (OpenDRE's ``sigmoid(1.5 logit(i/K) + 0.2)``).
     :param int default_num_steps: NFE when ``log_ratio`` gets none (2).
-    :param str anchor: ``"right"`` (default, the paper's form): draw ``x`` at ``t``, target
-        ``s(x, t) - (t - l) d/dt u``; ``"left"``: draw at ``l``, target ``s(x, l) + (t - l) d/dl u``. Both
-        are the SAI; on the Gaussian tests the left anchor was less accurate (``x`` drawn further
-        from ``p_1``).
+    :param int time_groups: distinct ``(l, t)`` pairs per batch and side (64).
     :param dict network_options: keyword arguments of the network class.
     """
 
     num_times = 2
 
-    def __init__(self, dim: int, *, path="dre_infinity", network="mlp", eps: float = 1e-3,
-                 aligned_fraction: float = 0.25, grid_fraction: float = 0.25, grid_steps=(1, 2, 4),
-                 anneal_fraction: float = 0.5, min_width: float = 0.05, time_grid: str = "uniform",
-                 default_num_steps: int = 2, anchor: str = "right", network_options: dict | None = None):
-        if anchor not in ("left", "right"):
-            raise ValueError(f"anchor must be 'left' or 'right', got {anchor!r}")
+    def __init__(self, dim: int, *, path="dre_infinity", network="mlp", objective: str | None = None,
+                 eps: float | None = None, aligned_fraction: float = 0.1, grid_fraction: float = 0.5,
+                 grid_steps=(1, 2, 4), anneal_fraction: float | None = None, min_width: float = 0.05,
+                 time_grid: str = "uniform", default_num_steps: int = 2, time_groups: int = 64,
+                 network_options: dict | None = None):
+        if anneal_fraction is None:
+            anneal_fraction = 0.5 if objective == "ctsm" else 0.0
         for name, v in (("aligned_fraction", aligned_fraction), ("grid_fraction", grid_fraction),
                         ("anneal_fraction", anneal_fraction), ("min_width", min_width)):
             if not 0 <= v <= 1:
@@ -80,36 +93,39 @@ class SecantRatioEstimator(_TimeScoreEstimator):
         grid_steps = tuple(int(k) for k in grid_steps)
         if not grid_steps or min(grid_steps) < 1:
             raise ValueError("grid_steps must be positive ints")
-        super().__init__(dim, path=path, network=network, eps=eps, network_options=network_options)
+        super().__init__(dim, path=path, network=network, eps=eps, objective=objective,
+                         time_groups=time_groups, network_options=network_options)
         self.aligned_fraction, self.grid_fraction = float(aligned_fraction), float(grid_fraction)
         self.grid_steps, self.min_width = grid_steps, float(min_width)
         self.anneal_fraction = float(anneal_fraction)
-        self.time_grid, self.default_num_steps, self.anchor = time_grid, default_num_steps, anchor
-        self._config["anchor"] = anchor
+        self.time_grid, self.default_num_steps = time_grid, default_num_steps
         self._config.update(aligned_fraction=aligned_fraction, grid_fraction=grid_fraction,
-                            grid_steps=grid_steps,
-                            anneal_fraction=anneal_fraction, min_width=min_width, time_grid=time_grid,
-                            default_num_steps=default_num_steps)
+                            grid_steps=grid_steps, anneal_fraction=anneal_fraction, min_width=min_width,
+                            time_grid=time_grid, default_num_steps=default_num_steps)
 
     def width_cap(self, progress: float) -> float:
-        """CIA cap on ``(t - l) / (1 - eps)`` at training progress in ``[0, 1]``."""
+        """CIA cap on ``(b - l) / (1 - eps)`` at training progress in ``[0, 1]``."""
         if self.anneal_fraction == 0:
             return 1.0
         return min(1.0, self.min_width + (1 - self.min_width) * progress / self.anneal_fraction)
 
-    def _intervals(self, t: torch.Tensor, progress: float):
-        """``l <= t``: random widths under the CIA cap, aligned (``l = t``) and query-grid intervals."""
-        n, T = t.shape[0], self.t_max
-        cap = self.width_cap(progress)
-        kind = torch.rand_like(t)
-        l = (t - cap * T * torch.rand_like(t)).clamp_min(0)
-        l = torch.where(kind < self.aligned_fraction, t, l)
-        steps = torch.tensor(self.grid_steps, dtype=t.dtype, device=t.device)
-        steps = steps[torch.randint(len(self.grid_steps), (n,), device=t.device)]
-        i = torch.floor(torch.rand_like(t) * steps)
-        on_grid = (kind >= 1 - self.grid_fraction) & (1 / steps <= cap + 1e-9)
-        lg, tg = self.grid(steps, i, T)
-        return torch.where(on_grid, lg, l), torch.where(on_grid, tg, t)
+    def _intervals(self, g: int, progress: float, like: torch.Tensor):
+        """``(l, b)`` per time group, each ``(G, 1)``: random starts with ``b = min(T, l + cap T)``,
+        query-grid intervals (when not wider than the cap) and aligned ``l = b``."""
+        T, cap = self.t_max, self.width_cap(progress)
+        u = (torch.arange(g, dtype=like.dtype, device=like.device)
+             + torch.rand(g, dtype=like.dtype, device=like.device))[torch.randperm(g, device=like.device)] / g
+        l = u * T
+        b = (l + cap * T).clamp_max(T)
+        kind = torch.rand_like(l)
+        aligned = kind < self.aligned_fraction
+        b = torch.where(aligned, l, b)
+        steps = torch.tensor(self.grid_steps, dtype=like.dtype, device=like.device)
+        steps = steps[torch.randint(len(self.grid_steps), (g,), device=like.device)]
+        i = torch.floor(torch.rand_like(l) * steps)
+        lg, bg = self.grid(steps, i, T)
+        on_grid = (kind >= 1 - self.grid_fraction) & (bg - lg <= cap * T + 1e-9)
+        return torch.where(on_grid, lg, l)[:, None], torch.where(on_grid, bg, b)[:, None]
 
     def grid(self, steps, i, T):
         """Interval ``i`` of a ``steps``-step query grid on ``[0, T]`` (tensors)."""
@@ -118,20 +134,38 @@ class SecantRatioEstimator(_TimeScoreEstimator):
             a, b = _sigmoid_grid(a), _sigmoid_grid(b)
         return a * T, b * T
 
-    def _loss(self, x_num, x_den, progress):
-        x1, side = self._sides(x_num, x_den)
-        n = x1.shape[0]
-        t = _stratified_times(n, self.t_max, x1)
-        l, t = self._intervals(t, progress)
-        noise = torch.randn_like(x1)
-        at = l if self.anchor == "left" else t  # the time where x is drawn and the tangent is regressed
-        xa = self.path.interpolate(noise, x1, at)
-        tangent = self.path.conditional_time_score(noise, x1, at)
-        def secant(x, a, b):
-            return self.score(x, torch.stack([a, b], -1), side)
+    # the tangent of F = (t - l) u ------------------------------------------------------------------
+    def _tangent_jets(self, x, l, t, side, order):
+        """``d/dt F`` (and ``d^2/dt^2 F``) with ``F = (t - l) u_theta(x, l, t)``."""
+        times = torch.stack(torch.broadcast_tensors(l, t), -1)
+        jets = time_jets(self.network, x, times, side, order + 1)
+        w = t - l
+        if order == 0:
+            return (jets[0] + w * jets[1],)
+        return jets[0] + w * jets[1], 2 * jets[1] + w * jets[2]
 
-        target, u = sai_target(secant, xa, l, t, tangent, self.anchor)
-        return (self.path.weight(at) * (u - target) ** 2).mean() / self.dim
+    def _tangent_coefficients(self, l, t, side):
+        times = torch.stack(torch.broadcast_tensors(l, t), -1)
+        c, dc = self.network.coefficient_jets(times, side, 1)
+        return c + (t - l)[..., None] * dc
+
+    def _loss(self, x_num, x_den, progress):
+        x1, side = self._groups(x_num, x_den)
+        l, b = self._intervals(x1.shape[0], progress, x1)
+        if self.objective == "tsm":
+            return self._tsm(x1, side, l, b)
+        t = l + (b - l) * torch.rand_like(l)
+        if self.objective == "stein":
+            return self._stein(x1, side, l, t)
+        noise = torch.randn_like(x1)  # "ctsm": the SAI self-consistency regression
+        xt = self.path.interpolate(noise, x1, t)
+        tangent = self.path.conditional_time_score(noise, x1, t)
+
+        def secant(x, a, c):
+            return self.score(x, torch.stack(torch.broadcast_tensors(a, c), -1), side)
+
+        target, u = sai_target(secant, xt, l, t, tangent)
+        return (self.path.weight(t) * (u - target) ** 2).mean() / self.dim
 
     def secant(self, x: torch.Tensor, l, t) -> torch.Tensor:
         """Learned ``u(x, l, t)`` (side 1: path from ``N(0, I)`` to ``p_num``) at raw ``x`` ``(N, d)``."""
@@ -144,10 +178,8 @@ class SecantRatioEstimator(_TimeScoreEstimator):
         k = self.default_num_steps if num_steps is None else num_steps
         i = torch.arange(k, dtype=z.dtype, device=z.device)
         lo, hi = self.grid(torch.full_like(i, k), i, self.t_max)
-        n = z.shape[0]
-        zz = z.expand(k, n, self.dim).reshape(k * n, self.dim)
-        times = torch.stack([lo, hi], -1)[:, None].expand(k, n, 2).reshape(k * n, 2)
-        return ((hi - lo)[:, None] * self._side_difference(zz, times).reshape(k, n)).sum(0)
+        times = torch.stack([lo, hi], -1)[:, None]  # (K, 1, 2)
+        return ((hi - lo)[:, None] * self._side_difference(z.expand(k, *z.shape), times)).sum(0)
 
 
 def _sigmoid_grid(s):
