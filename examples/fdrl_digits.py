@@ -1,9 +1,10 @@
 """FDRL on scikit-learn's 8x8 digits (ships with scikit-learn, no download): train, sample, save grids.
 
-    OMP_NUM_THREADS=1 python examples/fdrl_digits.py [--iterations 2000] [--out fdrl_digits.png]
+    OMP_NUM_THREADS=1 python examples/fdrl_digits.py [--iterations 5000] [--out fdrl_digits.png]
 
 Trains :class:`~pyro_sde.ratio.fdrl.FlowGuidedGenerator` (LSIF-chi2, data-dependent Gaussian prior) for
-``--iterations`` steps (2000: about 5 CPU minutes at one thread), then saves
+``--iterations`` steps (5000: about 4 CPU minutes at one thread; the settings of ``benchmarks/fdrl.py``),
+then saves
 
 * ``--out``: 100 unconditional samples (flow from the data-dependent prior);
 * ``<out>_conditional.png``: one row per class, drawn by composing the ratio with a logistic-regression
@@ -53,7 +54,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> torc
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=2000)
+    ap.add_argument("--iterations", type=int, default=5000)
     ap.add_argument("--out", default="fdrl_digits.png")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -64,7 +65,7 @@ def main():
     x = torch.as_tensor(digits.data, dtype=torch.float32) / 16.0  # (1797, 64), pixels in [0, 1]
     y = torch.as_tensor(digits.target)
 
-    gen = FlowGuidedGenerator(64, loss="lsif", num_flow_steps=30, num_refine_steps=10, step_size=0.03,
+    gen = FlowGuidedGenerator(64, loss="lsif", num_flow_steps=30, num_refine_steps=20, step_size=0.3,
                               noise_std=0.01, hidden_dim=256, num_layers=3)
     gen.fit(x, num_iterations=args.iterations, batch_size=128)
     samples = gen.sample(100).clamp(0, 1)

@@ -116,9 +116,10 @@ class TestChasm:
         torch.manual_seed(0)
         s = math.sqrt(0.1)
         data = 6.0 + s * torch.randn(4000, 2)
-        gen = FlowGuidedGenerator(2, loss="lsif", prior=_gaussian(0.0, 0.1), num_flow_steps=40,
-                                  step_size=0.025, noise_std=0.01, hidden_dim=64, num_layers=3)
-        gen.fit(data, num_iterations=300, batch_size=256, progress_bar=False)
+        gen = FlowGuidedGenerator(2, loss="lsif", prior=_gaussian(0.0, 0.1), num_flow_steps=50,
+                                  num_refine_steps=0, step_size=2.0, noise_std=0.03, hidden_dim=64,
+                                  num_layers=3)
+        gen.fit(data, num_iterations=400, batch_size=256, progress_bar=False)
         x = gen.sample(2000)
         target = 6.0 + s * torch.randn(2000, 2)
         floor = energy_distance(6.0 + s * torch.randn(2000, 2), target)
@@ -128,9 +129,12 @@ class TestChasm:
         print(f"chasm CI: mean error {err:.3f}, std ratio {std_ratio.tolist()}, ED {ed:.4f}, "
               f"floor {floor:.4f}, "
               f"prior ED {prior_ed:.2f}")
-        assert err < 1.0  # the prior's mean error is 8.5
-        assert bool(((std_ratio > 0.4) & (std_ratio < 1.6)).all()), std_ratio
-        assert ed < 0.05 * prior_ed, (ed, floor, prior_ed)
+        # issue goals 0.05 / 10 % / 0.01 (benchmark budget); the prior's mean error is 8.5, its ED ~16
+        along = ((x - 6.0) @ torch.tensor([1.0, 1.0]) / math.sqrt(2)).std() / s  # the direction of travel
+        assert err < 0.15
+        assert bool(((std_ratio > 0.8) & (std_ratio < 1.2)).all()), std_ratio
+        assert 0.8 < along < 1.2, along  # no collapse onto a line across the track
+        assert ed < 0.02, (ed, floor, prior_ed)
 
 
 # ------------------------------------------------------------------------------------------------
