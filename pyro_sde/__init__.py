@@ -1,9 +1,11 @@
 """pyro_sde: SDE-based inference for Pyro.
 
-Learned diffusion samplers with importance weights and evidence estimates (:mod:`pyro_sde.infer`),
-the integrator and reference processes (:mod:`pyro_sde.sde`), diagnostics and ArviZ conversion
-(:mod:`pyro_sde.diagnostics`), density-ratio estimators (:mod:`pyro_sde.ratio`), score change of variables (:mod:`pyro_sde.scores`) and benchmark
-targets with exact log Z (:mod:`pyro_sde.targets`).
+Learned diffusion samplers with importance weights and evidence estimates, and bridge importance
+sampling for discretely observed SDEs (:mod:`pyro_sde.infer`); the integrator, reference processes,
+SDE models and path distributions (:mod:`pyro_sde.sde`); diagnostics and ArviZ conversion
+(:mod:`pyro_sde.diagnostics`); density-ratio estimators, mutual information and the FDRL generator
+(:mod:`pyro_sde.ratio`); score change of variables (:mod:`pyro_sde.scores`); benchmark targets with
+exact log Z (:mod:`pyro_sde.targets`).
 """
 
 from . import diagnostics, infer, nn, ratio, scores, sde, targets
