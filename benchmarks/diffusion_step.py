@@ -11,29 +11,16 @@ Prints a table and writes the "diffusion_step" section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import pyro
 import torch
-from _report import machine, markdown_table, write_section
+from _report import machine, markdown_table, time_it, write_section
 
 from pyro_sde.infer import DiffusionSampler
 from pyro_sde.nn import ControlNetwork
 from pyro_sde.targets import GMM9
 
 BATCH, STEPS, DIM = 512, 100, 2
-
-
-def time_it(fn, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def sampler_iteration(method, loss, backend, closed_form_score=False):
@@ -75,16 +62,18 @@ def main():
     pyro.set_rng_seed(0)
 
     rows = []
-    raw_seq = time_it(raw_network(True), args.repeats)
-    raw_batched = time_it(raw_network(False), args.repeats)
+    raw_seq = time_it(raw_network(True), args.repeats, warmup=3)
+    raw_batched = time_it(raw_network(False), args.repeats, warmup=3)
     for method in ["dis", "pis", "dds"]:
         for loss in ["log_variance", "kl"]:
-            ours = time_it(sampler_iteration(method, loss, "euler"), args.repeats)
-            theirs = time_it(sampler_iteration(method, loss, "torchsde"), max(3, args.repeats // 4))
+            ours = time_it(sampler_iteration(method, loss, "euler"), args.repeats, warmup=3)
+            theirs = time_it(sampler_iteration(method, loss, "torchsde"), max(3, args.repeats // 4), warmup=3)
             rows.append([method, loss, "autograd", ours, theirs, theirs / ours, ours / raw_seq])
             if loss == "log_variance":  # the KL loss needs second derivatives: autograd only
-                ours = time_it(sampler_iteration(method, loss, "euler", True), args.repeats)
-                theirs = time_it(sampler_iteration(method, loss, "torchsde", True), max(3, args.repeats // 4))
+                ours = time_it(sampler_iteration(method, loss, "euler", True), args.repeats, warmup=3)
+                theirs = time_it(
+                    sampler_iteration(method, loss, "torchsde", True), max(3, args.repeats // 4), warmup=3
+                )
                 rows.append([method, loss, "closed form", ours, theirs, theirs / ours, ours / raw_seq])
     header = [
         "method", "loss", "target score", "ours s/iter", "torchsde s/iter", "torchsde / ours",

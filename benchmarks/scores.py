@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from _report import DOC, machine, markdown_table, write_section
+from _report import DOC, machine, markdown_table, time_it, write_section
 from torch.distributions import MultivariateNormal
 from torch.distributions.transforms import (
     AffineTransform,
@@ -35,16 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from simplex_diffusion import report, sample_exact, sample_learned, train_score  # noqa: E402
 
 D64 = torch.float64
-
-
-def time_it(fn, repeats=10):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # -- 1. CoV accuracy and cost -------------------------------------------------------------------------
