@@ -105,9 +105,12 @@ def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
     :param torch.Tensor log_weights: unnormalised log weights, shape ``(N,)``.
     :returns: 0-d tensor; 1 for equal weights, ``1/N`` for a single non-zero weight.
     """
-    lw = _check_log_weights(log_weights)
-    log_ess = 2 * lw.logsumexp(0) - (2 * lw).logsumexp(0) - math.log(lw.numel())
-    return log_ess.exp()
+    return _log_ess(_check_log_weights(log_weights)).exp()
+
+
+def _log_ess(lw: torch.Tensor) -> torch.Tensor:
+    """``log`` of the normalised ESS along dim 0 of ``(N, *batch)`` log weights (unchecked); ``(*batch)``."""
+    return 2 * lw.logsumexp(0) - (2 * lw).logsumexp(0) - math.log(lw.shape[0])
 
 
 def log_evidence(log_weights: torch.Tensor) -> LogEvidence:

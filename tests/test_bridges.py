@@ -304,7 +304,8 @@ def _exact_mle(times, x):
     return mle, torch.linalg.cholesky(info).cholesky_inverse().diagonal().sqrt()
 
 
-def _svi_map(times, x, proposal, num_particles, num_substeps, steps=300):
+def _ou_map_model(times, x, proposal, num_particles, num_substeps):
+    """OU (theta, sigma) under flat priors, the likelihood a ``DiscretelyObservedSDE`` with fixed noise."""
     flat = dist.ImproperUniform(constraints.positive, (), ())
 
     def model():
@@ -316,6 +317,11 @@ def _svi_map(times, x, proposal, num_particles, num_substeps, steps=300):
         )
         pyro.sample("obs", obs, obs=x)
 
+    return model
+
+
+def _svi_map(times, x, proposal, num_particles, num_substeps, steps=300):
+    model = _ou_map_model(times, x, proposal, num_particles, num_substeps)
     pyro.clear_param_store()
     guide = AutoDelta(model, init_loc_fn=lambda site: t64(1.0))
     svi = SVI(model, guide, ClippedAdam({"lr": 0.05, "lrd": 0.99}), Trace_ELBO())
@@ -328,17 +334,7 @@ def _svi_map(times, x, proposal, num_particles, num_substeps, steps=300):
 def _lbfgs_map(times, x, proposal, num_particles, num_substeps, init):
     """MAP with an AutoDelta guide: ``Trace_ELBO().differentiable_loss`` (the negative log joint at the
     guide's point) minimised by L-BFGS -- deterministic with common random numbers (``seed=0``)."""
-    flat = dist.ImproperUniform(constraints.positive, (), ())
-
-    def model():
-        theta = pyro.sample("theta", flat)
-        sigma = pyro.sample("sigma", flat)
-        sde = OrnsteinUhlenbeck(theta=theta, mean=0.0, sigma=sigma)
-        obs = DiscretelyObservedSDE(
-            sde, times, proposal=proposal, num_particles=num_particles, num_substeps=num_substeps, seed=0
-        )
-        pyro.sample("obs", obs, obs=x)
-
+    model = _ou_map_model(times, x, proposal, num_particles, num_substeps)
     pyro.clear_param_store()
     guide = AutoDelta(model, init_loc_fn=lambda site: init[site["name"]])
     loss_fn = Trace_ELBO().differentiable_loss

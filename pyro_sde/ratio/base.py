@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn import FourierTimeEmbedding
+from ..nn.ema import ema_update_
 
 __all__ = [
     "RatioEstimator",
@@ -448,9 +449,8 @@ class RatioEstimator(nn.Module):
             loss.backward()
             opt.step()
             sched.step()
-            if ema is not None:  # EMA with warm-up: decay min(ema_decay, (1 + i) / (10 + i))
-                w = 1 - min(ema_decay, (1 + i) / (10 + i))
-                torch._foreach_lerp_(ema, [p.detach() for p in params], w)
+            if ema is not None:
+                ema_update_(ema, params, ema_decay, i)
             losses[i] = loss.detach()
             if progress_bar and (i % 100 == 0 or i == num_iterations - 1):
                 bar.set_postfix(loss=f"{loss.item():.4g}")

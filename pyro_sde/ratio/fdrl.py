@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..nn.ema import ema_update_
 from ..sde.integrate import euler_maruyama_step
 from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples
 
@@ -348,9 +349,8 @@ class FlowGuidedGenerator(RatioEstimator):
             loss.backward()
             opt.step()
             sched.step()
-            if ema is not None:  # EMA with warm-up: decay min(ema_decay, (1 + i) / (10 + i))
-                w = 1 - min(ema_decay, (1 + i) / (10 + i))
-                torch._foreach_lerp_(ema, [p.detach() for p in params], w)
+            if ema is not None:
+                ema_update_(ema, params, ema_decay, i)
             losses[i - start] = loss.detach()
             self.iteration += 1
             if progress_bar and (i % 50 == 0 or i == num_iterations - 1):

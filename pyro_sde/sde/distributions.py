@@ -16,7 +16,7 @@ import torch
 from pyro.distributions import Delta, TorchDistribution
 from torch.distributions import constraints
 
-from ..diagnostics import psis
+from ..diagnostics import _log_ess, psis
 from .integrate import euler_maruyama_step
 from .models import SDE
 
@@ -304,7 +304,7 @@ class DiscretelyObservedSDE(_PathBase):
             raise RuntimeError("call log_prob first")
         lw = self.last_log_weights
         n = lw.shape[0]
-        ess = (2 * lw.logsumexp(0) - (2 * lw).logsumexp(0) - math.log(n)).exp()  # all intervals at once
+        ess = _log_ess(lw).exp()  # all intervals at once
         flat = lw.reshape(n, -1)
         if n >= 2:  # PSIS fits one generalised Pareto tail per interval
             k = torch.stack([psis(flat[:, j])[1] for j in range(flat.shape[1])]).reshape(lw.shape[1:])

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ... import diagnostics
 from ...nn import ControlNetwork
+from ...nn.ema import ema_update_
 from ...sde import (
     BrownianReference,
     OUReference,
@@ -296,11 +297,9 @@ class DiffusionSampler:
         if self._ema_nets is None:
             return
         self._ema_updates += 1
-        n = self._ema_updates
-        decay = min(self.ema_decay, (1 + n) / (10 + n))
-        for ema, net in zip(self._ema_nets, self._nets()):
-            for q_ema, q in zip(ema.parameters(), net.parameters()):
-                q_ema.lerp_(q, 1 - decay)
+        ema = [q for net in self._ema_nets for q in net.parameters()]
+        live = [q for net in self._nets() for q in net.parameters()]
+        ema_update_(ema, live, self.ema_decay, self._ema_updates)
 
     def _require_potential(self):
         if self.potential is None:
