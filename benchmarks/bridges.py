@@ -12,7 +12,6 @@ import math
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -185,31 +184,11 @@ def svi_map(times, x, proposal, N, M, steps):
 
 
 def lbfgs_map(times, x, proposal, N, M, init):
-    """AutoDelta + ``Trace_ELBO().differentiable_loss`` minimised by L-BFGS (deterministic with CRN)."""
-    import pyro
-    from pyro.infer import Trace_ELBO
-    from pyro.infer.autoguide import AutoDelta
+    """MAP by L-BFGS (deterministic with common random numbers): estimate and the point as a dict."""
+    from pyro_sde.infer import lbfgs_map as fit
 
-    model = _map_model(times, x, proposal, N, M)
-    pyro.clear_param_store()
-    guide = AutoDelta(model, init_loc_fn=lambda site: init[site["name"]])
-    loss_fn = Trace_ELBO().differentiable_loss
-    with pyro.poutine.trace(param_only=True) as tr:
-        loss_fn(model, guide)
-    params = [site["value"].unconstrained() for site in tr.trace.nodes.values()]
-    opt = torch.optim.LBFGS(params, max_iter=50, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model, guide)
-        loss.backward()
-        return loss
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "SDE parameters moved far", UserWarning)
-        opt.step(closure)
-    med = {k: v.detach() for k, v in guide.median().items()}
-    return torch.stack([med["theta"], med["sigma"]]), med
+    point = fit(_map_model(times, x, proposal, N, M), init_values=init)
+    return torch.stack([point["theta"], point["sigma"]]), point
 
 
 def learned_map(times, x, rounds=((16, 500), (64, 500), (64, 500))):

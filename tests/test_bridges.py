@@ -5,7 +5,6 @@ exact-likelihood posterior."""
 
 import contextlib
 import math
-import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -17,7 +16,7 @@ from pyro.optim import ClippedAdam
 from scipy import stats
 from torch.distributions import constraints
 
-from pyro_sde.infer import DiffusionSampler
+from pyro_sde.infer import DiffusionSampler, lbfgs_map
 from pyro_sde.infer.bridge.learned import LearnedBridge, ScoreNetwork
 from pyro_sde.infer.bridge.proposals import bridge_log_weights
 from pyro_sde.infer.potential import ModelPotential
@@ -332,28 +331,10 @@ def _svi_map(times, x, proposal, num_particles, num_substeps, steps=300):
 
 
 def _lbfgs_map(times, x, proposal, num_particles, num_substeps, init):
-    """MAP with an AutoDelta guide: ``Trace_ELBO().differentiable_loss`` (the negative log joint at the
-    guide's point) minimised by L-BFGS -- deterministic with common random numbers (``seed=0``)."""
+    """MAP by L-BFGS: deterministic with common random numbers (``seed=0``)."""
     model = _ou_map_model(times, x, proposal, num_particles, num_substeps)
-    pyro.clear_param_store()
-    guide = AutoDelta(model, init_loc_fn=lambda site: init[site["name"]])
-    loss_fn = Trace_ELBO().differentiable_loss
-    with pyro.poutine.trace(param_only=True) as tr:
-        loss_fn(model, guide)
-    params = [site["value"].unconstrained() for site in tr.trace.nodes.values()]
-    opt = torch.optim.LBFGS(params, max_iter=50, tolerance_grad=1e-6, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model, guide)
-        loss.backward()
-        return loss
-
-    with warnings.catch_warnings():  # line-search trial points far from the fit point
-        warnings.filterwarnings("ignore", "SDE parameters moved far", UserWarning)
-        opt.step(closure)
-    med = {k: v.detach() for k, v in guide.median().items()}
-    return torch.stack([med["theta"], med["sigma"]]), med
+    point = lbfgs_map(model, init_values=init)
+    return torch.stack([point["theta"], point["sigma"]]), point
 
 
 class TestParameterRecovery:

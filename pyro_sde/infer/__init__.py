@@ -3,6 +3,7 @@
 from . import bridge
 from .bridge import LearnedBridge, bridge_log_weights
 from .diffusion import DiffusionSampler, StepInfo
+from .map import lbfgs_map
 from .potential import LogDensityPotential, ModelPotential, Potential
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "StepInfo",
     "bridge",
     "bridge_log_weights",
+    "lbfgs_map",
 ]

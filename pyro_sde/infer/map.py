@@ -1,0 +1,82 @@
+"""``lbfgs_map``: the MAP point of a Pyro model by L-BFGS, for smooth deterministic objectives.
+
+A :class:`~pyro_sde.sde.DiscretelyObservedSDE` with a fixed ``seed`` (common random numbers) has a
+likelihood estimate that is a smooth deterministic function of the SDE parameters; quasi-Newton
+optimisation then converges in a few dozen evaluations, where SVI with Adam needs hundreds of noisy steps.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.autoguide import AutoDelta
+from pyro.infer.autoguide.initialization import init_to_median
+
+__all__ = ["lbfgs_map"]
+
+
+def lbfgs_map(
+    model: Callable,
+    *args,
+    init_values: dict | None = None,
+    max_iter: int = 50,
+    tolerance_grad: float = 1e-6,
+    ignore_warnings: tuple[str, ...] = ("SDE parameters moved far",),
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """Maximise ``log p(theta, y)`` over the latent sites of ``model(*args, **kwargs)`` by L-BFGS.
+
+    The objective is Pyro's ``Trace_ELBO().differentiable_loss`` under an ``AutoDelta`` guide (the
+    negative log joint at the guide's point, in unconstrained coordinates), minimised with a strong-Wolfe
+    line search. Clears the param store.
+
+    :param init_values: starting values ``{site: constrained value}`` (tensors fix dtype and device;
+        Python numbers take torch's default dtype); sites not given start at the prior median.
+    :param int max_iter: L-BFGS iterations (each evaluates the model about 1.25 times on average).
+    :param float tolerance_grad: stop when the largest gradient entry is below this.
+    :param ignore_warnings: message prefixes silenced during the search (line-search trial points can
+        fall far from where a learned bridge was fitted).
+    :returns: ``{site: MAP value}`` (constrained, detached).
+    """
+    if not callable(model):
+        raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    init_values = dict(init_values or {})
+
+    def init_loc_fn(site):
+        if site["name"] not in init_values:
+            return init_to_median(site)
+        value = torch.as_tensor(init_values[site["name"]], dtype=None)
+        return value.expand(site["fn"].shape())  # a scalar for a batched site; raises if incompatible
+
+    pyro.clear_param_store()
+    guide = AutoDelta(model, init_loc_fn=init_loc_fn)
+    loss_fn = Trace_ELBO().differentiable_loss
+    with pyro.poutine.trace(param_only=True) as tr:
+        initial_loss = loss_fn(model, guide, *args, **kwargs)
+    if not torch.isfinite(initial_loss):
+        raise ValueError(f"the negative log joint is {initial_loss.item()} at the initial point")
+    unknown = set(init_values) - {name for name in guide.prototype_trace.nodes}
+    if unknown:
+        raise ValueError(f"init_values names sites the model does not have: {sorted(unknown)}")
+    params = [site["value"].unconstrained() for site in tr.trace.nodes.values()]
+    optimizer = torch.optim.LBFGS(
+        params, max_iter=max_iter, tolerance_grad=tolerance_grad, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        for message in ignore_warnings:
+            warnings.filterwarnings("ignore", message, UserWarning)
+        optimizer.step(closure)
+    return {name: value.detach() for name, value in guide.median(*args, **kwargs).items()}
