@@ -43,7 +43,10 @@ METHODS = {
     "tangent-quadratic-sn": (lambda d: TangentRatioEstimator(d, network="quadratic"), 2000, 32),
     "classifier": (lambda d: ClassifierRatioEstimator(d, hidden_dim=128), 1500, 1),
     "classifier-raw": (lambda d: ClassifierRatioEstimator(d, hidden_dim=128), 1500, 1),
+    "classifier-quad-es": (lambda d: ClassifierRatioEstimator(d, hidden_dim=128, quadratic=True), 1500, 1),
 }
+#: extra ``mutual_information`` options per method (early stopping on 20 % of the training pairs)
+OPTIONS = {"classifier-quad-es": dict(validation=0.2)}
 THRESHOLD = 0.10  # goal G7: |error| <= 0.10 nats on >= 32 of 40 tasks
 
 
@@ -67,7 +70,8 @@ def run_one(task, method: str, seed: int, n: int, scale: float) -> dict:
     t0 = time.perf_counter()
     den = "standard_normal" if method.endswith("-sn") else "shuffle"
     res = mutual_information(xt, yt, est, denominator=den, num_steps=nfe,
-                             num_iterations=max(1, int(iters * scale)), batch_size=512, progress_bar=False)
+                             num_iterations=max(1, int(iters * scale)), batch_size=512, progress_bar=False,
+                             **OPTIONS.get(method, {}))
     wall = time.perf_counter() - t0
     return dict(task=task.name, method=method, seed=seed, n=n, iters=max(1, int(iters * scale)), nfe=nfe,
                 truth=task.mutual_information, estimate=res.estimate.item(), stderr=res.stderr.item(),
@@ -183,6 +187,16 @@ estimate; inputs are per-coordinate normal scores, then X and Y are whitened sep
 maps of each block: MI unchanged; `-raw` = standardised raw data). The five 1x1 Gaussian-copula tasks
 give identical normal scores (rank-based), hence identical rows. Budget per task: {iters}; batch 512,
 1 thread. Cells: |MI estimate - truth| in nats (mean over seeds).
+
+`classifier-quad-es` = `ClassifierRatioEstimator(d, hidden_dim=128, quadratic=True)` with
+`mutual_information(..., validation=0.2)`: the logit is a closed-form Gaussian log ratio (only the
+covariance eigen-directions clearly outside the Marchenko-Pastur noise bulk) plus an MLP that starts at
+zero; 20 % of the training pairs (and re-pairings among them only) form a validation set, the validation
+loss of the averaged weights is checked every 25 steps and the best weights are restored. One fixed
+configuration for all tasks; model selection sees only training pairs, never the truth. Diagnosis that led
+to it: the plain classifier *under*-estimates on the 25x25 and 50x50 Gaussian tasks because it over-fits
+the 4000 training pairs (dense 50x50: held-out loss rises from step ~150 on, estimate -2.0 vs truth 1.62
+at step 1500 while the training-pair mean log ratio is 2.9).
 Goal (issue 5, G7): <= 0.10 nats on at least 32 of 40 tasks, <= 0.25 on all.
 
 {markdown_table(["method", "tasks run", "seeds", "within 0.10", "within 0.25", "median abs err",

@@ -421,6 +421,7 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(100, 3) + 1
     for est in (ClassifierRatioEstimator(3, hidden_dim=16), TelescopingRatioEstimator(3, hidden_dim=16),
+                ClassifierRatioEstimator(3, hidden_dim=16, quadratic=True),
                 TangentRatioEstimator(3, network_options=dict(hidden_dim=16)),
                 SecantRatioEstimator(3, network="quadratic", path="linear")):
         est.fit(x, torch.randn(100, 3), num_iterations=5, **FIT)
@@ -466,6 +467,81 @@ def test_bad_input():
         mutual_information(torch.randn(50, 1), torch.randn(40, 1))
     with pytest.raises(ValueError, match="same kind of denominator"):
         est.fit(good, None, num_iterations=1, **FIT)
+
+
+# ------------------------------------------------------------------------------------------------
+# classifier: closed-form quadratic term, early stopping
+# ------------------------------------------------------------------------------------------------
+
+
+def test_classifier_quadratic_term_is_gaussian_log_ratio():
+    """Before the network has learned anything the logit is the closed-form Gaussian log ratio."""
+    torch.manual_seed(0)
+    p_num = dist.MultivariateNormal(torch.tensor([0.5, -1.0]), torch.tensor([[1.0, 0.8], [0.8, 1.5]]))
+    p_den = dist.MultivariateNormal(torch.tensor([0.0, 0.0]), torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
+    est = ClassifierRatioEstimator(2, hidden_dim=16, quadratic=True)
+    est.fit(p_num.sample((200000,)), p_den.sample((200000,)), num_iterations=1, lr=1e-12, **FIT)
+    assert int(est.quad_rank) == 2
+    xq = p_num.sample((2000,))
+    assert rmse(est.log_ratio(xq), p_num.log_prob(xq) - p_den.log_prob(xq)) < 0.05
+
+
+def test_classifier_quadratic_term_ignores_noise():
+    """Same distribution in 20 dims: every sample eigenvalue is inside the noise bulk, no mean shift."""
+    torch.manual_seed(0)
+    est = ClassifierRatioEstimator(20, hidden_dim=16, quadratic=True)
+    est.fit(torch.randn(2000, 20), torch.randn(2000, 20), num_iterations=1, lr=1e-12, **FIT)
+    assert int(est.quad_rank) == 0
+    assert est.quad_matrix.abs().max() == 0 and est.quad_linear.abs().max() == 0
+
+
+def test_classifier_early_stopping_restores_best_validation_weights():
+    torch.manual_seed(0)
+    x_num, x_den = torch.randn(16, 2), torch.randn(16, 2)  # same law: any fit is over-fitting
+    val = (torch.randn(500, 2), torch.randn(500, 2))
+    est = ClassifierRatioEstimator(2, hidden_dim=64, num_layers=2)
+    est.fit(x_num, x_den, validation=val, validation_interval=10, num_iterations=300, lr=1e-2, **FIT)
+    steps, losses = zip(*est.validation_losses)
+    assert steps == tuple(range(0, 301, 10))
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert losses[-1] > losses[best] + 0.01  # it did over-fit ...
+    with torch.no_grad():
+        restored = (nn.functional.softplus(-est.log_ratio(val[0])).mean()
+                    + nn.functional.softplus(est.log_ratio(val[1])).mean()).item()
+    assert restored == pytest.approx(losses[best], abs=1e-5)  # ... and the best weights came back
+
+
+def test_mutual_information_quadratic_classifier_with_validation():
+    torch.manual_seed(0)
+    cov = torch.full((10, 10), 0.5) + 0.5 * torch.eye(10)  # BMI's dense 5 x 5 task
+    z = dist.MultivariateNormal(torch.zeros(10), cov).sample((3000,))
+    truth = 0.5 * (2 * torch.logdet(cov[:5, :5]) - torch.logdet(cov)).item()
+    est = ClassifierRatioEstimator(10, hidden_dim=32, num_layers=2, quadratic=True)
+    res = mutual_information(z[:, :5], z[:, 5:], est, validation=0.2, num_iterations=200, **FIT)
+    assert len(est.validation_losses) == 200 // 25 + 1
+    assert abs(res.estimate - truth) < 0.08
+
+
+def test_classifier_bad_options():
+    good = torch.randn(50, 3)
+    with pytest.raises(TypeError, match="quadratic must be a bool"):
+        ClassifierRatioEstimator(3, quadratic="yes")
+    with pytest.raises(ValueError, match="validation_interval"):
+        ClassifierRatioEstimator(3).fit(good, good, validation=(good, good), validation_interval=0, **FIT)
+    with pytest.raises(ValueError, match="does not support validation"):
+        TelescopingRatioEstimator(3).fit(good, good, validation=(good, good), **FIT)
+    with pytest.raises(TypeError, match="validation must be a pair"):
+        ClassifierRatioEstimator(3).fit(good, good, validation=good, **FIT)
+    with pytest.raises(ValueError, match="dimension 2, expected 3"):
+        ClassifierRatioEstimator(3).fit(good, good, validation=(good, good[:, :2]), **FIT)
+    with pytest.raises(ValueError, match="ema_decay"):
+        ClassifierRatioEstimator(3).fit(good, good, validation=(good, good), ema_decay=1.5, **FIT)
+    with pytest.raises(ValueError, match="validation must be in"):
+        mutual_information(good[:, :1], good[:, 1:], ClassifierRatioEstimator(3), validation=1.0)
+    with pytest.raises(ValueError, match="does not support validation"):
+        mutual_information(good[:, :1], good[:, 1:], TangentRatioEstimator(3), validation=0.2)
+    with pytest.raises(ValueError, match="validation and"):
+        mutual_information(good[:20, :1], good[:20, 1:], ClassifierRatioEstimator(3), validation=0.1)
 
 
 # ------------------------------------------------------------------------------------------------

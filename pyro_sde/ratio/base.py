@@ -348,6 +348,8 @@ class RatioEstimator(nn.Module):
 
     #: whether ``fit`` may be called without a denominator (a standard normal one)
     allows_standard_normal_denominator = False
+    #: whether ``fit`` accepts ``validation=`` (early stopping; needs :meth:`_validation_loss`)
+    supports_validation = False
     default_num_steps: int | None = None
 
     def __init__(self, dim: int):
@@ -360,6 +362,7 @@ class RatioEstimator(nn.Module):
         self.register_buffer("scale", torch.ones(dim))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         self.register_buffer("two_sided", torch.ones((), dtype=torch.bool))
+        self.validation_losses: list[tuple[int, float]] = []  #: ``(step, loss)`` of the last fit
         self._config = {"dim": dim}
 
     # subclass hooks --------------------------------------------------------------------------
@@ -367,6 +370,10 @@ class RatioEstimator(nn.Module):
         raise NotImplementedError
 
     def _log_ratio(self, z: torch.Tensor, num_steps: int | None, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _validation_loss(self, z_num: torch.Tensor, z_den: torch.Tensor) -> torch.Tensor:
+        """A deterministic loss on standardised held-out samples (estimators with ``supports_validation``)."""
         raise NotImplementedError
 
     def _initialize(self, sample_num: Callable, sample_den: Callable | None) -> None:
@@ -393,6 +400,8 @@ class RatioEstimator(nn.Module):
         weight_decay: float = 0.0,
         ema_decay: float | None = 0.999,
         standardize: bool = True,
+        validation=None,
+        validation_interval: int = 25,
         progress_bar: bool = True,
     ) -> RatioEstimator:
         """Train on samples of ``p_num`` and ``p_den``; calling again continues training.
@@ -403,16 +412,29 @@ class RatioEstimator(nn.Module):
         :param int batch_size: samples per side and step.
         :param float ema_decay: exponential moving average of the weights used after training (None: off).
         :param bool standardize: standardise by the denominator's mean/std (ignored without denominator).
+        :param validation: early stopping (estimators with ``supports_validation``): a pair ``(x_num, x_den)``
+            of held-out ``(N, d)`` samples, not trained on. The validation loss of the (averaged) weights is
+            evaluated before the first step, every ``validation_interval`` steps and at the end; the weights
+            with the lowest one are kept (history in :attr:`validation_losses`).
         :param bool progress_bar: show a tqdm bar.
         :returns: ``self``.
         """
-        for name, v in (("num_iterations", num_iterations), ("batch_size", batch_size)):
+        for name, v in (("num_iterations", num_iterations), ("batch_size", batch_size),
+                        ("validation_interval", validation_interval)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if batch_size < 2:
             raise ValueError("batch_size must be at least 2")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
+        if validation is not None:
+            if not self.supports_validation:
+                raise ValueError(f"{type(self).__name__} does not support validation (early stopping)")
+            if not isinstance(validation, (tuple, list)) or len(validation) != 2:
+                raise TypeError("validation must be a pair (x_num, x_den) of tensors")
+            validation = [check_samples(v, f"validation[{i}]", self.dim, 2) for i, v in enumerate(validation)]
         sample_num, probe = _as_sampler(numerator, "numerator", self.dim, MIN_SAMPLES)
         if denominator is None:
             if not self.allows_standard_normal_denominator:
@@ -438,10 +460,15 @@ class RatioEstimator(nn.Module):
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_iterations)
         params = [p for p in self.parameters() if p.requires_grad]
         ema = None if ema_decay is None else [p.detach().clone() for p in params]
+        monitor = None
+        if validation is not None:
+            monitor = _EarlyStopping(self, params, ema, [self.standardize(v.to(probe)) for v in validation])
         losses = torch.empty(num_iterations, dtype=probe.dtype, device=probe.device)
         self.train()
         bar = tqdm(range(num_iterations), disable=not progress_bar, desc=type(self).__name__)
         for i in bar:
+            if monitor is not None and i % validation_interval == 0:
+                monitor.check(i)
             x_num = self.standardize(sample_num(batch_size))
             x_den = None if sample_den is None else self.standardize(sample_den(batch_size))
             loss = self._loss(x_num, x_den, i / num_iterations)
@@ -454,6 +481,10 @@ class RatioEstimator(nn.Module):
             losses[i] = loss.detach()
             if progress_bar and (i % 100 == 0 or i == num_iterations - 1):
                 bar.set_postfix(loss=f"{loss.item():.4g}")
+        if monitor is not None:
+            monitor.check(num_iterations)
+            self.validation_losses = monitor.history
+            ema = monitor.best
         if ema is not None:
             with torch.no_grad():
                 torch._foreach_copy_(params, ema)
@@ -523,3 +554,27 @@ def _registry():
 
     return {c.__name__: c for c in (ClassifierRatioEstimator, TelescopingRatioEstimator,
                                     TangentRatioEstimator, SecantRatioEstimator)}
+
+
+class _EarlyStopping:
+    """Validation loss of the weights ``fit`` would keep (the average, else the live ones); the best copy."""
+
+    def __init__(self, estimator, params, ema, validation):
+        self.estimator, self.params, self.ema, self.validation = estimator, params, ema, validation
+        self.history: list[tuple[int, float]] = []
+        self.best_loss, self.best = math.inf, None
+
+    @torch.no_grad()
+    def check(self, step: int) -> None:
+        weights = self.params if self.ema is None else self.ema
+        live = [p.detach().clone() for p in self.params]
+        torch._foreach_copy_(self.params, weights)
+        was_training = self.estimator.training
+        self.estimator.eval()
+        loss = self.estimator._validation_loss(*self.validation).item()
+        self.estimator.train(was_training)
+        torch._foreach_copy_(self.params, live)
+        self.history.append((step, loss))
+        if loss < self.best_loss:
+            self.best_loss, self.best = loss, [w.detach().clone() for w in weights]
+

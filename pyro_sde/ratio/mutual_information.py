@@ -33,6 +33,7 @@ def mutual_information(
     *,
     denominator: str = "shuffle",
     holdout: float = 0.2,
+    validation: float = 0.0,
     num_steps: int | None = None,
     num_bootstrap: int = 200,
     fit: bool = True,
@@ -46,6 +47,11 @@ def mutual_information(
     :param str denominator: ``"shuffle"`` (product of marginals by re-pairing) or ``"standard_normal"``
         (the marginals are known to be ``N(0, I)``: the product is ``N(0, I)``, as in DRE-infinity's MI task).
     :param float holdout: share of pairs kept out of training for the estimate (0 uses all).
+    :param float validation: share of the training pairs kept out of training as a validation set for
+        early stopping (estimators with ``supports_validation``, e.g.
+        :class:`~pyro_sde.ratio.ClassifierRatioEstimator`): its joint pairs against 4 times as many
+        re-paired ones (``"shuffle"``: from the validation pairs only, so no validation point is ever
+        trained on). 0: off.
     :param int num_steps: NFE of ``log_ratio``.
     :param int num_bootstrap: bootstrap resamples of the evaluation pairs.
     :param bool fit: fit the estimator (False: use an already fitted one).
@@ -61,6 +67,8 @@ def mutual_information(
         raise ValueError(f"denominator must be 'shuffle' or 'standard_normal', got {denominator!r}")
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout!r}")
+    if not 0 <= validation < 1:
+        raise ValueError(f"validation must be in [0, 1), got {validation!r}")
     n, dim = x.shape[0], x.shape[1] + y.shape[1]
     if estimator is None:
         from .secant import SecantRatioEstimator
@@ -70,6 +78,8 @@ def mutual_information(
         estimator = estimator(dim)
     if estimator.dim != dim:
         raise ValueError(f"estimator has dim {estimator.dim}, but x and y have {dim} dims together")
+    if validation > 0 and fit and not estimator.supports_validation:
+        raise ValueError(f"{type(estimator).__name__} does not support validation (early stopping)")
     perm = torch.randperm(n, device=x.device)
     num_eval = int(round(holdout * n))
     eval_idx, train_idx = perm[:num_eval], perm[num_eval:]
@@ -78,16 +88,23 @@ def mutual_information(
     if train_idx.shape[0] < MIN_SAMPLES:
         raise ValueError(f"too few training pairs ({train_idx.shape[0]}); need at least {MIN_SAMPLES}")
     if fit:
-        xt, yt = x[train_idx], y[train_idx]
-        m = xt.shape[0]
+        num_val = int(round(validation * train_idx.shape[0]))
+        val_idx, train_idx = train_idx[:num_val], train_idx[num_val:]
+        if validation > 0 and (num_val < MIN_SAMPLES or train_idx.shape[0] < MIN_SAMPLES):
+            raise ValueError(f"validation={validation} leaves {num_val} validation and {train_idx.shape[0]} "
+                             f"training pairs; need at least {MIN_SAMPLES} of each")
 
-        def product(k):
-            i = torch.randint(m, (k,), device=x.device)
-            j = torch.randint(m, (k,), device=x.device)
-            return torch.cat([xt[i], yt[j]], -1)
+        def product(idx, k):
+            i = idx[torch.randint(idx.shape[0], (k,), device=x.device)]
+            j = idx[torch.randint(idx.shape[0], (k,), device=x.device)]
+            return torch.cat([x[i], y[j]], -1)
 
-        den = product if denominator == "shuffle" else None
-        estimator.fit(torch.cat([xt, yt], -1), den, **fit_kwargs)
+        if num_val:
+            val_den = product(val_idx, 4 * num_val) if denominator == "shuffle" else torch.randn(
+                4 * num_val, dim, dtype=x.dtype, device=x.device)
+            fit_kwargs["validation"] = (torch.cat([x[val_idx], y[val_idx]], -1), val_den)
+        den = (lambda k: product(train_idx, k)) if denominator == "shuffle" else None
+        estimator.fit(torch.cat([x[train_idx], y[train_idx]], -1), den, **fit_kwargs)
     with torch.no_grad():
         lr = estimator.log_ratio(torch.cat([x[eval_idx], y[eval_idx]], -1), num_steps)
     boot = torch.randint(lr.shape[0], (num_bootstrap, lr.shape[0]), device=lr.device)
