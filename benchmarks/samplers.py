@@ -83,7 +83,8 @@ def sample_metrics(target, z, exact):
 def run_sampler(target, method, loss, seed, args):
     pyro.set_rng_seed(seed)
     sampler = DiffusionSampler(
-        log_density=target.log_prob, dim=target.dim, method=method, loss=loss, num_steps=args.steps
+        log_density=target.log_prob, dim=target.dim, method=method, loss=loss, num_steps=args.steps,
+        exploration_noise=args.exploration_noise if loss == "log_variance" else 1.0,
     )
     start = time.perf_counter()
     sampler.step(args.batch)  # warm-up and calibration steps (they train too)
@@ -206,6 +207,9 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--eval", type=int, default=20_000)
+    parser.add_argument(
+        "--exploration-noise", type=float, default=1.0, help="noise factor of the log-variance paths"
+    )
     parser.add_argument("--no-nuts", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (used by a test)")
@@ -275,9 +279,12 @@ def main(argv=None):
         print(table, flush=True)
         files = plots(name + args.tag, target, samples, losses, masses, args.plots)
         images = "\n".join(f"![{f.stem}]({_relative(f, args.doc)})" for f in files)
+        explore = ""
+        if args.exploration_noise != 1.0:
+            explore = f" (log-variance paths drawn with {args.exploration_noise}x the noise)"
         body = f"""### Diffusion samplers vs NUTS on {name} (exact log Z = {target.log_Z:.6f})
 
-Written by `{command}`. Budget per run: {budget}, batch {args.batch} x {args.steps} steps, median
+Written by `{command}`. Budget per run: {budget}, batch {args.batch} x {args.steps} steps{explore}, median
 over {args.seeds} seed(s); evaluation on {args.eval} paths; NUTS: one chain, the median wall clock of
 the learned samplers' runs, half warm-up. Machine: {_report.machine()}.
 `dstd`, `W2` and mode masses use the raw (unweighted) draws; the last column checks the
