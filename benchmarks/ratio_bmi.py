@@ -44,9 +44,13 @@ METHODS = {
     "classifier": (lambda d: ClassifierRatioEstimator(d, hidden_dim=128), 1500, 1),
     "classifier-raw": (lambda d: ClassifierRatioEstimator(d, hidden_dim=128), 1500, 1),
     "classifier-quad-es": (lambda d: ClassifierRatioEstimator(d, hidden_dim=128, quadratic=True), 1500, 1),
+    "classifier-quad-es-refit": (lambda d: ClassifierRatioEstimator(d, hidden_dim=128, quadratic=True),
+                                 1500, 1),
 }
-#: extra ``mutual_information`` options per method (early stopping on 20 % of the training pairs)
-OPTIONS = {"classifier-quad-es": dict(validation=0.2)}
+#: extra ``mutual_information`` options per method (early stopping on 20 % of the training pairs; ``refit``:
+#: then retrain on all training pairs for the early-stopped number of steps)
+OPTIONS = {"classifier-quad-es": dict(validation=0.2),
+           "classifier-quad-es-refit": dict(validation=0.2, refit=True)}
 THRESHOLD = 0.10  # goal G7: |error| <= 0.10 nats on >= 32 of 40 tasks
 
 
@@ -139,7 +143,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="10%% of the iterations, 1 seed, n = 2000")
     ap.add_argument("--tasks", default=None, help="comma-separated task names (default: all 40)")
-    ap.add_argument("--methods", default="tangent-quadratic,tangent-mlp,classifier")
+    ap.add_argument("--methods",
+                    default="tangent-quadratic,classifier,classifier-quad-es,classifier-quad-es-refit")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--cache", default="/tmp/ratio_bmi_results.jsonl")
@@ -178,7 +183,7 @@ def main(argv=None):
     iters = ", ".join(f"{m} {int(METHODS[m][1] * scale)} iterations NFE {METHODS[m][2]}" for m in methods)
     body = f"""## Beyond-Normal MI tasks (`benchmarks/ratio_bmi.py`)
 
-Regenerate: `OMP_NUM_THREADS=1 python benchmarks/ratio_bmi.py`. Machine: {machine()}.
+Regenerate: `OMP_NUM_THREADS=1 python benchmarks/ratio_bmi.py --seeds 2`. Machine: {machine()}.
 
 The 40 closed-form tasks of the BMI benchmark (Czyz et al. 2023), samplers reimplemented in
 `benchmarks/bmi_tasks.py` (ground truths in closed form, checked in `tests/test_bmi_tasks.py`).
@@ -197,6 +202,19 @@ configuration for all tasks; model selection sees only training pairs, never the
 to it: the plain classifier *under*-estimates on the 25x25 and 50x50 Gaussian tasks because it over-fits
 the 4000 training pairs (dense 50x50: held-out loss rises from step ~150 on, estimate -2.0 vs truth 1.62
 at step 1500 while the training-pair mean log ratio is 2.9).
+
+`classifier-quad-es-refit` = the same with `mutual_information(..., validation=0.2, refit=True)`: once
+early stopping has picked the step count k*, a copy of the estimator with the same initial weights is
+trained on all 4000 training pairs (validation pairs included) for the first k* steps of the same
+1500-step schedule (`fit(..., stop_after=k*)`), so the 20 % validation split costs no training data.
+The wall time counts both fits. It passes the three Student-t 3x3 tasks (0.085 each, from 0.103
+and 0.102) and the spiral-normal-CDF 25x25 (0.078, from 0.101), with little margin: Student-t 2x2 dof 1
+is at 0.091 and spiral-normal-CDF 3x3 just fails at 0.107. Tried and dropped: the refit with a fresh cosine
+schedule over k* steps (Student-t 3x3 0.11-0.135, worse) and a Donsker-Varadhan normalisation of the
+held-out estimate (the held-out log-partition is positive, so it lowers the estimate further). Still
+failing: spirals (norm-dependent rotation) and Student-t 5x5, whose held-out estimate hardly moves from
+0 before the network starts to memorise the 4000 joint pairs.
+
 Goal (issue 5, G7): <= 0.10 nats on at least 32 of 40 tasks, <= 0.25 on all.
 
 {markdown_table(["method", "tasks run", "seeds", "within 0.10", "within 0.25", "median abs err",

@@ -1,5 +1,6 @@
 """Tests of pyro_sde.ratio against closed forms: Gaussian paths with exact time scores and log ratios."""
 
+import copy
 import math
 
 import pyro
@@ -520,6 +521,39 @@ def test_mutual_information_quadratic_classifier_with_validation():
     res = mutual_information(z[:, :5], z[:, 5:], est, validation=0.2, num_iterations=200, **FIT)
     assert len(est.validation_losses) == 200 // 25 + 1
     assert abs(res.estimate - truth) < 0.08
+
+
+def test_fit_stop_after_runs_a_prefix_of_the_schedule():
+    torch.manual_seed(0)
+    x_num, x_den = torch.randn(200, 2) + 1, torch.randn(200, 2)
+    full = ClassifierRatioEstimator(2, hidden_dim=16, num_layers=1)
+    part = copy.deepcopy(full)
+    torch.manual_seed(1)
+    full.fit(x_num, x_den, num_iterations=40, **FIT)
+    torch.manual_seed(1)
+    part.fit(x_num, x_den, num_iterations=40, stop_after=15, ema_decay=None, **FIT)
+    assert len(part.losses) == 15
+    assert part.losses == pytest.approx(full.losses[:15])  # same data, same schedule: same trajectory
+    with pytest.raises(ValueError, match="stop_after"):
+        ClassifierRatioEstimator(2).fit(x_num, x_den, num_iterations=10, stop_after=11, **FIT)
+
+
+def test_mutual_information_refit_on_all_training_pairs():
+    torch.manual_seed(0)
+    x = torch.randn(2000, 2)
+    y = x.square() - 1 + 0.5 * torch.randn(2000, 2)  # uncorrelated: the Gaussian term is zero, the MLP learns
+    est = ClassifierRatioEstimator(4, hidden_dim=32, num_layers=2, quadratic=True)
+    res = mutual_information(x, y, est, validation=0.2, refit=True, num_iterations=200, lr=1e-2, **FIT)
+    best = min(est.validation_losses, key=lambda s: s[1])[0]
+    assert best > 0
+    assert res.estimator is not est  # a fresh copy was trained ...
+    assert len(res.estimator.losses) == best  # ... for the early-stopped number of steps
+    assert res.estimator.validation_losses == est.validation_losses
+    assert 0.3 < res.estimate < 2.0
+    with pytest.raises(ValueError, match="refit=True needs validation"):
+        mutual_information(x, y, ClassifierRatioEstimator(4), refit=True)
+    with pytest.raises(TypeError, match="refit must be a bool"):
+        mutual_information(x, y, ClassifierRatioEstimator(4), validation=0.2, refit=1)
 
 
 def test_classifier_bad_options():

@@ -402,6 +402,7 @@ class RatioEstimator(nn.Module):
         standardize: bool = True,
         validation=None,
         validation_interval: int = 25,
+        stop_after: int | None = None,
         progress_bar: bool = True,
     ) -> RatioEstimator:
         """Train on samples of ``p_num`` and ``p_den``; calling again continues training.
@@ -416,6 +417,8 @@ class RatioEstimator(nn.Module):
             of held-out ``(N, d)`` samples, not trained on. The validation loss of the (averaged) weights is
             evaluated before the first step, every ``validation_interval`` steps and at the end; the weights
             with the lowest one are kept (history in :attr:`validation_losses`).
+        :param int stop_after: run only the first ``stop_after`` steps of the ``num_iterations`` schedule
+            (None: all); e.g. to repeat an early-stopped run's trajectory on more data.
         :param bool progress_bar: show a tqdm bar.
         :returns: ``self``.
         """
@@ -425,6 +428,10 @@ class RatioEstimator(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if batch_size < 2:
             raise ValueError("batch_size must be at least 2")
+        if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                       or not 1 <= stop_after <= num_iterations):
+            raise ValueError(f"stop_after must be an int in [1, num_iterations] or None, got {stop_after!r}")
+        num_run = num_iterations if stop_after is None else stop_after
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if ema_decay is not None and not 0 <= ema_decay < 1:
@@ -463,9 +470,9 @@ class RatioEstimator(nn.Module):
         monitor = None
         if validation is not None:
             monitor = _EarlyStopping(self, params, ema, [self.standardize(v.to(probe)) for v in validation])
-        losses = torch.empty(num_iterations, dtype=probe.dtype, device=probe.device)
+        losses = torch.empty(num_run, dtype=probe.dtype, device=probe.device)
         self.train()
-        bar = tqdm(range(num_iterations), disable=not progress_bar, desc=type(self).__name__)
+        bar = tqdm(range(num_run), disable=not progress_bar, desc=type(self).__name__)
         for i in bar:
             if monitor is not None and i % validation_interval == 0:
                 monitor.check(i)
@@ -479,10 +486,10 @@ class RatioEstimator(nn.Module):
             if ema is not None:
                 ema_update_(ema, params, ema_decay, i)
             losses[i] = loss.detach()
-            if progress_bar and (i % 100 == 0 or i == num_iterations - 1):
+            if progress_bar and (i % 100 == 0 or i == num_run - 1):
                 bar.set_postfix(loss=f"{loss.item():.4g}")
         if monitor is not None:
-            monitor.check(num_iterations)
+            monitor.check(num_run)
             self.validation_losses = monitor.history
             ema = monitor.best
         if ema is not None:

@@ -8,6 +8,7 @@ include the training variance of the estimator: repeat over seeds for that).
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
@@ -34,6 +35,7 @@ def mutual_information(
     denominator: str = "shuffle",
     holdout: float = 0.2,
     validation: float = 0.0,
+    refit: bool = False,
     num_steps: int | None = None,
     num_bootstrap: int = 200,
     fit: bool = True,
@@ -52,6 +54,11 @@ def mutual_information(
         :class:`~pyro_sde.ratio.ClassifierRatioEstimator`): its joint pairs against 4 times as many
         re-paired ones (``"shuffle"``: from the validation pairs only, so no validation point is ever
         trained on). 0: off.
+    :param bool refit: with ``validation > 0``: after early stopping has picked the step count ``k*``
+        (the checked step with the lowest validation loss), train a copy of the estimator as it was
+        before fitting (same initial weights) on all training pairs, validation pairs included, for
+        the first ``k*`` steps of the same ``num_iterations`` schedule (``fit(..., stop_after=k*)``) and
+        return that one. ``k* = 0`` (the initial weights won) keeps the early-stopped estimator.
     :param int num_steps: NFE of ``log_ratio``.
     :param int num_bootstrap: bootstrap resamples of the evaluation pairs.
     :param bool fit: fit the estimator (False: use an already fitted one).
@@ -78,6 +85,10 @@ def mutual_information(
         estimator = estimator(dim)
     if estimator.dim != dim:
         raise ValueError(f"estimator has dim {estimator.dim}, but x and y have {dim} dims together")
+    if not isinstance(refit, bool):
+        raise TypeError(f"refit must be a bool, got {refit!r}")
+    if refit and not (validation > 0 and fit):
+        raise ValueError("refit=True needs validation > 0 and fit=True")
     if validation > 0 and fit and not estimator.supports_validation:
         raise ValueError(f"{type(estimator).__name__} does not support validation (early stopping)")
     perm = torch.randperm(n, device=x.device)
@@ -103,8 +114,18 @@ def mutual_information(
             val_den = product(val_idx, 4 * num_val) if denominator == "shuffle" else torch.randn(
                 4 * num_val, dim, dtype=x.dtype, device=x.device)
             fit_kwargs["validation"] = (torch.cat([x[val_idx], y[val_idx]], -1), val_den)
+        initial = copy.deepcopy(estimator) if refit else None
         den = (lambda k: product(train_idx, k)) if denominator == "shuffle" else None
         estimator.fit(torch.cat([x[train_idx], y[train_idx]], -1), den, **fit_kwargs)
+        if refit:
+            best_step = min(estimator.validation_losses, key=lambda s: s[1])[0]
+            if best_step > 0:
+                all_idx = torch.cat([val_idx, train_idx])
+                fit_kwargs.update(validation=None, stop_after=best_step)
+                den = (lambda k: product(all_idx, k)) if denominator == "shuffle" else None
+                initial.fit(torch.cat([x[all_idx], y[all_idx]], -1), den, **fit_kwargs)
+                initial.validation_losses = estimator.validation_losses
+                estimator = initial
     with torch.no_grad():
         lr = estimator.log_ratio(torch.cat([x[eval_idx], y[eval_idx]], -1), num_steps)
     boot = torch.randint(lr.shape[0], (num_bootstrap, lr.shape[0]), device=lr.device)
