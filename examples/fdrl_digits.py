@@ -1,9 +1,9 @@
 """FDRL on scikit-learn's 8x8 digits (ships with scikit-learn, no download): train, sample, save grids.
 
-    OMP_NUM_THREADS=1 python examples/fdrl_digits.py [--iterations 5000] [--out fdrl_digits.png]
+    OMP_NUM_THREADS=1 python examples/fdrl_digits.py [--iterations 10000] [--out fdrl_digits.png]
 
 Trains :class:`~pyro_sde.ratio.fdrl.FlowGuidedGenerator` (LSIF-chi2, data-dependent Gaussian prior) for
-``--iterations`` steps (5000: about 4 CPU minutes at one thread; the settings of ``benchmarks/fdrl.py``),
+``--iterations`` steps (10000: about 6-7 CPU minutes at one thread; the settings of ``benchmarks/fdrl.py``),
 then saves
 
 * ``--out``: 100 unconditional samples (flow from the data-dependent prior);
@@ -54,7 +54,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> torc
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iterations", type=int, default=5000)
+    ap.add_argument("--iterations", type=int, default=10000)
     ap.add_argument("--out", default="fdrl_digits.png")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -9,7 +9,14 @@ import pytest
 import torch
 from pyro.infer import Predictive
 
-from pyro_sde.ratio.fdrl import LOSSES, FlowGuidedGenerator, energy_distance, fit_gaussian
+from pyro_sde.ratio.fdrl import (
+    LOSSES,
+    FlowGuidedGenerator,
+    FourierMLP,
+    _network_input_grad,
+    energy_distance,
+    fit_gaussian,
+)
 from pyro_sde.ratio.fdrl_distribution import FDRLDistribution
 
 
@@ -57,6 +64,26 @@ class TestEnergyDistance:
         same, shifted = energy_distance(x, y), energy_distance(x, y + 1.0)
         assert same < 0.02 < shifted
         assert energy_distance(y + 1.0, x).item() == pytest.approx(shifted.item(), rel=1e-12)
+
+    def test_unbiased_u_statistic(self):
+        # x uniform on {0, 1}, y = {0, 0}: U = 2 * 1/2 - 1 - 0 = 0, V = 1 - 1/2 - 0 = 1/2
+        x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+        y = torch.zeros(2, 1, dtype=torch.float64)
+        assert energy_distance(x, y, unbiased=True).item() == pytest.approx(0.0, abs=1e-12)
+        assert energy_distance(x, y).item() == pytest.approx(0.5, abs=1e-12)
+        # V - U = mean_{i != j} |x_i - x_j| / N + mean_{i != j} |y_i - y_j| / M
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(30, 3, generator=g, dtype=torch.float64)
+        y = torch.randn(20, 3, generator=g, dtype=torch.float64) + 0.5
+
+        def within(a):
+            n = a.shape[0]
+            return sum((a[i] - a[j]).norm() for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+
+        gap = energy_distance(x, y) - energy_distance(x, y, unbiased=True)
+        assert gap.item() == pytest.approx((within(x) / 30 + within(y) / 20).item(), rel=1e-10)
+        with pytest.raises(ValueError, match="at least 2"):
+            energy_distance(x[:1], y, unbiased=True)
 
     def test_bad_input(self):
         x = torch.randn(10, 2)
@@ -244,6 +271,19 @@ class TestCheckpoint:
         torch.testing.assert_close(a, b)
         assert back.losses == gen.losses and back.iteration == gen.iteration
 
+    def test_fourier_roundtrip(self, tmp_path):
+        torch.manual_seed(0)
+        gen = FlowGuidedGenerator(2, loss="lr", num_flow_steps=2, hidden_dim=8, num_layers=1,
+                                  fourier_features=4, fourier_scale=2.0)
+        assert isinstance(gen.network, FourierMLP) and gen.network.freqs.shape == (4, 2)
+        data = torch.randn(64, 2)
+        gen.fit(data, num_iterations=3, batch_size=16, progress_bar=False)
+        gen.save(tmp_path / "g.pt")
+        back = FlowGuidedGenerator.load(tmp_path / "g.pt")
+        assert isinstance(back.network, FourierMLP)
+        torch.testing.assert_close(back.network.freqs, gen.network.freqs)
+        torch.testing.assert_close(back.log_ratio(data[:20]), gen.log_ratio(data[:20]))
+
     def test_user_prior_roundtrip(self, tmp_path):
         torch.manual_seed(0)
         gen = FlowGuidedGenerator(2, prior=_gaussian(3.0, 0.5), num_flow_steps=2, hidden_dim=8, num_layers=1)
@@ -323,6 +363,10 @@ class TestBadInput:
             FlowGuidedGenerator(2, prior=_gaussian(0.0, 1.0, dim=3))
         with pytest.raises(TypeError, match="prior"):
             FlowGuidedGenerator(2, prior=3.0)
+        with pytest.raises(ValueError, match="fourier_features"):
+            FlowGuidedGenerator(2, fourier_features=-1)
+        with pytest.raises(ValueError, match="fourier_scale"):
+            FlowGuidedGenerator(2, fourier_features=4, fourier_scale=0.0)
 
     def test_sampling_options(self, small_gen):
         gen, _ = small_gen
@@ -358,6 +402,28 @@ def test_flow_path_and_sample_shapes(small_gen):
     # noise-free flow with the drift switched off (eta -> 0) returns the prior draw
     z0 = gen.sample_prior(8)
     torch.testing.assert_close(gen.flow(z0, 3, step_size=1e-12, noise_std=0.0), z0)
+
+
+@pytest.mark.parametrize("loss,divergence,fourier", [("lsif", "chi2", 0), ("lr", "kl", 0), ("kl", "kl", 0),
+                                                     ("lr", "js", 0), ("lsif", "chi2", 5), ("lr", "kl", 5)])
+def test_flow_drift_matches_autograd(loss, divergence, fourier):
+    """The flow's explicit input gradient (f' linear in the output; MLP or FourierMLP) gives autograd's
+    drift; other pairings, other activations and custom networks take the autograd path."""
+    torch.manual_seed(0)
+    gen = FlowGuidedGenerator(3, loss=loss, divergence=divergence, hidden_dim=16, num_layers=2,
+                              fourier_features=fourier).double()
+    z = torch.randn(50, 3, dtype=torch.float64)
+    zk = z.clone().requires_grad_(True)
+    grad = torch.autograd.grad(gen.potential(zk).sum(), zk)[0]
+    torch.testing.assert_close(gen.flow(z, 1, step_size=0.1, noise_std=0.0), z - 0.1 * grad)
+    assert _network_input_grad(gen.network, z) is not None
+    mlp = gen.network.mlp if fourier else gen.network
+    mlp.net = torch.nn.Sequential(torch.nn.Linear(mlp.net[0].in_features, 8), torch.nn.SiLU(),
+                                  torch.nn.Linear(8, 1)).double()
+    assert _network_input_grad(gen.network, z) is None
+    zk = z.clone().requires_grad_(True)
+    grad = torch.autograd.grad(gen.potential(zk).sum(), zk)[0]
+    torch.testing.assert_close(gen.flow(z, 1, step_size=0.1, noise_std=0.0), z - 0.1 * grad)
 
 
 def test_digits_smoke():

@@ -33,7 +33,7 @@ from ..nn.ema import ema_update_
 from ..sde.integrate import euler_maruyama_step
 from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples
 
-__all__ = ["FlowGuidedGenerator", "energy_distance", "fit_gaussian", "LOSSES", "DIVERGENCES"]
+__all__ = ["FlowGuidedGenerator", "FourierMLP", "energy_distance", "fit_gaussian", "LOSSES", "DIVERGENCES"]
 
 #: Bregman losses; ``"bce"`` is the binary cross-entropy form of ``"lr"`` (the same objective).
 LOSSES = ("lsif", "lr", "bce", "kl")
@@ -57,22 +57,28 @@ def _nonnegative_float(v, name, positive=False):
     return float(v)
 
 
-def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (V-statistic: all pairs, diagonal included).
+def energy_distance(x: torch.Tensor, y: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+    """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` between the samples ``x`` and ``y``.
 
-    ``x`` ``(N, d)``, ``y`` ``(M, d)`` -> 0-d tensor; zero iff the empirical measures coincide. In 1-D it is
-    ``2 int (F_x - F_y)^2``, the square of :func:`scipy.stats.energy_distance`.
+    ``x`` ``(N, d)``, ``y`` ``(M, d)`` -> 0-d tensor. The default is the V-statistic (all pairs, the zero
+    diagonal included): the energy distance of the two empirical measures, zero iff they coincide, never
+    negative, and in 1-D ``2 int (F_x - F_y)^2``, the square of :func:`scipy.stats.energy_distance`. As an
+    estimate of the population value it is biased upwards by ``E|X - X'| / N + E|Y - Y'| / M`` (for two
+    samples of one distribution its mean is that bias, not 0). ``unbiased=True`` gives the U-statistic
+    (diagonals left out of the within-sample means): unbiased, but it can be negative.
     """
-    x = check_samples(x, "x")
-    y = check_samples(y, "y", x.shape[-1])
+    x = check_samples(x, "x", min_samples=2 if unbiased else 1)
+    y = check_samples(y, "y", x.shape[-1], min_samples=2 if unbiased else 1)
     if x.dtype != y.dtype or x.device != y.device:
         raise ValueError(f"x and y must share dtype and device, got {x.dtype}/{x.device} and "
                          f"{y.dtype}/{y.device}")
 
-    def mean_dist(a, b):  # exact distances (the matrix-product shortcut loses digits near 0); O(N M) memory
-        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").mean()
+    def mean_dist(a, b, same=False):  # exact distances (the matrix-product shortcut loses digits near 0)
+        total = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").sum()
+        n = a.shape[0] * b.shape[0] - (a.shape[0] if same and unbiased else 0)
+        return total / n
 
-    return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
+    return 2 * mean_dist(x, y) - mean_dist(x, x, True) - mean_dist(y, y, True)
 
 
 def fit_gaussian(x: torch.Tensor, jitter: float = 1e-6) -> torch.distributions.MultivariateNormal:
@@ -112,6 +118,68 @@ def _f_prime(divergence: str, log_r: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
 
+class FourierMLP(nn.Module):
+    """``z -> mlp([z, sin(z B^T), cos(z B^T)])``, ``(N, d) -> (N,)``, with ``m`` fixed random frequencies
+    ``B ~ N(0, scale^2)`` of shape ``(m, d)``.
+
+    Random Fourier features (Tancik et al., 2020) lift the spectral bias of a small MLP: in 2-D the plain
+    GELU MLP learns the angular pattern of 8 gaussians or the edges of a checkerboard only slowly, and the
+    flow then leaves the samples on a ring. ``B`` is a buffer (saved with the weights).
+    """
+
+    def __init__(self, dim: int, num_features: int, scale: float = 1.0, *, hidden_dim: int = 128,
+                 num_layers: int = 3):
+        super().__init__()
+        self.register_buffer("freqs", scale * torch.randn(num_features, dim))
+        self.mlp = MLP(dim + 2 * num_features, 1, hidden_dim=hidden_dim, num_layers=num_layers)
+
+    def forward(self, z):
+        proj = z @ self.freqs.T
+        return self.mlp(torch.cat([z, proj.sin(), proj.cos()], -1))
+
+
+_SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _mlp_input_grad(mlp: MLP, z: torch.Tensor) -> torch.Tensor | None:
+    """``grad_z sum(mlp(z))`` by an explicit forward and backward pass, ``(N, d) -> (N, d)``; None unless
+    ``mlp`` is a plain chain of ``Linear`` layers and exact GELUs with a scalar output.
+
+    The same numbers as autograd (to rounding) at about half the cost for the small networks of the flow,
+    where autograd's bookkeeping dominates; the flow evaluates it ``K`` times per training iteration.
+    """
+    mods = list(mlp.net)
+    linears, acts = mods[0::2], mods[1::2]
+    if (len(mods) % 2 != 1 or not all(isinstance(m, nn.Linear) for m in linears)
+            or not all(type(a) is nn.GELU and a.approximate == "none" for a in acts)
+            or linears[-1].out_features != 1):
+        return None
+    h, slopes = z, []
+    for lin in linears[:-1]:
+        pre = F.linear(h, lin.weight, lin.bias)
+        cdf = 0.5 * (1 + torch.erf(pre * _SQRT_HALF))
+        slopes.append(cdf + pre * _INV_SQRT_2PI * torch.exp(-0.5 * pre * pre))  # gelu'(pre)
+        h = pre * cdf
+    g = slopes[-1] * linears[-1].weight  # (N, H) * (1, H)
+    for lin, slope in zip(reversed(linears[1:-1]), reversed(slopes[:-1])):
+        g = (g @ lin.weight) * slope
+    return g @ linears[0].weight
+
+
+def _network_input_grad(network: nn.Module, z: torch.Tensor) -> torch.Tensor | None:
+    """``grad_z sum(network(z))`` without autograd for :class:`MLP` and :class:`FourierMLP`, else None."""
+    if isinstance(network, MLP):
+        return _mlp_input_grad(network, z)
+    if isinstance(network, FourierMLP):
+        proj = z @ network.freqs.T
+        g = _mlp_input_grad(network.mlp, torch.cat([z, proj.sin(), proj.cos()], -1))
+        if g is None:
+            return None
+        d, m = z.shape[-1], proj.shape[-1]
+        return g[:, :d] + (g[:, d:d + m] * proj.cos() - g[:, d + m:] * proj.sin()) @ network.freqs
+    return None
+
+
 class FlowGuidedGenerator(RatioEstimator):
     """FDRL generator: a stale density-ratio estimator ``r_theta = q_tilde / p`` trained on flowed samples.
 
@@ -149,13 +217,17 @@ class FlowGuidedGenerator(RatioEstimator):
     :param float noise_std: ``nu``, the per-step noise std (``nu = sqrt(2 gamma eta)`` for the SDE
         ``dz = -grad f'(r) dt + sqrt(2 gamma) dW``).
     :param int hidden_dim: MLP width. :param int num_layers: MLP hidden layers.
+    :param int fourier_features: ``m > 0`` feeds the MLP ``[z, sin(z B^T), cos(z B^T)]`` with ``m`` fixed
+        random frequencies ``B ~ N(0, fourier_scale^2)`` (:class:`FourierMLP`; standardised units): fine
+        structure in low dimensions (modes, edges) that a plain MLP learns only slowly. 0: the plain MLP.
+    :param float fourier_scale: std of the frequencies.
     :param nn.Module network: a custom network ``(N, d) -> (N,)`` (standardised inputs) instead of the MLP.
     """
 
     def __init__(self, dim: int, *, loss: str = "lsif", divergence: str | None = None, prior="data",
                  num_flow_steps: int = 50, num_refine_steps: int = 0, step_size: float = 1.0,
                  noise_std: float = 0.03, hidden_dim: int = 128, num_layers: int = 3,
-                 network: nn.Module | None = None):
+                 fourier_features: int = 0, fourier_scale: float = 1.0, network: nn.Module | None = None):
         super().__init__(dim)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -168,13 +240,19 @@ class FlowGuidedGenerator(RatioEstimator):
         self.step_size = _nonnegative_float(step_size, "step_size", positive=True)
         self.noise_std = _nonnegative_float(noise_std, "noise_std")
         self._set_prior(prior)
+        _positive_int(fourier_features, "fourier_features", 0)
+        _nonnegative_float(fourier_scale, "fourier_scale", positive=True)
         if network is None:
-            network = MLP(dim, 1, hidden_dim=hidden_dim, num_layers=num_layers)
+            network = (FourierMLP(dim, fourier_features, fourier_scale, hidden_dim=hidden_dim,
+                                  num_layers=num_layers) if fourier_features
+                       else MLP(dim, 1, hidden_dim=hidden_dim, num_layers=num_layers))
         self.network = network
         self._config.update(loss=loss, divergence=divergence, num_flow_steps=num_flow_steps,
                             num_refine_steps=num_refine_steps, step_size=step_size, noise_std=noise_std)
-        if isinstance(network, MLP):
+        if isinstance(network, (MLP, FourierMLP)):
             self._config.update(hidden_dim=hidden_dim, num_layers=num_layers)
+        if isinstance(network, FourierMLP):
+            self._config.update(fourier_features=fourier_features, fourier_scale=fourier_scale)
         self.iteration = 0  # optimiser steps taken so far (over all fit calls)
         self._resume: dict | None = None  # optimiser / EMA / RNG state of an interrupted fit
 
@@ -270,10 +348,23 @@ class FlowGuidedGenerator(RatioEstimator):
         num_steps, eta, nu = self._check_flow_options(num_steps, step_size, noise_std)
         z = check_samples(z0, "z0", self.dim).detach()
         path = [z] if return_path else None
+        # f'(r) linear in the network output (LSIF-chi2: 2 (r - 1); a log-ratio network with KL: l + 1):
+        # grad f' is a multiple of the network's input gradient, computed without autograd for the MLP
+        linear = {("lsif", "chi2"): 2.0, ("lr", "kl"): 1.0, ("bce", "kl"): 1.0, ("kl", "kl"): 1.0}.get(
+            (self.loss, self.divergence))
+        fast = classifier is None and linear is not None
         for _ in range(num_steps):
-            with torch.enable_grad():
-                zk = z.requires_grad_(True)
-                grad = torch.autograd.grad(self.potential(zk, classifier, label, guidance_scale).sum(), zk)[0]
+            grad = None
+            if fast:
+                with torch.no_grad():
+                    grad = _network_input_grad(self.network, z)
+                if grad is not None:
+                    grad = linear * grad
+            if grad is None:
+                with torch.enable_grad():
+                    zk = z.requires_grad_(True)
+                    grad = torch.autograd.grad(self.potential(zk, classifier, label, guidance_scale).sum(),
+                                               zk)[0]
             z = euler_maruyama_step(z.detach(), 1.0, -eta, nu, grad, torch.randn_like(grad))
             if return_path:
                 path.append(z)
@@ -433,8 +524,8 @@ class FlowGuidedGenerator(RatioEstimator):
         training -- the optimiser / EMA / RNG state needed to resume."""
         torch.save({"class": type(self).__name__, "config": self._config, "state": self.state_dict(),
                     "losses": self.losses, "user_prior": self.user_prior, "iteration": self.iteration,
-                    "resume": self._resume, "network": None if isinstance(self.network, MLP) else
-                    self.network}, path)
+                    "resume": self._resume, "network": None if isinstance(self.network, (MLP, FourierMLP))
+                    else self.network}, path)
 
     @classmethod
     def load(cls, path, map_location=None) -> FlowGuidedGenerator:
