@@ -337,6 +337,17 @@ def make_time_score_network(network, dim: int, num_times: int, **kwargs) -> nn.M
 # --------------------------------------------------------------------------------------------------
 
 
+def optimizer_step(loss, optimizer, scheduler, ema, params, ema_decay, step) -> None:
+    """One training step shared by the ratio and FDRL trainers: backward, Adam step, schedule step and
+    (``ema`` not None) the weight average ``ema <- EMA(params)`` (:func:`~pyro_sde.nn.ema.ema_update_`)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    if ema is not None:
+        ema_update_(ema, params, ema_decay, step)
+
+
 class RatioEstimator(nn.Module):
     """Base class of the density-ratio estimators ``log r(x) = log p_num(x) / p_den(x)``.
 
@@ -479,12 +490,7 @@ class RatioEstimator(nn.Module):
             x_num = self.standardize(sample_num(batch_size))
             x_den = None if sample_den is None else self.standardize(sample_den(batch_size))
             loss = self._loss(x_num, x_den, i / num_iterations)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema_update_(ema, params, ema_decay, i)
+            optimizer_step(loss, opt, sched, ema, params, ema_decay, i)
             losses[i] = loss.detach()
             if progress_bar and (i % 100 == 0 or i == num_run - 1):
                 bar.set_postfix(loss=f"{loss.item():.4g}")

@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn.ema import ema_update_
 from ..sde.integrate import euler_maruyama_step
-from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples
+from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples, optimizer_step
 
 __all__ = ["FlowGuidedGenerator", "FourierMLP", "energy_distance", "fit_gaussian", "LOSSES", "DIVERGENCES"]
 
@@ -436,12 +435,7 @@ class FlowGuidedGenerator(RatioEstimator):
             z_q = self.flow(self.sample_prior(batch_size), self.num_flow_steps)
             z_p = z_data[torch.randint(z_data.shape[0], (batch_size,), device=z_data.device)]
             loss = self._loss(z_q, z_p, i / num_iterations)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema_update_(ema, params, ema_decay, i)
+            optimizer_step(loss, opt, sched, ema, params, ema_decay, i)
             losses[i - start] = loss.detach()
             self.iteration += 1
             if progress_bar and (i % 50 == 0 or i == num_iterations - 1):
