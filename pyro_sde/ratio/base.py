@@ -116,13 +116,18 @@ class MLP(nn.Module):
 _SQRT2, _INV_SQRT_2PI = math.sqrt(2.0), 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def gelu_derivatives(h: torch.Tensor, order: int = 1) -> tuple[torch.Tensor, ...]:
+    """``(gelu(h), gelu'(h)[, gelu''(h)])`` of the exact GELU ``h Phi(h)``, elementwise (``order`` 1 or 2)."""
+    cdf = 0.5 * (1 + torch.erf(h / _SQRT2))
+    pdf = _INV_SQRT_2PI * torch.exp(-0.5 * h * h)
+    out = (h * cdf, cdf + h * pdf)
+    return out + (pdf * (2 - h * h),) if order > 1 else out
+
+
 def _activation_jets(act: nn.Module, h, hd, hdd):
     """Value and first/second directional derivatives of an elementwise activation (GELU or SiLU)."""
     if isinstance(act, nn.GELU) and act.approximate == "none":
-        cdf = 0.5 * (1 + torch.erf(h / _SQRT2))
-        pdf = _INV_SQRT_2PI * torch.exp(-0.5 * h * h)
-        d1, d2 = cdf + h * pdf, pdf * (2 - h * h)  # gelu' and gelu''
-        y = h * cdf
+        y, d1, d2 = gelu_derivatives(h, order=2)
     elif isinstance(act, nn.SiLU):
         sig = torch.sigmoid(h)
         d1 = sig * (1 + h * (1 - sig))

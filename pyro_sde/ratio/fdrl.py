@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..sde.integrate import euler_maruyama_step
-from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples, optimizer_step
+from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples, gelu_derivatives, optimizer_step
 
 __all__ = ["FlowGuidedGenerator", "FourierMLP", "energy_distance", "fit_gaussian", "LOSSES", "DIVERGENCES"]
 
@@ -137,45 +137,46 @@ class FourierMLP(nn.Module):
         return self.mlp(torch.cat([z, proj.sin(), proj.cos()], -1))
 
 
-_SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _mlp_input_grad(mlp: MLP, z: torch.Tensor) -> torch.Tensor | None:
-    """``grad_z sum(mlp(z))`` by an explicit forward and backward pass, ``(N, d) -> (N, d)``; None unless
-    ``mlp`` is a plain chain of ``Linear`` layers and exact GELUs with a scalar output.
-
-    The same numbers as autograd (to rounding) at about half the cost for the small networks of the flow,
-    where autograd's bookkeeping dominates; the flow evaluates it ``K`` times per training iteration.
-    """
+def _is_gelu_chain(mlp: MLP) -> bool:
+    """Whether ``mlp`` is a plain chain of ``Linear`` layers and exact GELUs with a scalar output."""
     mods = list(mlp.net)
     linears, acts = mods[0::2], mods[1::2]
-    if (len(mods) % 2 != 1 or not all(isinstance(m, nn.Linear) for m in linears)
-            or not all(type(a) is nn.GELU and a.approximate == "none" for a in acts)
-            or linears[-1].out_features != 1):
-        return None
+    return (len(mods) % 2 == 1 and all(isinstance(m, nn.Linear) for m in linears)
+            and all(type(a) is nn.GELU and a.approximate == "none" for a in acts)
+            and linears[-1].out_features == 1)
+
+
+def _mlp_input_grad(mlp: MLP, z: torch.Tensor) -> torch.Tensor:
+    """``grad_z sum(mlp(z))`` of a GELU chain (:func:`_is_gelu_chain`) by an explicit forward and backward
+    pass, ``(N, d) -> (N, d)``: the same numbers as autograd (to rounding) at about half the cost for the
+    small networks of the flow, where autograd's bookkeeping dominates."""
+    linears = list(mlp.net)[0::2]
     h, slopes = z, []
     for lin in linears[:-1]:
-        pre = F.linear(h, lin.weight, lin.bias)
-        cdf = 0.5 * (1 + torch.erf(pre * _SQRT_HALF))
-        slopes.append(cdf + pre * _INV_SQRT_2PI * torch.exp(-0.5 * pre * pre))  # gelu'(pre)
-        h = pre * cdf
+        h, slope = gelu_derivatives(F.linear(h, lin.weight, lin.bias))
+        slopes.append(slope)
     g = slopes[-1] * linears[-1].weight  # (N, H) * (1, H)
     for lin, slope in zip(reversed(linears[1:-1]), reversed(slopes[:-1])):
         g = (g @ lin.weight) * slope
     return g @ linears[0].weight
 
 
-def _network_input_grad(network: nn.Module, z: torch.Tensor) -> torch.Tensor | None:
-    """``grad_z sum(network(z))`` without autograd for :class:`MLP` and :class:`FourierMLP`, else None."""
-    if isinstance(network, MLP):
-        return _mlp_input_grad(network, z)
-    if isinstance(network, FourierMLP):
-        proj = z @ network.freqs.T
-        g = _mlp_input_grad(network.mlp, torch.cat([z, proj.sin(), proj.cos()], -1))
-        if g is None:
-            return None
-        d, m = z.shape[-1], proj.shape[-1]
-        return g[:, :d] + (g[:, d:d + m] * proj.cos() - g[:, d + m:] * proj.sin()) @ network.freqs
+def _fourier_input_grad(network: FourierMLP, z: torch.Tensor) -> torch.Tensor:
+    """``grad_z sum(network(z))`` of a :class:`FourierMLP` on a GELU chain, by the chain rule through the
+    features ``[z, sin(z B^T), cos(z B^T)]``."""
+    proj = z @ network.freqs.T
+    g = _mlp_input_grad(network.mlp, torch.cat([z, proj.sin(), proj.cos()], -1))
+    d, m = z.shape[-1], proj.shape[-1]
+    return g[:, :d] + (g[:, d:d + m] * proj.cos() - g[:, d + m:] * proj.sin()) @ network.freqs
+
+
+def _input_grad_fn(network: nn.Module) -> Callable | None:
+    """``z -> grad_z sum(network(z))`` without autograd for :class:`MLP` and :class:`FourierMLP` GELU
+    chains, else None (checked once per flow, not per step)."""
+    if isinstance(network, MLP) and _is_gelu_chain(network):
+        return lambda z: _mlp_input_grad(network, z)
+    if isinstance(network, FourierMLP) and _is_gelu_chain(network.mlp):
+        return lambda z: _fourier_input_grad(network, z)
     return None
 
 
@@ -351,15 +352,12 @@ class FlowGuidedGenerator(RatioEstimator):
         # grad f' is a multiple of the network's input gradient, computed without autograd for the MLP
         linear = {("lsif", "chi2"): 2.0, ("lr", "kl"): 1.0, ("bce", "kl"): 1.0, ("kl", "kl"): 1.0}.get(
             (self.loss, self.divergence))
-        fast = classifier is None and linear is not None
+        explicit = _input_grad_fn(self.network) if classifier is None and linear is not None else None
         for _ in range(num_steps):
-            grad = None
-            if fast:
+            if explicit is not None:
                 with torch.no_grad():
-                    grad = _network_input_grad(self.network, z)
-                if grad is not None:
-                    grad = linear * grad
-            if grad is None:
+                    grad = linear * explicit(z)
+            else:
                 with torch.enable_grad():
                     zk = z.requires_grad_(True)
                     grad = torch.autograd.grad(self.potential(zk, classifier, label, guidance_scale).sum(),
