@@ -85,6 +85,7 @@ def run_sampler(target, method, loss, seed, args):
     sampler = DiffusionSampler(
         log_density=target.log_prob, dim=target.dim, method=method, loss=loss, num_steps=args.steps,
         exploration_noise=args.exploration_noise if loss == "log_variance" else 1.0,
+        precondition=None if args.precondition == "none" else args.precondition,
     )
     start = time.perf_counter()
     sampler.step(args.batch)  # warm-up and calibration steps (they train too)
@@ -95,7 +96,7 @@ def run_sampler(target, method, loss, seed, args):
     iterations = max(int((args.budget - (time.perf_counter() - start)) / per_iter), 1)
     if args.iterations:
         iterations = args.iterations
-    sampler.run(num_iterations=iterations, batch_size=args.batch, progress_bar=False)
+    sampler.run(num_iterations=iterations, batch_size=args.batch, until=None, progress_bar=False)
     per_iter = (time.perf_counter() - start) / (iterations + 4)
     train_time = time.perf_counter() - start
     z, log_w = sampler.sample_unconstrained(args.eval)
@@ -211,6 +212,10 @@ def main(argv=None):
         "--exploration-noise", type=float, default=1.0, help="noise factor of the log-variance paths"
     )
     parser.add_argument("--no-nuts", action="store_true")
+    parser.add_argument(
+        "--precondition", default="laplace", choices=["laplace", "svi", "diagonal", "none"],
+        help="the sampler's preconditioning (default: the sampler's default, laplace)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (used by a test)")
     parser.add_argument("--doc", type=Path, default=_report.DOC)

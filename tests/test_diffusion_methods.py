@@ -43,7 +43,7 @@ def test_gradient_estimators_agree_in_expectation(method):
     means, ses = {}, {}
     for loss in ["kl", "rkl_ld", "log_variance"]:
         sampler = DiffusionSampler(
-            log_density=log_rho, dim=2, method=method, loss=loss, num_steps=10, dtype=D64,
+            log_density=log_rho, dim=2, method=method, loss=loss, num_steps=10, dtype=D64, precondition=None,
             control=_ScaledControl(lambda tau, x: torch.ones_like(x) - 0.3 * x, theta=0.5),
         )
         g = _grads(sampler, 10, 2000) / (2 if loss == "log_variance" else 1)
@@ -60,6 +60,7 @@ def test_log_variance_with_exploration_is_still_zero_variance_at_the_optimum():
         sampler = DiffusionSampler(
             log_density=_gaussian(mu, sigma**2 * T, log_z), dim=2, method="pis", num_steps=20, sigma=sigma,
             T=T, dtype=D64, exploration_noise=noise, control=_ScaledControl(lambda tau, x: mu.expand_as(x)),
+            precondition=None,
         )
         assert _grads(sampler, 3, 256).abs().max().item() < 1e-10
     with pytest.raises(ValueError, match="on-policy"):
@@ -143,7 +144,7 @@ class _Interrupting:
 
 @pytest.mark.parametrize("method", ["dis", "bridge"])
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, method):
-    options = dict(dim=2, method=method, num_steps=8, ema_decay=0.9)
+    options = dict(dim=2, method=method, num_steps=8, ema_decay=0.9, precondition=None)
     torch.manual_seed(1)
     full = DiffusionSampler(log_density=_Interrupting(), **options)
     full.run(num_iterations=12, batch_size=32, progress_bar=False)

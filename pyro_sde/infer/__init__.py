@@ -5,6 +5,7 @@ from .bridge import LearnedBridge, bridge_log_weights
 from .diffusion import DiffusionSampler, StepInfo
 from .map import lbfgs_map
 from .potential import LogDensityPotential, ModelPotential, Potential
+from .precondition import Preconditioner, WhitenedPotential, fit_preconditioner
 
 __all__ = [
     "DiffusionSampler",
@@ -12,8 +13,11 @@ __all__ = [
     "LogDensityPotential",
     "ModelPotential",
     "Potential",
+    "Preconditioner",
     "StepInfo",
+    "WhitenedPotential",
     "bridge",
     "bridge_log_weights",
+    "fit_preconditioner",
     "lbfgs_map",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -33,6 +34,7 @@ from ...sde import (
     torchsde_euler,
 )
 from ..potential import LogDensityPotential, ModelPotential, Potential
+from ..precondition import PRECONDITION_METHODS, Preconditioner, WhitenedPotential, fit_preconditioner
 from .losses import get_loss
 
 __all__ = ["DiffusionSampler", "StepInfo"]
@@ -119,7 +121,16 @@ class DiffusionSampler:
     :param torch.nn.Module backward_control: a custom backward control for the bridge,
         ``backward_control(tau, x, None) -> u`` (default: a zero-initialised :class:`ControlNetwork`).
     :param str backend: ``"euler"`` (our batched loop) or ``"torchsde"`` (``torchsde.sdeint``).
-    :param init_strategy: Pyro init strategy (only sets a reference point for checks).
+    :param precondition: run every method in whitened coordinates ``w = L^{-1} (z - m)`` of a Gaussian
+        ``N(m, L L^T)`` fitted to the unconstrained posterior before training (an exact affine change of
+        variables: samples, weights and ``log Z`` are unchanged in law): ``"laplace"`` (default; MAP from
+        several starts + Hessian, a moment-matched mixture when several modes are found, a Gaussian VI
+        fit when the Hessian is not negative definite), ``"svi"``, ``"diagonal"``, ``None`` (no
+        preconditioning), a ``(loc, scale_tril)`` pair or a :class:`~pyro_sde.infer.Preconditioner`.
+        A fit that is a worse importance proposal than ``N(0, I)`` is not used. See
+        :func:`~pyro_sde.infer.fit_preconditioner`; the result is ``sampler.preconditioner``.
+    :param dict precondition_options: keyword arguments of :func:`~pyro_sde.infer.fit_preconditioner`.
+    :param init_strategy: Pyro init strategy (the first start of the preconditioner's MAP search).
     :param bool vectorize: evaluate the model on batches under a particle plate (see
         :class:`~pyro_sde.infer.potential.ModelPotential`).
     :param dtype, device: with ``log_density`` only (a model's tensors decide otherwise).
@@ -151,6 +162,8 @@ class DiffusionSampler:
         ema_decay: float | None = 0.999,
         backward_control: torch.nn.Module | None = None,
         backend: str = "euler",
+        precondition="laplace",
+        precondition_options: dict | None = None,
         init_strategy=init_to_uniform,
         vectorize: bool = True,
         dtype: torch.dtype | None = None,
@@ -180,6 +193,11 @@ class DiffusionSampler:
         )
         self.model = model
         self.method = method
+        self.preconditioner: Preconditioner | None = _check_precondition(precondition)
+        self._precondition = precondition if isinstance(precondition, str) else None
+        if precondition_options is not None and not isinstance(precondition_options, dict):
+            raise TypeError("precondition_options must be a dict of fit_preconditioner options")
+        self._precondition_options = dict(precondition_options or {})
         if loss is None:
             loss = "rkl_ld" if method == "bridge" else "log_variance"
         self.loss_spec = get_loss(loss)
@@ -231,7 +249,8 @@ class DiffusionSampler:
         self._run_state: dict | None = None  # progress of the current run (for checkpoints / resume)
         self._pending_state: dict | None = None  # state loaded from a checkpoint, applied at set-up
         self._resume_rng = None
-        self.potential: Potential | None = None
+        self.potential: Potential | None = None  # the model's unconstrained log density
+        self._target: Potential | None = None  # what the SDE samples: the potential in whitened coordinates
         self._model_call = None
         if log_density is not None:
             if dim is None:
@@ -241,6 +260,7 @@ class DiffusionSampler:
         self.losses: list[float] = []
         self.history: list[StepInfo] = []
         self._weighted = None  # cache: (z, log_weights) of the last evaluation draw
+        self.eval_history: list[tuple[int, float, float]] = []  # (iteration, ESS, Pareto k) of run checks
 
     # ----------------------------------------------------------------------------------------
     # set-up
@@ -263,8 +283,20 @@ class DiffusionSampler:
         self._weighted = None
         self._setup_training()
 
+    def _setup_target(self):
+        """Fit the preconditioner once (kept when the model's data change) and whiten the potential."""
+        if self.preconditioner is None and self._precondition is not None:
+            self.preconditioner = fit_preconditioner(
+                self.potential, self._precondition, **self._precondition_options
+            )
+        if self.preconditioner is None or self.preconditioner.method == "identity":
+            self._target = self.potential
+        else:
+            self._target = WhitenedPotential(self.potential, self.preconditioner)
+
     def _setup_training(self):
-        p = self.potential
+        self._setup_target()
+        p = self._target
         if self.control is None:
             self.control = ControlNetwork(p.dim, **self._network_options)
         self.control.to(dtype=p.dtype, device=p.device)
@@ -309,7 +341,7 @@ class DiffusionSampler:
     # the control along a path
     def _guide(self, tau, z, create_graph):
         """The input the control multiplies: clipped target score (PIS) or lerp(prior, target) (DIS)."""
-        score = self.potential.score(z, create_graph=create_graph)
+        score = self._target.score(z, create_graph=create_graph)
         score = _clip(score, self.score_clip)
         if self.method in ("dis", "bridge"):  # lerp of prior and target scores
             score = (1 - tau) * self.reference.initial_score(z) + tau * score
@@ -322,7 +354,7 @@ class DiffusionSampler:
 
     def _control_fn(self, net, differentiable, guides=None):
         """``control_fn(k, t, z)`` of ``net`` for the integrator; records step k's guide in ``guides``."""
-        T, p = self.reference.T, self.potential
+        T, p = self.reference.T, self._target
         forward = None
         if hasattr(net, "time_features"):  # evaluate the time branch once for the whole grid
             tau = self.reference.coefficients(p.dtype, p.device).times[:-1] / T
@@ -362,11 +394,11 @@ class DiffusionSampler:
         return sim(self.reference, kw.pop("control_fn"), x0, **kw)
 
     def _initial(self, n):
-        p = self.potential
+        p = self._target
         return self.reference.sample_initial(n, p.dim, dtype=p.dtype, device=p.device)
 
     def _boundary(self, path):
-        return self.potential.log_density(path.terminal) + self.reference.boundary_log_weight(
+        return self._target.log_density(path.terminal) + self.reference.boundary_log_weight(
             path.initial, path.terminal
         )
 
@@ -418,7 +450,7 @@ class DiffusionSampler:
         if int(finite.sum()) < 2:
             raise FloatingPointError("fewer than 2 paths with a finite log weight in the batch")
         log_forward = None if log_forward is None else log_forward[finite]
-        loss = self.loss_spec.fn(log_w[finite], log_forward) / self.potential.dim
+        loss = self.loss_spec.fn(log_w[finite], log_forward) / self._target.dim
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()}")
         return loss, (log_w if behaviour_log_w is None else behaviour_log_w).detach()[finite]
@@ -449,29 +481,56 @@ class DiffusionSampler:
     def run(
         self,
         *args,
-        num_iterations: int = 1000,
-        batch_size: int = 512,
+        num_iterations: int | None = None,
+        batch_size: int | None = None,
+        max_time: float | None = None,
+        until: str | float | None = "converged",
+        eval_every: int = 25,
+        eval_batch_size: int = 1024,
         progress_bar: bool = True,
         max_failed_steps: int = 20,
         checkpoint: str | None = None,
         checkpoint_every: int = 100,
         **kwargs,
     ) -> DiffusionSampler:
-        """Train the control for ``num_iterations`` steps; ``args``/``kwargs`` go to the model.
+        """Train the control; ``args``/``kwargs`` go to the model. Returns ``self``.
 
-        The learning rate decays geometrically from ``lr`` to ``lr * final_lr_fraction`` over the run.
-        Calling ``run`` again starts a new run (new schedule) from the current weights. Steps whose
-        batch gives a non-finite loss are skipped; ``max_failed_steps`` consecutive ones raise
-        ``FloatingPointError``. With ``checkpoint`` (a file path) the state is saved every
-        ``checkpoint_every`` iterations and at the end: see :meth:`save`, :meth:`load`, :meth:`resume`.
-        Returns ``self``.
+        Training stops at the first of: ``num_iterations`` steps (default ``default_num_iterations``,
+        3000), ``max_time`` seconds of training, or the ``until`` rule, checked every ``eval_every``
+        steps on a fresh batch of ``eval_batch_size`` paths drawn with the sampling (EMA) control:
+
+        * ``"converged"`` (default): the importance ESS is at least ``converged_ess`` (0.9) with a
+          Pareto k below 0.5, or it has not improved by 5 % over the last ``patience`` (4) checks;
+        * a float in ``(0, 1]``: the ESS reaches it with a Pareto k below 0.7;
+        * ``None``: no early stop.
+
+        The checks are in ``sampler.eval_history`` (iteration, ESS, k) and on the progress bar.
+        ``batch_size`` defaults to 256 for ``dim <= 20`` and 512 above. The learning rate decays
+        geometrically from ``lr`` to ``lr * final_lr_fraction`` over ``num_iterations``. Calling ``run``
+        again starts a new run (new schedule) from the current weights. Steps whose batch gives a
+        non-finite loss are skipped; ``max_failed_steps`` consecutive ones raise ``FloatingPointError``.
+        With ``checkpoint`` (a file path) the state is saved every ``checkpoint_every`` iterations and
+        at the end: see :meth:`save`, :meth:`load`, :meth:`resume`.
         """
+        num_iterations = self.default_num_iterations if num_iterations is None else num_iterations
         _positive_int("num_iterations", num_iterations)
-        _positive_int("batch_size", batch_size)
+        if batch_size is not None:
+            _positive_int("batch_size", batch_size)
+            if batch_size < 2:
+                raise ValueError("batch_size must be at least 2")
         _positive_int("max_failed_steps", max_failed_steps)
-        if batch_size < 2:
-            raise ValueError("batch_size must be at least 2")
+        _positive_int("eval_every", eval_every)
+        _positive_int("eval_batch_size", eval_batch_size)
+        if eval_batch_size < 2:
+            raise ValueError("eval_batch_size must be at least 2")
+        if max_time is not None:
+            max_time = _positive_float("max_time", max_time)
+            if not math.isfinite(max_time):
+                raise ValueError(f"max_time must be a finite number of seconds, got {max_time!r}")
+        _check_until(until)
         self._setup_potential(args, kwargs)
+        if batch_size is None:
+            batch_size = 256 if self._target.dim <= 20 else 512
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self._run_state = dict(
@@ -480,8 +539,48 @@ class DiffusionSampler:
             batch_size=batch_size,
             gamma=self.final_lr_fraction ** (1.0 / max(num_iterations - 1, 1)),
             max_failed_steps=max_failed_steps,
+            max_time=max_time,
+            elapsed=0.0,
+            until=until,
+            eval_every=eval_every,
+            eval_batch_size=eval_batch_size,
+            stopped=None,
+            eval_history=[],
         )
         return self._train(progress_bar, checkpoint, checkpoint_every)
+
+    default_num_iterations = 3000
+    converged_ess = 0.9
+    patience = 4
+
+    @torch.no_grad()
+    def _evaluate(self, num_paths: int):
+        """``(ess, pareto_k)`` of a fresh batch drawn with the sampling control (non-finite paths dropped)."""
+        _, log_w = self.sample_unconstrained(num_paths)
+        log_w = log_w[torch.isfinite(log_w)].double()
+        if log_w.numel() < 2:
+            return 0.0, math.inf
+        ess = float(diagnostics.effective_sample_size(log_w)) * log_w.numel() / num_paths
+        return ess, float(diagnostics.psis(log_w)[1])
+
+    def _should_stop(self, state) -> str | None:
+        """The reason to stop after the latest check, or ``None``."""
+        until, history = state["until"], self.eval_history
+        if until is None or not history:
+            return None
+        _, ess, k = history[-1]
+        if until == "converged":
+            if ess >= self.converged_ess and k < 0.5:
+                return f"converged (ESS {ess:.3f} >= {self.converged_ess}, k {k:.2f})"
+            if len(history) > self.patience:
+                recent = max(e for _, e, _ in history[-self.patience :])
+                before = max(e for _, e, _ in history[: -self.patience])
+                if recent <= 1.05 * before:
+                    return f"converged (ESS {recent:.3f} stopped improving over {self.patience} checks)"
+            return None
+        if ess >= until and k < 0.7:
+            return f"reached ESS {ess:.3f} >= {until}"
+        return None
 
     def resume(
         self, *args, progress_bar: bool = True, checkpoint: str | None = None, checkpoint_every: int = 100,
@@ -496,13 +595,18 @@ class DiffusionSampler:
         if self._resume_rng is not None:
             _set_rng_state(self._resume_rng)
             self._resume_rng = None
-        if self._run_state["done"] >= self._run_state["total"]:
+        if self._run_state["done"] >= self._run_state["total"] or self._run_state.get("stopped"):
             warnings.warn("the saved run had finished; nothing to resume", UserWarning, stacklevel=2)
             return self
         return self._train(progress_bar, checkpoint, checkpoint_every)
 
     def _train(self, progress_bar, checkpoint, checkpoint_every):
         state = self._run_state
+        for key, default in [("max_time", None), ("elapsed", 0.0), ("until", None), ("eval_every", 25),
+                             ("eval_batch_size", 1024), ("stopped", None)]:
+            state.setdefault(key, default)
+        self.eval_history = state.setdefault("eval_history", [])
+        clock = time.perf_counter()
         if checkpoint is not None:
             _positive_int("checkpoint_every", checkpoint_every)
         self._weighted = None
@@ -529,12 +633,28 @@ class DiffusionSampler:
                 info = None
             scheduler.step()
             state["done"] = i + 1
-            if checkpoint is not None and (state["done"] % checkpoint_every == 0 or i + 1 == state["total"]):
+            if state["until"] is not None and state["done"] % state["eval_every"] == 0:
+                ess, k = self._evaluate(state["eval_batch_size"])
+                self.eval_history.append((state["done"], ess, k))
+                state["stopped"] = self._should_stop(state)
+            now = time.perf_counter()
+            state["elapsed"], clock = state["elapsed"] + now - clock, now
+            out_of_time = state["max_time"] is not None and state["elapsed"] >= state["max_time"]
+            if state["stopped"] is None and out_of_time:
+                state["stopped"] = f"max_time ({state['max_time']:g} s)"
+            last = state["stopped"] is not None or i + 1 == state["total"]
+            if checkpoint is not None and (state["done"] % checkpoint_every == 0 or last):
                 self.save(checkpoint)
-            if info is not None and (i % 10 == 0 or i + 1 == state["total"]):
-                bar.set_postfix(
-                    loss=f"{info.loss:.3g}", elbo=f"{info.log_z_lower_bound:.3g}", ess=f"{info.ess:.2f}"
-                )
+            if info is not None and (i % 10 == 0 or last):
+                postfix = dict(loss=f"{info.loss:.3g}", elbo=f"{info.log_z_lower_bound:.3g}")
+                if self.eval_history:
+                    postfix.update(ess=f"{self.eval_history[-1][1]:.3f}", k=f"{self.eval_history[-1][2]:.2f}")
+                else:
+                    postfix.update(batch_ess=f"{info.ess:.2f}")
+                bar.set_postfix(postfix)
+            if state["stopped"] is not None:
+                break
+        bar.close()
         for net in self._nets():
             net.eval()
         return self
@@ -557,6 +677,7 @@ class DiffusionSampler:
             losses=list(self.losses),
             history=[tuple(h) for h in self.history],
             rng=_get_rng_state(),
+            preconditioner=None if self.preconditioner is None else self.preconditioner.state_dict(),
         )
         path = os.fspath(path)
         tmp = path + ".tmp"
@@ -586,6 +707,8 @@ class DiffusionSampler:
         if log_density is None:
             config.pop("dim", None)
             config.pop("dtype", None)
+        saved = state.get("preconditioner")
+        config["precondition"] = None if saved is None else Preconditioner.from_state_dict(saved)
         config.update(overrides)
         sampler = cls(
             model, log_density=log_density, control=control, backward_control=backward_control, **config
@@ -629,7 +752,11 @@ class DiffusionSampler:
             )
             zs.append(path.terminal)
             log_ws.append(self._boundary(path) + self._path_log_ratio(path, backward))
-        return torch.cat(zs), torch.cat(log_ws)
+        return self._to_unconstrained(torch.cat(zs)), torch.cat(log_ws)
+
+    def _to_unconstrained(self, w):
+        """The model's unconstrained coordinates ``z = m + L w`` of the SDE's states."""
+        return w if self._target is self.potential else self.preconditioner.to_unconstrained(w)
 
     default_num_samples = 10_000
 
@@ -709,6 +836,33 @@ class DiffusionSampler:
             f"DiffusionSampler(method={self.method!r}, loss={self.loss_spec.name!r}, "
             f"reference={self.reference!r}, iterations={len(self.losses)})"
         )
+
+
+def _check_until(until):
+    if until is None or until == "converged":
+        return
+    if isinstance(until, bool) or not isinstance(until, (int, float)) or not 0 < until <= 1:
+        raise ValueError(f"until must be 'converged', None or a target ESS in (0, 1], got {until!r}")
+
+
+def _check_precondition(precondition) -> Preconditioner | None:
+    """A given Gaussian as a :class:`Preconditioner`; ``None`` for a method name (fitted at set-up)."""
+    if precondition is None or isinstance(precondition, Preconditioner):
+        return precondition
+    if isinstance(precondition, str):
+        if precondition not in PRECONDITION_METHODS:
+            raise ValueError(
+                f"precondition must be one of {PRECONDITION_METHODS}, None, (loc, scale_tril) or a "
+                f"Preconditioner; got {precondition!r}"
+            )
+        return None
+    if isinstance(precondition, (tuple, list)) and len(precondition) == 2:
+        loc, scale_tril = precondition
+        return Preconditioner(torch.as_tensor(loc), torch.as_tensor(scale_tril), method="given")
+    raise TypeError(
+        f"precondition must be a method name, None, (loc, scale_tril) or a Preconditioner; got "
+        f"{type(precondition).__name__}"
+    )
 
 
 def _same_call(a, b):
