@@ -183,6 +183,7 @@ def _latent_sites(trace):
 _MODES = ("plate", "vmap", "sequential")
 # errors a model raises at an extreme point (invalid parameter, failed Cholesky, ...): that point gets -inf
 _MODEL_ERRORS = (ValueError, RuntimeError, AssertionError, ArithmeticError)
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", ())
 _NUM_PROBE_POINTS = 5
 _QUOTED_BATCH = 256  # the batch size the sequential warning quotes its slowdown for
 _VECTORIZE_HINT = (
@@ -232,7 +233,8 @@ def _close(value, expected) -> bool:
 
 
 def _short(error: Exception, limit: int = 300) -> str:
-    text = f"{type(error).__name__}: {error}".replace("\n", " ")
+    """One line ``Type: message``, without the table of shapes Pyro appends."""
+    text = " ".join(f"{type(error).__name__}: {error}".split("Trace Shapes:")[0].split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -349,7 +351,6 @@ class ModelPotential(Potential):
         self.initial_params = torch.cat([init[n].reshape(-1) for n in self._names]).detach()
         self.vectorize = vectorize
         self.num_model_errors = 0  # particles at which the model raised (log density -inf)
-        self._vmapped = torch.func.vmap(self._log_density_one, randomness="different")
         self.vectorize_mode = self._choose_mode(request)
 
     # -- packing -------------------------------------------------------------------------------
@@ -390,6 +391,8 @@ class ModelPotential(Potential):
         try:
             return batched(z)
         except _MODEL_ERRORS as e:
+            if isinstance(e, _OUT_OF_MEMORY):  # not the model's: never hidden as -inf
+                raise
             if z.shape[0] == 1:
                 self._record_model_error(e)
                 return _failed_log_density(z)
@@ -442,7 +445,7 @@ class ModelPotential(Potential):
 
     def _log_density_vmap(self, z):
         with pyro.validation_enabled(False):  # validation branches on values, which vmap cannot do
-            return self._vmapped(z)
+            return torch.func.vmap(self._log_density_one, randomness="different")(z)
 
     def _log_density_one(self, z):
         """``log rho(z)`` at one point ``z`` (dim,) from a trace of the conditioned model (vmap-able)."""
@@ -470,6 +473,8 @@ class ModelPotential(Potential):
                 try:
                     out.append(self._log_density_single(zi).reshape(1))
                 except _MODEL_ERRORS as e:
+                    if isinstance(e, _OUT_OF_MEMORY):
+                        raise
                     self._record_model_error(e)
                     out.append(_failed_log_density(zi[None]))
         return torch.cat(out)
@@ -532,5 +537,5 @@ class ModelPotential(Potential):
             f"{_VECTORIZE_HINT}. Why the batched paths failed: {reasons}"
         )
         warnings.warn(message, UserWarning, stacklevel=3)
-        _logger.info("ModelPotential: %s", message)
+        _logger.info("ModelPotential: sequential evaluation (%s)", reasons)
         return "sequential"
