@@ -125,12 +125,16 @@ class TestBadModels:
             x = pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
             pyro.factor("f", -x.sum() ** 2)  # sums over the particle dim when batched
 
-        with pytest.raises(ValueError, match="vectorize=False"):
-            ModelPotential(model)
-        pot = ModelPotential(model, vectorize=False)
+        with pytest.raises(ValueError, match="vectorize='plate': .* != per-sample"):
+            ModelPotential(model, vectorize="plate")
         z = torch.randn(4, 3)
         expected = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) - z.sum(-1) ** 2
-        assert torch.allclose(pot.log_density(z), expected, atol=1e-5)
+        for vectorize, mode in [("auto", "vmap"), (False, "sequential"), ("sequential", "sequential")]:
+            pot = ModelPotential(model, vectorize=vectorize)
+            assert pot.vectorize_mode == mode
+            assert torch.allclose(pot.log_density(z), expected, atol=1e-5)
+        with pytest.raises(ValueError, match="vectorize must be 'auto', 'plate', 'vmap'"):
+            ModelPotential(model, vectorize="yes")
 
 
 def test_log_density_potential():

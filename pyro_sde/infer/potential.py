@@ -5,14 +5,18 @@ model, ``log rho(z) = log p(x = T^{-1}(z), y) + log |det dT^{-1}/dz|`` with ``T`
 :func:`pyro.infer.mcmc.util.initialize_model` (``biject_to(support).inv``), so ``int rho dz`` is the
 model's marginal likelihood ``p(y)``.
 
-Batched evaluation runs the model once under an outer particle plate (vectorised, like
-``Predictive(parallel=True)``); at construction this is checked against Pyro's own per-sample
-``potential_fn`` and a clear error is raised when the model cannot be vectorised.
+Batched evaluation runs the model once under an outer particle plate (like
+``Predictive(parallel=True)``), or through ``torch.func.vmap`` over the single-sample density, or
+(for any model, slowly) in a loop; the first of these that matches Pyro's own per-sample
+``potential_fn`` at construction is used (``ModelPotential.vectorize_mode``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+import warnings
 from collections.abc import Callable
 
 import pyro
@@ -176,17 +180,89 @@ def _latent_sites(trace):
     ]
 
 
+_MODES = ("plate", "vmap", "sequential")
+# errors a model raises at an extreme point (invalid parameter, failed Cholesky, ...): that point gets -inf
+_MODEL_ERRORS = (ValueError, RuntimeError, AssertionError, ArithmeticError)
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", ())
+_NUM_PROBE_POINTS = 5
+_QUOTED_BATCH = 256  # the batch size the sequential warning quotes its slowdown for
+_VECTORIZE_HINT = (
+    "make the model vectorisable: declare batch dimensions with pyro.plate(..., dim=...), use "
+    ".to_event() for vector sites, index with [..., i] and reduce with dim=-1 (plate); or avoid Python "
+    "control flow and conversions on sampled values (if x > 0, x.item(), float(x), torch.tensor([x])) "
+    "so that torch.func.vmap can batch it"
+)
+_logger = logging.getLogger(__name__)
+
+
+def _vectorize_request(vectorize) -> str:
+    if vectorize is True:
+        return "plate"
+    if vectorize is False:
+        return "sequential"
+    if isinstance(vectorize, str) and vectorize in ("auto",) + _MODES:
+        return vectorize
+    raise ValueError(
+        f"vectorize must be 'auto', 'plate', 'vmap', 'sequential', True or False, got {vectorize!r}"
+    )
+
+
+def _failed_log_density(z: torch.Tensor) -> torch.Tensor:
+    """``-inf`` for each row of ``z`` (n, dim), still on ``z``'s autograd graph (so its score is 0)."""
+    return z[:, :0].sum(-1) - math.inf
+
+
+def _value_and_score(fn, z):
+    """``fn(z)`` (n,) and its gradient ``(n, dim)`` with respect to ``z`` (n, dim), detached."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        value = fn(z)
+        if not value.requires_grad:  # a density that does not depend on z
+            return value.detach(), torch.zeros_like(z)
+        (score,) = torch.autograd.grad(value.sum(), z)
+    return value.detach(), score.detach()
+
+
+def _close(value, expected) -> bool:
+    """``value ~ expected`` to 1e-4 relative to the largest finite ``|expected|``; infinities must match."""
+    if value.shape != expected.shape:
+        return False
+    finite = torch.isfinite(expected)
+    scale = expected[finite].abs().max().item() if finite.any() else 0.0
+    return torch.allclose(value, expected, rtol=1e-4, atol=1e-4 * (1 + scale), equal_nan=True)
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+    """One line ``Type: message``, without the table of shapes Pyro appends."""
+    text = " ".join(f"{type(error).__name__}: {error}".split("Trace Shapes:")[0].split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ModelPotential(Potential):
     """The unconstrained log joint of a Pyro model with its observations, batched.
+
+    A batch ``z`` (N, dim) is evaluated in one of three ways, ``vectorize_mode``:
+
+    - ``"plate"``: one model call under an outer particle plate (as ``Predictive(parallel=True)``);
+    - ``"vmap"``: ``torch.func.vmap`` over the single-sample log density (any model written with
+      torch operations: matrix products, ``torch.stack``, Python loops over time...);
+    - ``"sequential"``: a Python loop over Pyro's ``potential_fn`` (any model; slow).
+
+    A vectorised path is used only if its log density and score match Pyro's per-sample
+    ``potential_fn`` (and autograd) at 5 points near ``initial_params``. If the model raises on a batch
+    (``ValueError``, ``RuntimeError``, ``AssertionError``, ``ArithmeticError``: an invalid parameter at
+    an extreme point), the batch is bisected and the particles that raise get ``log rho = -inf`` (score
+    0), counted in ``num_model_errors``; a batch where nothing raises costs one call.
 
     :param callable model: a Pyro model with continuous latent sites.
     :param tuple model_args: positional arguments of the model.
     :param dict model_kwargs: keyword arguments of the model.
     :param callable init_strategy: Pyro init strategy for ``initial_params`` (default uniform in
         ``(-2, 2)`` in unconstrained space, as MCMC).
-    :param bool vectorize: evaluate batches with one model call under a particle plate (default);
-        otherwise loop over the batch with Pyro's ``potential_fn`` (slow; for models that cannot
-        be vectorised).
+    :param vectorize: ``"auto"`` (default: ``"plate"``, else ``"vmap"``, else ``"sequential"`` with a
+        warning that states the measured slowdown), ``"plate"``, ``"vmap"`` (an error if the path does
+        not match Pyro's potential), ``"sequential"``; ``True`` / ``False`` mean ``"plate"`` /
+        ``"sequential"``.
     :param int max_plate_nesting: guessed from a trace when not given.
     """
 
@@ -197,7 +273,7 @@ class ModelPotential(Potential):
         model_kwargs: dict | None = None,
         *,
         init_strategy=init_to_uniform,
-        vectorize: bool = True,
+        vectorize: str | bool = "auto",
         max_plate_nesting: int | None = None,
     ):
         if not callable(model):
@@ -207,6 +283,7 @@ class ModelPotential(Potential):
         model_kwargs = {} if model_kwargs is None else model_kwargs
         if not isinstance(model_kwargs, dict):
             raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
+        request = _vectorize_request(vectorize)
         self.model, self.model_args, self.model_kwargs = model, model_args, model_kwargs
 
         init_fn = _robust_init(init_strategy)
@@ -225,8 +302,10 @@ class ModelPotential(Potential):
             raise TypeError(
                 f"running the model with the given arguments failed (check the argument types): {e}"
             ) from e
-        except Exception as e:
-            raise type(e)(f"running the model with the given arguments failed: {e}") from e
+        except Exception as e:  # any other type: chained, not rebuilt (its constructor may differ)
+            raise RuntimeError(
+                f"running the model with the given arguments failed: {type(e).__name__}: {e}"
+            ) from e
         latents = _latent_sites(trace)
         if not latents:
             raise ValueError(
@@ -271,8 +350,8 @@ class ModelPotential(Potential):
         self.dtype, self.device = first.dtype, first.device
         self.initial_params = torch.cat([init[n].reshape(-1) for n in self._names]).detach()
         self.vectorize = vectorize
-        if vectorize:
-            self._validate_vectorized()
+        self.num_model_errors = 0  # particles at which the model raised (log density -inf)
+        self.vectorize_mode = self._choose_mode(request)
 
     # -- packing -------------------------------------------------------------------------------
     def _unpack(self, z):
@@ -298,13 +377,41 @@ class ModelPotential(Potential):
         self._check_z(z)
         batch = z.shape[:-1]
         flat = z.reshape(-1, self.dim)
-        if self.vectorize:
-            out = self._log_density_vectorized(flat)
+        if flat.shape[0] == 0:
+            out = flat.sum(-1)
+        elif self.vectorize_mode == "sequential":
+            out = self._log_density_sequential(flat)
         else:
-            out = torch.stack([self._log_density_single(zi) for zi in flat])
+            batched = self._log_density_plate if self.vectorize_mode == "plate" else self._log_density_vmap
+            out = self._log_density_guarded(batched, flat)
         return out.reshape(batch)
 
-    def _log_density_vectorized(self, z):
+    def _log_density_guarded(self, batched, z):
+        """``batched(z)``; if the model raises, bisect ``z`` (n, dim) and give -inf where it raises."""
+        try:
+            return batched(z)
+        except _MODEL_ERRORS as e:
+            if isinstance(e, _OUT_OF_MEMORY):  # not the model's: never hidden as -inf
+                raise
+            if z.shape[0] == 1:
+                self._record_model_error(e)
+                return _failed_log_density(z)
+        half = z.shape[0] // 2
+        return torch.cat(
+            [self._log_density_guarded(batched, z[:half]), self._log_density_guarded(batched, z[half:])]
+        )
+
+    def _record_model_error(self, error):
+        if self.num_model_errors == 0:
+            warnings.warn(
+                "the model raised at a point of a batch; its log density there is taken as -inf "
+                f"(the path is dropped; further cases are counted in num_model_errors): {_short(error)}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self.num_model_errors += 1
+
+    def _log_density_plate(self, z):
         N, P = z.shape[0], self.max_plate_nesting
         values, log_jacobian = {}, z.new_zeros(N)
         for name, u in self._unpack(z).items():
@@ -336,26 +443,99 @@ class ModelPotential(Potential):
                 log_joint = log_joint + lp.reshape(num_particles, -1).sum(-1)
         return log_joint + log_jacobian
 
+    def _log_density_vmap(self, z):
+        with pyro.validation_enabled(False):  # validation branches on values, which vmap cannot do
+            return torch.func.vmap(self._log_density_one, randomness="different")(z)
+
+    def _log_density_one(self, z):
+        """``log rho(z)`` at one point ``z`` (dim,) from a trace of the conditioned model (vmap-able)."""
+        values, log_jacobian = {}, 0.0
+        for name, u in self._unpack(z[None]).items():
+            to_constrained = self.transforms[name].inv
+            x = to_constrained(u[0])
+            log_jacobian = log_jacobian + to_constrained.log_abs_det_jacobian(u[0], x).sum()
+            values[name] = x
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, values)).get_trace(
+                *self.model_args, **self.model_kwargs
+            )
+        return trace.log_prob_sum() + log_jacobian
+
     def _log_density_single(self, z):
         """Pyro's own ``-potential_fn`` at one point ``z`` (dim,)."""
         return -self._potential_fn({n: u[0] for n, u in self._unpack(z[None]).items()})
 
-    def _validate_vectorized(self, num_points: int = 3):
+    def _log_density_sequential(self, z):
+        """Pyro's ``-potential_fn`` particle by particle, -inf where the model raises."""
+        out = []
+        with pyro.validation_enabled(False):
+            for zi in z:
+                try:
+                    out.append(self._log_density_single(zi).reshape(1))
+                except _MODEL_ERRORS as e:
+                    if isinstance(e, _OUT_OF_MEMORY):
+                        raise
+                    self._record_model_error(e)
+                    out.append(_failed_log_density(zi[None]))
+        return torch.cat(out)
+
+    # -- choice of the evaluation path ---------------------------------------------------------
+    def _choose_mode(self, request: str) -> str:
+        if request == "sequential":
+            _logger.info("ModelPotential: sequential evaluation (requested)")
+            return "sequential"
         gen = torch.Generator(device="cpu").manual_seed(0)
-        noise = torch.randn(num_points, self.dim, generator=gen).to(self.dtype).to(self.device)
-        z = self.initial_params + 0.5 * noise
-        z[0] = self.initial_params
-        hint = (
-            "The model could not be evaluated on a batch of particles. Make it vectorisable "
-            "(declare batch dimensions with pyro.plate(..., dim=...), use .to_event() for vector "
-            "sites, index with [..., i] and reduce with dim=-1), or pass vectorize=False (slow)."
-        )
+        noise = torch.randn(_NUM_PROBE_POINTS, self.dim, generator=gen).to(self.dtype).to(self.device)
+        probe = self.initial_params + 0.5 * noise
+        probe[0] = self.initial_params
+        start = time.perf_counter()
         try:
-            batched = self._log_density_vectorized(z).detach()
-        except Exception as e:  # noqa: BLE001 - re-raised with advice
-            raise ValueError(f"{hint} Error: {e}") from e
-        exact = torch.stack([self._log_density_single(zi).detach() for zi in z])
-        if not torch.allclose(batched, exact, rtol=1e-4, atol=1e-4 * (1 + exact.abs().max().item())):
+            exact = [
+                _value_and_score(lambda z: self._log_density_single(z[0])[None], zi[None]) for zi in probe
+            ]
+        except _MODEL_ERRORS as e:
+            raise RuntimeError(f"the model raised near its initial point: {_short(e)}") from e
+        seconds_per_particle = (time.perf_counter() - start) / _NUM_PROBE_POINTS
+        exact_value = torch.cat([v for v, _ in exact])
+        exact_score = torch.cat([s for _, s in exact])
+
+        failures, seconds_batched = {}, []
+        for mode in ("plate", "vmap") if request == "auto" else (request,):
+            batched = self._log_density_plate if mode == "plate" else self._log_density_vmap
+            start = time.perf_counter()
+            try:
+                value, score = _value_and_score(batched, probe)
+            except Exception as e:  # noqa: BLE001 - the reason this path is not used
+                failures[mode] = _short(e)
+            else:
+                finite = torch.isfinite(exact_value)
+                if not _close(value, exact_value):
+                    failures[mode] = f"log density {value.tolist()} != per-sample {exact_value.tolist()}"
+                elif not _close(score[finite], exact_score[finite]):
+                    error = (score[finite] - exact_score[finite]).abs().max().item()
+                    failures[mode] = f"score differs from the per-sample score by up to {error:.3g}"
+            seconds_batched.append(time.perf_counter() - start)
+            if mode not in failures:
+                _logger.info(
+                    "ModelPotential: %s evaluation (matches Pyro's potential_fn at %d points)",
+                    mode, _NUM_PROBE_POINTS,
+                )
+                return mode
+            _logger.debug("ModelPotential: %s evaluation rejected: %s", mode, failures[mode])
+        reasons = "; ".join(f"{mode}: {why}" for mode, why in failures.items())
+        if request != "auto":
             raise ValueError(
-                f"{hint} Batched log density {batched.tolist()} != per-sample {exact.tolist()}."
+                f"vectorize={request!r}: the model could not be evaluated on a batch of particles "
+                f"({reasons}). To use it, {_VECTORIZE_HINT}; or pass vectorize='auto' or 'sequential' (slow)."
             )
+        # a vectorised batch costs about one model call, whatever its size
+        seconds_vectorised = max(max(seconds_batched), seconds_per_particle)
+        slowdown = _QUOTED_BATCH * seconds_per_particle / seconds_vectorised
+        message = (
+            f"sequential evaluation: {1e3 * seconds_per_particle:.2g} ms per particle (log density and "
+            f"score), about {slowdown:.0f}x slower than a vectorised model for a batch of {_QUOTED_BATCH}; "
+            f"{_VECTORIZE_HINT}. Why the batched paths failed: {reasons}"
+        )
+        warnings.warn(message, UserWarning, stacklevel=3)
+        _logger.info("ModelPotential: sequential evaluation (%s)", reasons)
+        return "sequential"
