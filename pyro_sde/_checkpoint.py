@@ -40,6 +40,13 @@ class Checkpoint(NamedTuple):
     payload: dict
 
 
+def package_version() -> str:
+    """``pyro_sde.__version__`` (recorded in fingerprints)."""
+    from . import __version__
+
+    return __version__
+
+
 def atomic_save(obj, path) -> None:
     """``torch.save(obj, path)`` atomically: write a temporary file next to ``path``, flush and
     ``fsync`` it, ``os.replace`` it onto ``path`` and ``fsync`` the folder (where the OS allows)."""

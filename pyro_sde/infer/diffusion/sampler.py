@@ -25,7 +25,7 @@ from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from ... import diagnostics
-from ..._checkpoint import check_fingerprint, load_checkpoint, save_checkpoint
+from ..._checkpoint import check_fingerprint, load_checkpoint, package_version, save_checkpoint
 from ...nn import ControlNetwork
 from ...nn.ema import ema_update_
 from ...sde import (
@@ -585,15 +585,13 @@ class DiffusionSampler:
     def _fingerprint(self) -> dict:
         """What a checkpoint belongs to: ``{"latent sites": {name: (shape, support)}, "dim", "method",
         "package version"}``."""
-        from ... import __version__
-
         p = self.potential
         supports = _site_supports(p)
         return {
             "latent sites": {n: (tuple(shape), supports[n]) for n, shape in p.site_shapes.items()},
             "dim": p.dim,
             "method": self.method,
-            "package version": __version__,
+            "package version": package_version(),
         }
 
     @classmethod
