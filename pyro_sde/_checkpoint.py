@@ -148,7 +148,7 @@ def check_fingerprint(saved: dict, expected: dict, *, source, this: str = "this 
     """Raise ``ValueError`` naming every field where ``saved`` and ``expected`` differ (fields in
     :data:`ADVISORY_FIELDS` only warn)."""
     differ, advisory = [], []
-    for field in sorted(set(saved) | set(expected)):
+    for field in list(expected) + [k for k in saved if k not in expected]:
         a, b = (_comparable(fp[field]) if field in fp else "(none)" for fp in (saved, expected))
         if a != b:
             line = f"{field} differ{'s' if not field.endswith('s') else ''}: saved {a!r}, {this} {b!r}"
