@@ -22,7 +22,13 @@ import torch
 import pyro_sde
 from pyro_sde import DiffusionSampler
 from pyro_sde._checkpoint import atomic_save, checksum, load_checkpoint, save_checkpoint
-from pyro_sde.ratio import ClassifierRatioEstimator, FlowGuidedGenerator, RatioEstimator
+from pyro_sde.ratio import (
+    ClassifierRatioEstimator,
+    FlowGuidedGenerator,
+    RatioEstimator,
+    TelescopingRatioEstimator,
+)
+from pyro_sde.ratio.paths import LinearPath
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -306,6 +312,27 @@ def test_custom_fdrl_network_and_prior_are_passed_again_to_load(tmp_path):
         FlowGuidedGenerator.load(tmp_path / "g.pt", network=wrong, prior=prior)
 
 
+def test_custom_ratio_path_and_network_are_passed_again_to_load(tmp_path):
+    x_num, x_den = torch.randn(64, 2) + 1, torch.randn(64, 2)
+    est = TelescopingRatioEstimator(2, num_bridges=2, path=LinearPath(), hidden_dim=8, num_layers=1)
+    est.fit(x_num, x_den, num_iterations=2, batch_size=16, progress_bar=False)
+    est.save(tmp_path / "t.pt")
+    with pytest.raises(ValueError, match=r"path=LinearPath \(built from the saved options: DREInfinity"):
+        RatioEstimator.load(tmp_path / "t.pt")
+    back = RatioEstimator.load(tmp_path / "t.pt", path=LinearPath)
+    assert type(back) is TelescopingRatioEstimator and isinstance(back.path, LinearPath)
+    assert torch.equal(back.log_ratio(x_num), est.log_ratio(x_num))
+    net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Flatten(0))
+    clf = ClassifierRatioEstimator(2, network=net).fit(x_num, x_den, num_iterations=2, batch_size=16,
+                                                        progress_bar=False)
+    clf.save(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="pass network=<a Sequential like the saved one> to load"):
+        ClassifierRatioEstimator.load(tmp_path / "c.pt")
+    fresh = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Flatten(0))
+    back = ClassifierRatioEstimator.load(tmp_path / "c.pt", network=fresh)
+    assert back.network is fresh and torch.equal(back.log_ratio(x_num), clf.log_ratio(x_num))
+
+
 # ------------------------------------------------------------------------------------------------
 # the atomic writer and the checksum
 # ------------------------------------------------------------------------------------------------
@@ -406,3 +433,14 @@ def test_resume_checkpoint_options(tmp_path):
     # in the same session, "same" is the file the interrupted run wrote
     s.resume(progress_bar=False)
     assert DiffusionSampler.load(path, log_density=_gaussian_log_density)._run_state["done"] == 10
+    # ... and a later run without a checkpoint does not write to it
+    saved = path.read_bytes()
+    s.run(num_iterations=2, batch_size=8, progress_bar=False)
+    s._run_state["done"] = 1
+    s.resume(progress_bar=False)
+    assert path.read_bytes() == saved
+    # a checkpoint saved before any run has nothing to resume
+    fresh = _small_sampler()
+    fresh.save(tmp_path / "fresh.pt")
+    with pytest.raises(RuntimeError, match="nothing to resume"):
+        DiffusionSampler.load(tmp_path / "fresh.pt", log_density=_gaussian_log_density).resume()

@@ -503,8 +503,8 @@ class DiffusionSampler:
             checkpoints.
         :param int checkpoint_every: iterations between checkpoints (default: the run's own interval).
         """
-        if self._run_state is None and self._pending_state is None:
-            raise RuntimeError("nothing to resume: no run was started or loaded")
+        if self._run_state is None:
+            raise RuntimeError("nothing to resume: no run was started or loaded (or saved before a run)")
         if isinstance(checkpoint, str) and checkpoint == "same":
             checkpoint = self._checkpoint_path
         elif checkpoint is False:
@@ -525,7 +525,8 @@ class DiffusionSampler:
         if checkpoint is not None:
             _positive_int("checkpoint_every", checkpoint_every)
             checkpoint = os.fspath(checkpoint)
-            self._checkpoint_path, state["checkpoint_every"] = checkpoint, checkpoint_every
+            state["checkpoint_every"] = checkpoint_every
+        self._checkpoint_path = checkpoint  # where resume(checkpoint="same") continues
         self._weighted = None
         scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, state["gamma"])
         failed = 0
@@ -638,7 +639,8 @@ class DiffusionSampler:
         return sampler
 
     def _load_state(self, state):
-        check_fingerprint(self._saved_fingerprint, self._fingerprint(), source=self._checkpoint_path)
+        if self._saved_fingerprint is not None:
+            check_fingerprint(self._saved_fingerprint, self._fingerprint(), source=self._checkpoint_path)
         nets = self._nets()
         if len(state["nets"]) != len(nets):
             raise ValueError("the checkpoint's networks do not match this sampler's method")
@@ -773,9 +775,9 @@ def _get_rng_state():
 
 
 def _set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].cpu())  # a checkpoint loaded with map_location may hold it elsewhere
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 
 def _support_name(constraint) -> str:
