@@ -129,6 +129,7 @@ def test_kill_during_saves_never_leaves_an_unloadable_file(tmp_path, kind):
     num_kills = 16  # >= 8 asked; 16 so that some kill surely lands inside a save (~40% of the time)
     rng = random.Random(1234)  # fixed kill times
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    child = None
     server = subprocess.Popen([sys.executable, "-c", _FORK_SERVER, kind, str(tmp_path / "warm_up.pt")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     try:
@@ -138,14 +139,15 @@ def test_kill_during_saves_never_leaves_an_unloadable_file(tmp_path, kind):
             path = tmp_path / f"{kind}_{i}.pt"
             server.stdin.write(f"{path}\n")
             server.stdin.flush()
-            pid = int(server.stdout.readline())
+            child = int(server.stdout.readline())
             deadline = time.monotonic() + 60
             while not path.exists():  # the child has saved at least once: it is in its save loop
                 assert time.monotonic() < deadline, "the saving process never wrote its checkpoint"
                 time.sleep(0.002)
             time.sleep(rng.uniform(0.0, 0.25))
-            os.kill(pid, signal.SIGKILL)
+            os.kill(child, signal.SIGKILL)
             assert server.stdout.readline().strip() == "reaped"
+            child = None
             LOADERS[kind](path)  # the target is always a complete checkpoint (old or new)
             left = list(tmp_path.glob(f"{path.name}.tmp-*"))  # a kill inside a save leaves its temp file
             mid_save += bool(left)
@@ -153,8 +155,12 @@ def test_kill_during_saves_never_leaves_an_unloadable_file(tmp_path, kind):
                 tmp.unlink()
         print(f"{kind}: {mid_save} of {num_kills} kills landed inside a save")
         assert mid_save >= 1, "no kill landed inside a save: the test did not exercise the atomic write"
-    finally:
-        server.stdin.close()
+    finally:  # no process outlives the test, even when it fails
+        if child is not None:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         server.kill()
         server.wait()
 

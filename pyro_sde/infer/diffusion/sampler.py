@@ -237,6 +237,7 @@ class DiffusionSampler:
         self._resume_rng = None
         self._checkpoint_path: str | None = None  # the file resume() checkpoints to by default
         self._saved_fingerprint: dict | None = None  # of the loaded checkpoint, checked at set-up
+        self._supports = None  # (potential, site supports) for the fingerprint
         self.potential: Potential | None = None
         self._model_call = None
         if log_density is not None:
@@ -587,7 +588,9 @@ class DiffusionSampler:
         """What a checkpoint belongs to: ``{"latent sites": {name: (shape, support)}, "dim", "method",
         "package version"}``."""
         p = self.potential
-        supports = _site_supports(p)
+        if self._supports is None or self._supports[0] is not p:  # one model trace per potential
+            self._supports = (p, _site_supports(p))
+        supports = self._supports[1]
         return {
             "latent sites": {n: (tuple(shape), supports[n]) for n, shape in p.site_shapes.items()},
             "dim": p.dim,
