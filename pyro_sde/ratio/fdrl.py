@@ -512,14 +512,9 @@ class FlowGuidedGenerator(RatioEstimator):
         return label
 
     # persistence -----------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """Save options, weights (EMA weights for use), data statistics, the data-dependent prior,
-        losses and -- during training -- the optimiser / EMA / RNG state needed to resume; atomically,
-        with a checksum, tensors and plain values only. A custom network is saved as its weights and a
-        user prior not at all: :meth:`load` takes them again."""
-        super().save(path)
-
     def _checkpoint_payload(self) -> dict:
+        """:meth:`save` writes the base payload and the fit's progress (optimiser / EMA / RNG state of
+        a mid-training checkpoint)."""
         return dict(super()._checkpoint_payload(), iteration=self.iteration, resume=self._resume)
 
     def _components(self) -> dict:
@@ -531,7 +526,10 @@ class FlowGuidedGenerator(RatioEstimator):
     @classmethod
     def load(cls, path, /, map_location=None, *, network=None, prior=None) -> FlowGuidedGenerator:
         """Rebuild a generator written by :meth:`save` (or by a checkpoint of :meth:`fit`); read with
-        ``torch.load(weights_only=True)``, so no pickled code runs.
+        ``torch.load(weights_only=True)``, so no pickled code runs. The file holds the options, weights
+        (EMA weights for use), data statistics, the data-dependent prior, losses and, mid-training, the
+        optimiser / EMA / RNG state to resume; a custom network is stored as its weights and a user
+        prior not at all: pass them here.
 
         :param network: the custom network the generator was built with (an ``nn.Module`` of the same
             architecture, or a function returning one); its saved weights are loaded into it.
