@@ -15,12 +15,14 @@ dtype of the data. Subclasses implement ``_loss(x_num, x_den, progress)`` (a sca
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checkpoint import load_checkpoint, package_version, save_checkpoint
 from ..nn import FourierTimeEmbedding
 from ..nn.ema import ema_update_
 
@@ -540,23 +542,63 @@ class RatioEstimator(nn.Module):
 
     # persistence -------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Save the constructor options, weights, standardisation and losses (``torch.save``)."""
-        torch.save({"class": type(self).__name__, "config": self._config, "state": self.state_dict(),
-                    "losses": self.losses}, path)
+        """Save the constructor options, weights, standardisation and losses to ``path`` (atomically,
+        with a checksum; tensors and plain values only). Custom networks and paths are saved as their
+        weights: :meth:`load` takes the objects again."""
+        save_checkpoint(path, self._checkpoint_payload(), kind=type(self).__name__,
+                        fingerprint={"dim": self.dim, "package version": package_version()})
+
+    def _checkpoint_payload(self) -> dict:
+        return {"config": self._config, "state": self.state_dict(), "losses": list(self.losses),
+                "components": self._components()}
+
+    def _components(self) -> dict:
+        """Class names of the parts built from constructor objects (``network``, ``path``): a rebuilt
+        estimator must have the same ones."""
+        out = {}
+        if isinstance(getattr(self, "network", None), nn.Module):
+            out["network"] = type(self.network).__name__
+        if getattr(self, "path", None) is not None:
+            out["path"] = type(self.path).__name__
+        return out
 
     @classmethod
-    def load(cls, path, map_location=None) -> RatioEstimator:
-        """Rebuild an estimator written by :meth:`save` (custom ``nn.Module`` networks are not
-        serialised by name: pass them through ``cls(**config, network=...)`` and ``load_state_dict``)."""
-        blob = torch.load(path, map_location=map_location, weights_only=False)
-        if blob["class"] != cls.__name__ and cls is not RatioEstimator:
-            raise ValueError(f"{path} holds a {blob['class']}, not a {cls.__name__}")
-        klass = cls if cls is not RatioEstimator else _registry()[blob["class"]]
-        est = klass(**blob["config"])
-        state = blob["state"]
+    def load(cls, path, /, map_location=None, **components) -> RatioEstimator:
+        """Rebuild an estimator written by :meth:`save` (read with ``torch.load(weights_only=True)``:
+        no pickled code runs; a damaged or foreign file raises ``ValueError``).
+
+        :param components: the custom objects the estimator was built with, which are not stored
+            (only their weights): ``network=`` (an ``nn.Module`` of the saved architecture, or a
+            function returning one) and ``path=`` (an interpolation path). A checkpoint that needs
+            one raises a ``ValueError`` naming it.
+        """
+        kinds = (cls.__name__,) if cls is not RatioEstimator else tuple(_registry())
+        ckpt = load_checkpoint(path, kind=kinds, map_location=map_location)
+        klass = cls if cls is not RatioEstimator else _registry()[ckpt.kind]
+        return klass._from_checkpoint(ckpt.payload, path, components)
+
+    @classmethod
+    def _from_checkpoint(cls, payload, path, components):
+        """Build ``cls(**config, **components)`` and load the saved weights into it (strictly)."""
+        # a network or path may be given as a zero-argument constructor (a class or a function)
+        built = {k: v() if k in ("network", "path") and callable(v) and not isinstance(v, nn.Module) else v
+                 for k, v in components.items()}
+        est = cls(**{**payload["config"], **built})
+        saved, rebuilt = payload["components"], est._components()
+        wrong = [k for k in sorted(set(saved) | set(rebuilt)) if saved.get(k) != rebuilt.get(k)]
+        if wrong:
+            raise ValueError(f"{os.fspath(path)!r} was saved with " + "; ".join(
+                f"{k}={saved.get(k)} (built from the saved options: {rebuilt.get(k)})" for k in wrong)
+                + ": pass " + ", ".join(f"{k}=<a {saved.get(k)} like the saved one>" for k in wrong)
+                + " to load")
+        state = payload["state"]
         est.to(dtype=state["shift"].dtype, device=state["shift"].device)
-        est.load_state_dict(state)
-        est.losses = list(blob["losses"])
+        try:
+            est.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"the weights in {os.fspath(path)!r} do not fit the estimator built from its "
+                             f"options and the objects given to load (another architecture?): {e}") from e
+        est.losses = list(payload["losses"])
         est.eval()
         return est
 

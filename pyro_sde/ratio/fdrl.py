@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checkpoint import load_checkpoint
 from ..sde.integrate import euler_maruyama_step
 from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples, gelu_derivatives, optimizer_step
 
@@ -511,33 +512,40 @@ class FlowGuidedGenerator(RatioEstimator):
         return label
 
     # persistence -----------------------------------------------------------------------------
-    def save(self, path) -> None:
-        """Save options, weights (EMA weights for use), data statistics, prior, losses and -- during
-        training -- the optimiser / EMA / RNG state needed to resume."""
-        torch.save({"class": type(self).__name__, "config": self._config, "state": self.state_dict(),
-                    "losses": self.losses, "user_prior": self.user_prior, "iteration": self.iteration,
-                    "resume": self._resume, "network": None if isinstance(self.network, (MLP, FourierMLP))
-                    else self.network}, path)
+    def _checkpoint_payload(self) -> dict:
+        """:meth:`save` writes the base payload and the fit's progress (optimiser / EMA / RNG state of
+        a mid-training checkpoint)."""
+        return dict(super()._checkpoint_payload(), iteration=self.iteration, resume=self._resume)
+
+    def _components(self) -> dict:
+        prior = self.user_prior
+        kind = ("data" if prior is None else f"{type(prior).__name__} distribution"
+                if isinstance(prior, torch.distributions.Distribution) else "sampler")
+        return dict(super()._components(), prior=kind)
 
     @classmethod
-    def load(cls, path, map_location=None) -> FlowGuidedGenerator:
-        """Rebuild a generator written by :meth:`save` (or by a checkpoint of :meth:`fit`)."""
-        blob = torch.load(path, map_location=map_location, weights_only=False)
-        if blob.get("class") != cls.__name__:
-            raise ValueError(f"{path} holds a {blob.get('class')}, not a {cls.__name__}")
-        prior = "data" if blob["user_prior"] is None else blob["user_prior"]
-        gen = cls(**blob["config"], prior=prior, network=blob["network"])
-        state = blob["state"]
-        gen.to(dtype=state["shift"].dtype, device=state["shift"].device)
-        gen.load_state_dict(state)
-        gen.losses, gen.iteration, gen._resume = list(blob["losses"]), blob["iteration"], blob["resume"]
+    def load(cls, path, /, map_location=None, *, network=None, prior=None) -> FlowGuidedGenerator:
+        """Rebuild a generator written by :meth:`save` (or by a checkpoint of :meth:`fit`); read with
+        ``torch.load(weights_only=True)``, so no pickled code runs. The file holds the options, weights
+        (EMA weights for use), data statistics, the data-dependent prior, losses and, mid-training, the
+        optimiser / EMA / RNG state to resume; a custom network is stored as its weights and a user
+        prior not at all: pass them here.
+
+        :param network: the custom network the generator was built with (an ``nn.Module`` of the same
+            architecture, or a function returning one); its saved weights are loaded into it.
+        :param prior: the user prior the generator was built with (a Distribution or a sampler); not
+            needed for the default ``"data"`` prior, whose parameters are saved.
+        """
+        ckpt = load_checkpoint(path, kind=cls.__name__, map_location=map_location)
+        given = {k: v for k, v in (("network", network), ("prior", prior)) if v is not None}
+        gen = cls._from_checkpoint(ckpt.payload, path, given)
+        gen.iteration, gen._resume = ckpt.payload["iteration"], ckpt.payload["resume"]
         if gen._resume is not None:  # a mid-training checkpoint: sample with the EMA weights
             if gen._resume["ema"] is not None:
                 with torch.no_grad():
                     params = [p for p in gen.network.parameters() if p.requires_grad]
                     torch._foreach_copy_(params, [t.to(params[0]) for t in gen._resume["ema"]])
             gen.fitted.fill_(True)
-        gen.eval()
         return gen
 
     def extra_repr(self):

@@ -12,16 +12,21 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
+import pyro
+import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
+from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from ... import diagnostics
+from ..._checkpoint import check_fingerprint, load_checkpoint, package_version, save_checkpoint
 from ...nn import ControlNetwork
 from ...nn.ema import ema_update_
 from ...sde import (
@@ -40,7 +45,6 @@ from .losses import get_loss
 __all__ = ["DiffusionSampler", "StepInfo"]
 
 _METHODS = ("pis", "dis", "dds", "bridge")
-_CHECKPOINT_VERSION = 1
 _BACKENDS = ("euler", "torchsde")
 
 
@@ -131,8 +135,10 @@ class DiffusionSampler:
         :func:`~pyro_sde.infer.fit_preconditioner`; the result is ``sampler.preconditioner``.
     :param dict precondition_options: keyword arguments of :func:`~pyro_sde.infer.fit_preconditioner`.
     :param init_strategy: Pyro init strategy (the first start of the preconditioner's MAP search).
-    :param bool vectorize: evaluate the model on batches under a particle plate (see
-        :class:`~pyro_sde.infer.potential.ModelPotential`).
+    :param vectorize: how a model is evaluated on a batch of particles (see
+        :class:`~pyro_sde.infer.potential.ModelPotential`): ``"auto"`` (default: one call under a particle
+        plate; where that fails, ``torch.func.vmap`` over one particle; where that fails too, a sequential
+        loop with a warning that states the slowdown), or ``"plate"``, ``"vmap"``, ``"sequential"``.
     :param dtype, device: with ``log_density`` only (a model's tensors decide otherwise).
     """
 
@@ -165,7 +171,7 @@ class DiffusionSampler:
         precondition="laplace",
         precondition_options: dict | None = None,
         init_strategy=init_to_uniform,
-        vectorize: bool = True,
+        vectorize: str | bool = "auto",
         dtype: torch.dtype | None = None,
         device=None,
     ):
@@ -249,6 +255,9 @@ class DiffusionSampler:
         self._run_state: dict | None = None  # progress of the current run (for checkpoints / resume)
         self._pending_state: dict | None = None  # state loaded from a checkpoint, applied at set-up
         self._resume_rng = None
+        self._checkpoint_path: str | None = None  # the file resume() checkpoints to by default
+        self._saved_fingerprint: dict | None = None  # of the loaded checkpoint, checked at set-up
+        self._supports = None  # (potential, site supports) for the fingerprint
         self.potential: Potential | None = None  # the model's unconstrained log density
         self._target: Potential | None = None  # what the SDE samples: the potential in whitened coordinates
         self._model_call = None
@@ -583,14 +592,27 @@ class DiffusionSampler:
         return None
 
     def resume(
-        self, *args, progress_bar: bool = True, checkpoint: str | None = None, checkpoint_every: int = 100,
+        self, *args, progress_bar: bool = True, checkpoint="same", checkpoint_every: int | None = None,
         **kwargs,
     ) -> DiffusionSampler:
         """Finish the run that a checkpoint was saved in (after :meth:`load`), with the model's
         arguments. The random state saved in the checkpoint is restored first, so that the result is
-        the same as that of the uninterrupted run with the same seed."""
-        if self._run_state is None and self._pending_state is None:
-            raise RuntimeError("nothing to resume: no run was started or loaded")
+        the same as that of the uninterrupted run with the same seed.
+
+        :param checkpoint: ``"same"`` (default): keep checkpointing to the file the sampler was loaded
+            from (or, without :meth:`load`, the file the interrupted run wrote), so that a second
+            interruption loses no work; a path: checkpoint there instead; ``None`` or ``False``: no
+            checkpoints.
+        :param int checkpoint_every: iterations between checkpoints (default: the run's own interval).
+        """
+        if self._run_state is None:
+            raise RuntimeError("nothing to resume: no run was started or loaded (or saved before a run)")
+        if isinstance(checkpoint, str) and checkpoint == "same":
+            checkpoint = self._checkpoint_path
+        elif checkpoint is False:
+            checkpoint = None
+        if checkpoint_every is None:
+            checkpoint_every = self._run_state.get("checkpoint_every", 100)
         self._setup_potential(args, kwargs)
         if self._resume_rng is not None:
             _set_rng_state(self._resume_rng)
@@ -609,6 +631,9 @@ class DiffusionSampler:
         clock = time.perf_counter()
         if checkpoint is not None:
             _positive_int("checkpoint_every", checkpoint_every)
+            checkpoint = os.fspath(checkpoint)
+            state["checkpoint_every"] = checkpoint_every
+        self._checkpoint_path = checkpoint  # where resume(checkpoint="same") continues
         self._weighted = None
         scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, state["gamma"])
         failed = 0
@@ -663,11 +688,12 @@ class DiffusionSampler:
     # checkpoints
     def save(self, path) -> None:
         """Write the sampler's state (configuration, weights, EMA, optimiser, run progress, losses and
-        the random state) to ``path`` (atomically). The model and its data are not saved."""
+        the random state) to ``path``, atomically, with a checksum and the fingerprint of the model
+        (latent sites with shapes and supports, dim, method, package version) that :meth:`load`
+        checks. The model and its data are not saved. Only tensors and plain values are written."""
         if self.optimizer is None:
             raise RuntimeError("nothing to save before set-up: call .setup(*model_args) or .run first")
         state = dict(
-            version=_CHECKPOINT_VERSION,
             config=self._config,
             nets=[net.state_dict() for net in self._nets()],
             ema_nets=None if self._ema_nets is None else [net.state_dict() for net in self._ema_nets],
@@ -679,10 +705,21 @@ class DiffusionSampler:
             rng=_get_rng_state(),
             preconditioner=None if self.preconditioner is None else self.preconditioner.state_dict(),
         )
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        save_checkpoint(path, state, kind="DiffusionSampler", fingerprint=self._fingerprint())
+
+    def _fingerprint(self) -> dict:
+        """What a checkpoint belongs to: ``{"latent sites": {name: (shape, support)}, "dim", "method",
+        "package version"}``."""
+        p = self.potential
+        if self._supports is None or self._supports[0] is not p:  # one model trace per potential
+            self._supports = (p, _site_supports(p))
+        supports = self._supports[1]
+        return {
+            "latent sites": {n: (tuple(shape), supports[n]) for n, shape in p.site_shapes.items()},
+            "dim": p.dim,
+            "method": self.method,
+            "package version": package_version(),
+        }
 
     @classmethod
     def load(
@@ -699,10 +736,14 @@ class DiffusionSampler:
         """Rebuild a sampler saved with :meth:`save`: give the same ``model`` (then call
         :meth:`resume` or :meth:`setup` with its arguments) or ``log_density``, and the custom
         networks if the saved sampler had them. ``overrides`` replace saved options that do not change
-        the networks (e.g. ``backend``, ``init_strategy``)."""
-        state = torch.load(os.fspath(path), map_location=map_location, weights_only=False)
-        if not isinstance(state, dict) or state.get("version") != _CHECKPOINT_VERSION:
-            raise ValueError(f"{path!r} is not a DiffusionSampler checkpoint (version {_CHECKPOINT_VERSION})")
+        the networks (e.g. ``backend``, ``init_strategy``).
+
+        The file is read with ``torch.load(weights_only=True)`` (no pickled code runs) and refused
+        with a ``ValueError`` when it is not a DiffusionSampler checkpoint, is damaged (checksum) or
+        belongs to another model (checked when the model is bound: here for ``log_density``, at
+        :meth:`setup` / :meth:`resume` for a model). :meth:`resume` keeps checkpointing to ``path``."""
+        ckpt = load_checkpoint(path, kind="DiffusionSampler", map_location=map_location)
+        state = ckpt.payload
         config = dict(state["config"])
         if log_density is None:
             config.pop("dim", None)
@@ -713,6 +754,8 @@ class DiffusionSampler:
         sampler = cls(
             model, log_density=log_density, control=control, backward_control=backward_control, **config
         )
+        sampler._checkpoint_path = os.fspath(path)
+        sampler._saved_fingerprint = ckpt.fingerprint
         sampler._pending_state = state
         if sampler.optimizer is not None:  # a log density: the networks exist already
             sampler._load_state(state)
@@ -724,14 +767,22 @@ class DiffusionSampler:
         return sampler
 
     def _load_state(self, state):
+        if self._saved_fingerprint is not None:
+            check_fingerprint(self._saved_fingerprint, self._fingerprint(), source=self._checkpoint_path)
         nets = self._nets()
         if len(state["nets"]) != len(nets):
             raise ValueError("the checkpoint's networks do not match this sampler's method")
-        for net, sd in zip(nets, state["nets"]):
-            net.load_state_dict(sd)
-        if state["ema_nets"] is not None and self._ema_nets is not None:
-            for net, sd in zip(self._ema_nets, state["ema_nets"]):
+        try:
+            for net, sd in zip(nets, state["nets"]):
                 net.load_state_dict(sd)
+            if state["ema_nets"] is not None and self._ema_nets is not None:
+                for net, sd in zip(self._ema_nets, state["ema_nets"]):
+                    net.load_state_dict(sd)
+        except RuntimeError as e:  # e.g. a custom control of another architecture
+            raise ValueError(
+                f"the networks saved in {self._checkpoint_path!r} do not fit this sampler's networks "
+                f"(pass control= / backward_control= like the saved ones to load): {e}"
+            ) from e
         self._ema_updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -883,6 +934,29 @@ def _get_rng_state():
 
 
 def _set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
+    torch.set_rng_state(state["cpu"].cpu())  # a checkpoint loaded with map_location may hold it elsewhere
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
+
+
+def _support_name(constraint) -> str:
+    """A short name of a support: ``"real"``, ``"greater_than(lower_bound=0.0)"``, ``"simplex"``, ..."""
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(constraint).__name__.lstrip("_")).lower()
+    params = [f"{k}={v!r}" for k, v in vars(constraint).items()
+              if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return f"{name}({', '.join(params)})" if params else name
+
+
+def _site_supports(potential) -> dict:
+    """Site name -> support name; a model is traced once at its initial point (supports may depend
+    on other latents: tensor bounds are left out of the names, so they do not depend on the point)."""
+    if not isinstance(potential, ModelPotential):
+        return {name: "real" for name in potential.site_shapes}
+    values = {n: v[0] for n, v in potential.constrain(potential.initial_params[None]).items()}
+    with poutine.block(), pyro.validation_enabled(False), torch.no_grad():
+        trace = poutine.trace(poutine.condition(potential.model, values)).get_trace(
+            *potential.model_args, **potential.model_kwargs
+        )
+    return {n: _support_name(trace.nodes[n]["fn"].support) for n in potential.site_shapes}
