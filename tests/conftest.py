@@ -1,6 +1,11 @@
 import pyro
 import pytest
 import torch
+from hypothesis import settings
+
+# Property-based tests draw the same examples on every run (CI must not fail by chance).
+settings.register_profile("pyro_sde", derandomize=True, deadline=None)
+settings.load_profile("pyro_sde")
 
 
 @pytest.fixture(autouse=True)

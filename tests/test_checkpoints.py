@@ -397,7 +397,7 @@ class _Interrupting:
 
 
 def test_second_interruption_after_resume_loses_no_work_and_stays_bit_identical(tmp_path):
-    options = dict(dim=2, num_steps=8, hidden_dim=16, num_layers=1, ema_decay=0.9)
+    options = dict(dim=2, num_steps=8, hidden_dim=16, num_layers=1, ema_decay=0.9, precondition=None)
     torch.manual_seed(1)
     full = DiffusionSampler(log_density=_Interrupting(), **options)
     full.run(num_iterations=12, batch_size=16, progress_bar=False)
@@ -425,7 +425,7 @@ def test_resume_checkpoint_options(tmp_path):
     path, elsewhere = tmp_path / "run.pt", tmp_path / "elsewhere.pt"
     torch.manual_seed(0)
     s = DiffusionSampler(log_density=_Interrupting(stop_at=1 + 11 * 3 + 1), dim=2, num_steps=10,
-                         hidden_dim=16, num_layers=1)
+                         hidden_dim=16, num_layers=1, precondition=None)
     with pytest.raises(KeyboardInterrupt):  # inside iteration 4 (11 calls per iteration, 1 probe)
         s.run(num_iterations=10, batch_size=8, progress_bar=False, checkpoint=path, checkpoint_every=2)
     saved = path.read_bytes()

@@ -210,7 +210,9 @@ def test_closed_form_score_replaces_autograd_exactly():
     samplers = []
     for score in [None, target.score]:
         torch.manual_seed(3)
-        sampler = DiffusionSampler(log_density=target.log_prob, score=score, dim=2, num_steps=10)
+        sampler = DiffusionSampler(
+            log_density=target.log_prob, score=score, dim=2, num_steps=10, precondition=None
+        )
         sampler.run(num_iterations=3, batch_size=64, progress_bar=False)
         samplers.append(sampler)
     assert samplers[0].losses == pytest.approx(samplers[1].losses, rel=1e-4)

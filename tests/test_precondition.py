@@ -70,7 +70,7 @@ def test_laplace_fit_of_a_badly_scaled_gaussian_is_exact():
     target, cov = _badly_scaled_gaussian()
     pre = fit_preconditioner(LogDensityPotential(target.log_prob, 5, dtype=torch.float64))
     assert pre.method == "laplace"
-    assert torch.allclose(pre.loc, target.mean, rtol=0, atol=1e-6 * 100)
+    assert ((pre.loc - target.mean) / cov.diagonal().sqrt()).abs().max() < 1e-4
     assert torch.allclose(pre.covariance, cov, rtol=1e-5, atol=1e-12)
     assert pre.info["gaussian_log_z"] == pytest.approx(1.5, abs=1e-6)
     assert pre.info["gaussian_ess"] == pytest.approx(1.0, abs=1e-6)
@@ -93,8 +93,10 @@ def test_svi_and_diagonal_fits():
 def test_bimodal_target_gets_a_global_scale_and_funnel_keeps_the_identity():
     torch.manual_seed(0)
     mixture = targets.GaussianMixture(torch.tensor([[-3.0], [3.0]]), scale=0.5)
-    pre = fit_preconditioner(LogDensityPotential(mixture.log_prob, 1, dtype=torch.float64), num_starts=8)
-    assert pre.info["num_modes"] >= 2
+    potential = LogDensityPotential(mixture.log_prob, 1, dtype=torch.float64)
+    pre = fit_preconditioner(potential, num_starts=8)
+    assert pre.info["num_modes"] >= 2 and pre.method == "identity"  # the default for several modes
+    pre = fit_preconditioner(potential, num_starts=8, multimodal="mixture")
     # moment-matched: Var = s^2 + 9 (equal weights), never the single mode's 0.25
     assert pre.method == "mixture"
     assert pre.covariance.item() == pytest.approx(9.25, rel=1e-3)

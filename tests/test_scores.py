@@ -50,7 +50,8 @@ def rel_err(a, b):
 def gaussian(d, seed, dtype=D64):
     g = torch.Generator().manual_seed(seed)
     m = torch.randn(d, generator=g, dtype=dtype)
-    L = 0.3 * torch.randn(d, d, generator=g, dtype=dtype).tril() + torch.eye(d, dtype=dtype)
+    diag = 1 + 0.3 * torch.randn(d, generator=g, dtype=dtype).abs()  # a valid scale_tril for every seed
+    L = 0.3 * torch.randn(d, d, generator=g, dtype=dtype).tril(-1) + torch.diag(diag)
     return MultivariateNormal(m, scale_tril=L)
 
 
