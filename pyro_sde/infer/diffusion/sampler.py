@@ -508,8 +508,9 @@ class DiffusionSampler:
         """Train the control; ``args``/``kwargs`` go to the model. Returns ``self``.
 
         Training stops at the first of: ``num_iterations`` steps (default ``default_num_iterations``,
-        3000), ``max_time`` seconds of training, or the ``until`` rule, checked every ``eval_every``
-        steps on a fresh batch of ``eval_batch_size`` paths drawn with the sampling (EMA) control:
+        3000), ``max_time`` seconds of training, or the ``until`` rule, checked after 5 and 10 steps and
+        then every ``eval_every`` steps on a fresh batch of ``eval_batch_size`` paths drawn with the
+        sampling (EMA) control:
 
         * ``"converged"`` (default): the importance ESS is at least ``converged_ess`` (0.9) with a
           Pareto k below 0.5, or it has not improved by 5 % over the last ``patience`` (4) checks;
@@ -661,7 +662,7 @@ class DiffusionSampler:
                 info = None
             scheduler.step()
             state["done"] = i + 1
-            if state["until"] is not None and state["done"] % state["eval_every"] == 0:
+            if state["until"] is not None and _is_check(state["done"], state["eval_every"]):
                 ess, k = self._evaluate(state["eval_batch_size"])
                 self.eval_history.append((state["done"], ess, k))
                 state["stopped"] = self._should_stop(state)
@@ -752,7 +753,9 @@ class DiffusionSampler:
             config.pop("dim", None)
             config.pop("dtype", None)
         saved = state.get("preconditioner")
-        config["precondition"] = None if saved is None else Preconditioner.from_state_dict(saved)
+        preconditioner = None if saved is None else Preconditioner.from_state_dict(saved)
+        # a model's potential is built at set-up, after the fingerprint check; a log density's now
+        config["precondition"] = preconditioner if log_density is None else None
         config.update(overrides)
         sampler = cls(
             model, log_density=log_density, control=control, backward_control=backward_control, **config
@@ -763,6 +766,8 @@ class DiffusionSampler:
         if sampler.optimizer is not None:  # a log density: the networks exist already
             sampler._load_state(state)
             sampler._pending_state = None
+            sampler.preconditioner = preconditioner
+            sampler._setup_target()
         sampler._run_state = state["run_state"]
         sampler.losses = list(state["losses"])
         sampler.history = [StepInfo(*h) for h in state["history"]]
@@ -890,6 +895,12 @@ class DiffusionSampler:
             f"DiffusionSampler(method={self.method!r}, loss={self.loss_spec.name!r}, "
             f"reference={self.reference!r}, iterations={len(self.losses)})"
         )
+
+
+def _is_check(iteration: int, eval_every: int) -> bool:
+    """Stopping-rule checks after 5 and 10 steps (a good preconditioner is often enough), then every
+    ``eval_every``."""
+    return iteration in (5, 10) or iteration % eval_every == 0
 
 
 def _check_until(until):
