@@ -249,7 +249,7 @@ def _warn_if_unreliable(pareto_k: float, what: str, stacklevel: int = 3) -> bool
     reason = "fewer than 21 weights or ties in the tail" if pareto_k == math.inf else "heavy-tailed weights"
     warnings.warn(
         f"{what} is unreliable: the Pareto k of the importance weights is {pareto_k:.2f} > "
-        f"{PARETO_K_UNRELIABLE} ({reason}); its standard error is not to be trusted. "
+        f"{PARETO_K_UNRELIABLE} ({reason}): the estimate and its standard error are not to be trusted. "
         "Train longer, draw more samples, or use a better proposal.",
         UnreliableEstimateWarning,
         stacklevel=stacklevel + 1,
