@@ -225,6 +225,10 @@ class DiffusionSampler:
         self.loss_spec = get_loss(loss)
         self.num_steps = _positive_int("num_steps", num_steps)
         T = (5.0 if method == "pis" else 1.0) if T is None else T
+        if sigma is not None:
+            _positive_float("sigma", sigma)
+            if method not in ("pis", "dds"):
+                raise ValueError(f"sigma is used by method='pis' and 'dds' only, not by {method!r}")
         if method == "pis":
             sigma = math.sqrt(0.2) if sigma is None else sigma
             self.reference = BrownianReference(num_steps, sigma=sigma, T=T)
