@@ -153,6 +153,8 @@ def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
 
 def _log_ess(lw: torch.Tensor) -> torch.Tensor:
     """``log`` of the normalised ESS along dim 0 of ``(N, *batch)`` log weights (unchecked); ``(*batch)``."""
+    top = lw.amax(0)
+    lw = lw - torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # 2 lw must not overflow
     return 2 * lw.logsumexp(0) - (2 * lw).logsumexp(0) - math.log(lw.shape[0])
 
 
@@ -175,7 +177,8 @@ def log_evidence(log_weights: torch.Tensor) -> LogEvidence:
     stderr = w.std() / (w.mean() * math.sqrt(n))
     k = _pareto_k(lw)
     _warn_if_unreliable(k, f"log Z = {float(log_z):.4g} +- {float(stderr):.2g}")
-    return LogEvidence(log_z, stderr, lw.mean(), _log_ess(lw).exp(), pareto_k=k)
+    lower_bound = lw.max() + (lw - lw.max()).mean()  # shifted: a sum of huge log weights overflows
+    return LogEvidence(log_z, stderr, lower_bound, _log_ess(lw).exp(), pareto_k=k)
 
 
 def pareto_k_threshold(num_samples: int) -> float:
