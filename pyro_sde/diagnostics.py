@@ -84,6 +84,10 @@ class LogEvidence(_LogEvidenceFields):
     def __getnewargs__(self):
         return (*self, self.pareto_k, self.num_dropped)
 
+    def _replace(self, **changes):
+        extras = {name: changes.pop(name, getattr(self, name)) for name in ("pareto_k", "num_dropped")}
+        return LogEvidence(*super()._replace(**changes), **extras)
+
     def __repr__(self):
         return (
             f"LogEvidence(log_z={float(self.log_z):.6g}, stderr={float(self.stderr):.3g}, "

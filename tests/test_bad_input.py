@@ -7,6 +7,7 @@ property-based cases (hypothesis) for shapes, dtypes, NaN/inf, empty and extreme
 
 import math
 import os
+import pickle
 import re
 import warnings
 
@@ -106,6 +107,8 @@ class TestDegenerateWeights:
             ev = diagnostics.log_evidence(light)
             assert ev.reliable and ev.pareto_k < 0.7
             assert diagnostics.log_evidence(torch.zeros(50)).reliable  # equal weights: a perfect proposal
+        again = pickle.loads(pickle.dumps(ev))._replace(log_z=torch.tensor(0.0))
+        assert (again.pareto_k, again.num_dropped, again.stderr) == (ev.pareto_k, 0, ev.stderr)
 
 
 # --------------------------------------------------------------------------------------------------

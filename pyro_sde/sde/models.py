@@ -329,14 +329,13 @@ def _check_positive(name, value):
     """``value`` if it is positive. With Pyro validation disabled (a sampler's hot path), non-positive
     entries of a tensor become NaN (a NaN log density for those particles) instead of an error."""
     if torch.is_tensor(value):
-        if not value.is_floating_point():
-            value = value.to(torch.get_default_dtype())
-        if _validating():
+        if torch._C._get_tracing_state():
+            return value
+        if is_validation_enabled() or not value.is_floating_point():  # integers are the user's
             if not (value > 0).all():
                 raise ValueError(f"{name} must be positive, got {_describe(value)}")
-        elif not torch._C._get_tracing_state():
-            value = torch.where(value > 0, value, torch.full_like(value, math.nan))
-        return value
+            return value
+        return torch.where(value > 0, value, torch.full_like(value, math.nan))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive number or tensor, got {type(value).__name__}")
     if not 0 < value < math.inf:
