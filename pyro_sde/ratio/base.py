@@ -60,17 +60,16 @@ def check_samples(x, name: str, dim: int | None = None, min_samples: int = 1) ->
     return x
 
 
-def check_finite_number(value, name: str, minimum: float | None = None, inclusive: bool = True) -> float:
-    """``value`` as a float if it is a finite real number (``> minimum``, or ``>=`` when inclusive)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if minimum is not None and (value < minimum or (not inclusive and value == minimum)):
-        bound = ">=" if inclusive else ">"
-        raise ValueError(f"{name} must be {bound} {minimum}, got {value!r}")
-    return float(value)
+def _nonnegative_float(v, name: str, positive: bool = False) -> float:
+    """``v`` as a float if it is a finite number ``>= 0`` (``> 0`` with ``positive``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+            positive and v == 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, "
+                         f"got {v!r}")
+    return float(v)
 
 
-def check_not_constant(x: torch.Tensor, name: str) -> None:
+def _check_not_constant(x: torch.Tensor, name: str) -> None:
     """Refuse samples ``(N, d)`` with a constant column: no density there, and standardising by its
     std 0 would blow log ratios up (to ~1e11)."""
     constant = (x.std(0) == 0).nonzero().flatten().tolist()
@@ -469,8 +468,8 @@ class RatioEstimator(nn.Module):
                                        or not 1 <= stop_after <= num_iterations):
             raise ValueError(f"stop_after must be an int in [1, num_iterations] or None, got {stop_after!r}")
         num_run = num_iterations if stop_after is None else stop_after
-        check_finite_number(lr, "lr", minimum=0.0, inclusive=False)
-        check_finite_number(weight_decay, "weight_decay", minimum=0.0)
+        _nonnegative_float(lr, "lr", positive=True)
+        _nonnegative_float(weight_decay, "weight_decay")
         if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float))
                                       or not 0 <= ema_decay < 1):
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
@@ -489,7 +488,7 @@ class RatioEstimator(nn.Module):
             sample_den, probe_den = _as_sampler(denominator, "denominator", self.dim, MIN_SAMPLES)
             if probe_den.dtype != probe.dtype or probe_den.device != probe.device:
                 raise ValueError("numerator and denominator must share dtype and device")
-            check_not_constant(probe_den, "denominator")
+            _check_not_constant(probe_den, "denominator")
         first = not self.is_fitted
         self.to(device=probe.device, dtype=probe.dtype)
         if first:
