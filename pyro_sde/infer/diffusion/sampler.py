@@ -595,7 +595,9 @@ class DiffusionSampler:
                         "most of the run is lost; check the model's log density (NaN?) or lower lr"
                     ) from e
                 info = None
-            scheduler.step()
+            with warnings.catch_warnings():  # after a skipped step torch warns that step() came first
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
             state["done"] = i + 1
             if checkpoint is not None and (state["done"] % checkpoint_every == 0 or i + 1 == state["total"]):
                 self.save(checkpoint)
