@@ -11,6 +11,10 @@ into the usual numbers:
 * :func:`systematic_resample`: low-variance unbiased resampling;
 * :func:`to_inference_data`, :func:`weighted_summary`, :func:`print_weighted_summary`: reporting.
 
+Every estimate computed from weights (evidence, summaries, printed tables, ArviZ export) checks the
+PSIS Pareto ``k`` of its weights and warns with :class:`UnreliableEstimateWarning` when
+``k > 0.7`` (ArviZ's threshold): the standard error is then not to be trusted.
+
 All functions take log weights as a 1-D tensor of shape ``(N,)`` on any device/dtype and raise
 :class:`ValueError` on NaN or ``+inf`` entries, on all-``-inf`` weights (``-inf`` alone is a valid
 zero weight) and on a wrong shape.
@@ -29,6 +33,8 @@ from pyro.ops.stats import fit_generalized_pareto, weighed_quantile
 
 __all__ = [
     "LogEvidence",
+    "PARETO_K_UNRELIABLE",
+    "UnreliableEstimateWarning",
     "effective_sample_size",
     "log_evidence",
     "psis",
@@ -40,13 +46,54 @@ __all__ = [
 ]
 
 
-class LogEvidence(NamedTuple):
-    """Importance-sampling estimate of the log normalising constant (all 0-d tensors)."""
+#: ArviZ's threshold: importance-sampling estimates with a Pareto k above it are unreliable.
+PARETO_K_UNRELIABLE = 0.7
 
+
+class UnreliableEstimateWarning(RuntimeWarning):
+    """An estimate computed from importance weights whose PSIS Pareto k exceeds 0.7."""
+
+
+class _LogEvidenceFields(NamedTuple):
     log_z: torch.Tensor  #: ``log (1/N) sum_i w_i``
     stderr: torch.Tensor  #: delta-method standard error of ``log_z``: ``std(w) / (mean w sqrt N)``
     lower_bound: torch.Tensor  #: ``(1/N) sum_i log w_i <= log Z`` in expectation (ELBO-type bound)
     ess: torch.Tensor  #: normalised effective sample size in ``(0, 1]``
+
+
+class LogEvidence(_LogEvidenceFields):
+    """Importance-sampling estimate of the log normalising constant (all 0-d tensors).
+
+    A NamedTuple ``(log_z, stderr, lower_bound, ess)`` (unpacks into these four) with the extra
+    attributes ``pareto_k`` (PSIS k-hat of the weights, float), ``reliable`` (``pareto_k <= 0.7``:
+    otherwise ``stderr`` is not to be trusted) and ``num_dropped`` (paths dropped for a non-finite
+    log weight before the estimate).
+    """
+
+    def __new__(cls, log_z, stderr, lower_bound, ess, pareto_k: float = math.nan, num_dropped: int = 0):
+        self = super().__new__(cls, log_z, stderr, lower_bound, ess)
+        self.pareto_k = float(pareto_k)
+        self.num_dropped = int(num_dropped)
+        return self
+
+    @property
+    def reliable(self) -> bool:
+        """``pareto_k <= 0.7`` (ArviZ's threshold)."""
+        return self.pareto_k <= PARETO_K_UNRELIABLE
+
+    def __getnewargs__(self):
+        return (*self, self.pareto_k, self.num_dropped)
+
+    def _replace(self, **changes):
+        extras = {name: changes.pop(name, getattr(self, name)) for name in ("pareto_k", "num_dropped")}
+        return LogEvidence(*super()._replace(**changes), **extras)
+
+    def __repr__(self):
+        return (
+            f"LogEvidence(log_z={float(self.log_z):.6g}, stderr={float(self.stderr):.3g}, "
+            f"lower_bound={float(self.lower_bound):.6g}, ess={float(self.ess):.3g}, "
+            f"pareto_k={self.pareto_k:.3g}, reliable={self.reliable}, num_dropped={self.num_dropped})"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,6 +157,8 @@ def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
 
 def _log_ess(lw: torch.Tensor) -> torch.Tensor:
     """``log`` of the normalised ESS along dim 0 of ``(N, *batch)`` log weights (unchecked); ``(*batch)``."""
+    top = lw.amax(0)
+    lw = lw - torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # 2 lw must not overflow
     return 2 * lw.logsumexp(0) - (2 * lw).logsumexp(0) - math.log(lw.shape[0])
 
 
@@ -119,6 +168,9 @@ def log_evidence(log_weights: torch.Tensor) -> LogEvidence:
     ``stderr = std(w) / (mean(w) sqrt(N))`` (delta method, unbiased ``std``) is computed on the
     weights shifted by ``max log w``, so it is scale invariant and never overflows.
 
+    Warns (:class:`UnreliableEstimateWarning`) when the weights' Pareto k exceeds 0.7; the result's
+    ``pareto_k`` / ``reliable`` attributes record it.
+
     :param torch.Tensor log_weights: unnormalised log weights, shape ``(N,)``, ``N >= 2``.
     :rtype: LogEvidence
     """
@@ -127,7 +179,10 @@ def log_evidence(log_weights: torch.Tensor) -> LogEvidence:
     log_z = lw.logsumexp(0) - math.log(n)
     w = (lw - lw.max()).exp()
     stderr = w.std() / (w.mean() * math.sqrt(n))
-    return LogEvidence(log_z, stderr, lw.mean(), effective_sample_size(lw))
+    k = _pareto_k(lw)
+    _warn_if_unreliable(k, f"log Z = {float(log_z):.4g} +- {float(stderr):.2g}")
+    lower_bound = lw.max() + (lw - lw.max()).mean()  # shifted: a sum of huge log weights overflows
+    return LogEvidence(log_z, stderr, lower_bound, _log_ess(lw).exp(), pareto_k=k)
 
 
 def pareto_k_threshold(num_samples: int) -> float:
@@ -183,6 +238,56 @@ def psis(log_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return smoothed, torch.tensor(k, dtype=lw.dtype, device=lw.device)
 
 
+def _pareto_k(lw: torch.Tensor) -> float:
+    """PSIS k-hat of checked log weights ``(N,)``; ``-inf`` for exactly equal finite weights (a perfect
+    proposal: zero variance, nothing to fit), ``inf`` when there are too few weights to fit a tail."""
+    finite = lw[lw > -math.inf]
+    if finite.numel() == lw.numel() and bool((finite == finite[0]).all()):
+        return -math.inf
+    return float(psis(lw)[1])
+
+
+def _warn_if_unreliable(pareto_k: float, what: str, stacklevel: int = 3) -> bool:
+    """Warn (:class:`UnreliableEstimateWarning`) when ``pareto_k > 0.7``; returns whether it is reliable.
+
+    The one check behind every estimate computed from importance weights."""
+    if pareto_k <= PARETO_K_UNRELIABLE:
+        return True
+    reason = "fewer than 21 weights or ties in the tail" if pareto_k == math.inf else "heavy-tailed weights"
+    warnings.warn(
+        f"{what} is unreliable: the Pareto k of the importance weights is {pareto_k:.2f} > "
+        f"{PARETO_K_UNRELIABLE} ({reason}): the estimate and its standard error are not to be trusted. "
+        "Train longer, draw more samples, or use a better proposal.",
+        UnreliableEstimateWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return False
+
+
+def _drop_nonfinite(log_weights: torch.Tensor, *tensors: torch.Tensor, stacklevel: int = 3):
+    """The policy for a sampler's own draws: paths with a NaN or ``+inf`` log weight are dropped
+    (``-inf`` is a valid zero weight and is kept), counted and reported with a ``RuntimeWarning``.
+
+    :returns: ``(log_weights[keep], *(t[keep] for t in tensors), num_dropped)``.
+    :raises FloatingPointError: if every path is dropped.
+    """
+    keep = ~(torch.isnan(log_weights) | (log_weights == math.inf))
+    num_dropped = int(log_weights.numel() - keep.sum())
+    if num_dropped == log_weights.numel():
+        raise FloatingPointError(
+            f"all {num_dropped} paths have a NaN or +inf log weight: check the model's log density"
+        )
+    if num_dropped:
+        warnings.warn(
+            f"{num_dropped} of {log_weights.numel()} paths had a NaN or +inf log weight and were dropped "
+            "from the estimates (counted in num_dropped)",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return (log_weights[keep], *(t[keep] for t in tensors), num_dropped)
+    return (log_weights, *tensors, 0)
+
+
 def systematic_resample(
     log_weights: torch.Tensor,
     num_samples: int | None = None,
@@ -229,12 +334,14 @@ def weighted_summary(samples: dict, log_weights: torch.Tensor, prob: float = 0.9
     :param torch.Tensor log_weights: unnormalised log weights, shape ``(N,)``.
     :param float prob: mass of the central interval, in ``(0, 1)``.
     :returns: site name -> ``{"mean", "std", "median", "5.0%", "95.0%"}`` (for ``prob=0.9``), each a
-        tensor of shape ``site_shape``.
+        tensor of shape ``site_shape``. Warns when the weights' Pareto k exceeds 0.7.
     """
-    if not 0.0 < prob < 1.0:
-        raise ValueError(f"prob must be in (0, 1), got {prob}")
+    if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 < prob < 1.0:
+        raise ValueError(f"prob must be a number in (0, 1), got {prob!r}")
     lw = _check_log_weights(log_weights)
     samples = _check_samples(samples, lw.numel())
+    if lw.numel() >= 2:
+        _warn_if_unreliable(_pareto_k(lw), "the weighted summary")
     w = (lw - lw.logsumexp(0)).exp()
     low, high = _quantile_keys(prob)
     probs = [(1 - prob) / 2, 0.5, (1 + prob) / 2]
@@ -268,10 +375,14 @@ def print_weighted_summary(summary_dict: dict, log_evidence: LogEvidence | None 
     for label, values in rows:
         print(f"{label:>{width}}" + "".join(f" {v:>9.2f}" for v in values))
     if log_evidence is not None:
+        k = getattr(log_evidence, "pareto_k", math.nan)
+        unreliable = f" (unreliable: k={k:.2f})" if k > PARETO_K_UNRELIABLE else ""
+        dropped = getattr(log_evidence, "num_dropped", 0)
         print(
-            f"\nlog Z = {float(log_evidence.log_z):.4f} +- {float(log_evidence.stderr):.4f}"
+            f"\nlog Z = {float(log_evidence.log_z):.4f} +- {float(log_evidence.stderr):.4f}{unreliable}"
             f"  (lower bound {float(log_evidence.lower_bound):.4f}),"
             f"  ESS = {float(log_evidence.ess):.3f}"
+            + (f", {dropped} non-finite paths dropped" if dropped else "")
         )
     print()
 
@@ -345,15 +456,17 @@ def to_inference_data(result, num_samples: int | None = None, *, coords=None, di
     idx = systematic_resample(lw, num_samples)
     posterior = {k: _to_numpy(v[idx.to(v.device)])[None] for k, v in samples.items()}
     sample_stats = {"log_weight": _to_numpy(lw[idx])[None]}
-    evidence = log_evidence(lw)
-    _, k = psis(lw)
+    evidence = log_evidence(lw)  # warns when the weights' Pareto k exceeds 0.7
+    k = evidence.pareto_k
     attrs = {
         "log_evidence": float(evidence.log_z),
         "log_evidence_stderr": float(evidence.stderr),
         "log_evidence_lower_bound": float(evidence.lower_bound),
         "ess": float(evidence.ess),
         "pareto_k": float(k),
+        "pareto_k_reliable": int(evidence.reliable),
         "num_weighted_samples": int(lw.numel()),
+        "num_dropped": int(getattr(result, "num_dropped_paths", 0)),
     }
     groups = {"posterior": posterior, "sample_stats": sample_stats}
     return _from_dict(groups, attrs, coords=coords, dims=dims)

@@ -41,7 +41,7 @@ def conjugate_data():
 
 
 def weighted_moments(x, log_w):
-    w = torch.softmax(log_w, 0)[:, None]
+    w = torch.softmax(log_w, 0)[:, None].to(x.dtype)
     mean = (w * x).sum(0)
     return mean, (w * (x - mean) ** 2).sum(0).sqrt()
 

@@ -7,6 +7,7 @@ optimisation then converges in a few dozen evaluations, where SVI with Adam need
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -32,7 +33,9 @@ def lbfgs_map(
 
     The objective is Pyro's ``Trace_ELBO().differentiable_loss`` under an ``AutoDelta`` guide (the
     negative log joint at the guide's point, in unconstrained coordinates), minimised with a strong-Wolfe
-    line search. Clears the param store.
+    line search. Clears the param store. Trial points of the search are evaluated with Pyro validation
+    off, and a non-finite objective (or gradient) there counts as a huge loss, so the search backtracks
+    out of NaN regions; an optimum that ends non-finite raises ``FloatingPointError``.
 
     :param init_values: starting values ``{site: constrained value}`` (tensors fix dtype and device;
         Python numbers take torch's default dtype); sites not given start at the prior median.
@@ -46,6 +49,12 @@ def lbfgs_map(
         raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
     if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if isinstance(tolerance_grad, bool) or not isinstance(tolerance_grad, (int, float)) or not (
+        0 <= tolerance_grad < math.inf
+    ):
+        raise ValueError(f"tolerance_grad must be a non-negative finite number, got {tolerance_grad!r}")
+    if init_values is not None and not isinstance(init_values, dict):
+        raise TypeError(f"init_values must be a dict {{site: value}}, got {type(init_values).__name__}")
     init_values = dict(init_values or {})
 
     def init_loc_fn(site):
@@ -69,14 +78,32 @@ def lbfgs_map(
         params, max_iter=max_iter, tolerance_grad=tolerance_grad, line_search_fn="strong_wolfe"
     )
 
+    # a finite stand-in for a non-finite objective: far above any loss seen, small enough that the
+    # line search's cubic interpolation does not overflow
+    penalty = abs(initial_loss.item()) + 1e10
+
     def closure():
         optimizer.zero_grad()
-        loss = loss_fn(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss
+        with pyro.validation_enabled(False):  # a NaN trial point is a bad point, not an error
+            loss = loss_fn(model, guide, *args, **kwargs)
+        if torch.isfinite(loss):
+            loss.backward()
+            if all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
+                return loss
+        for p in params:  # backtrack: a huge loss with no slope
+            p.grad = torch.zeros_like(p)
+        return loss.detach().new_tensor(penalty)
 
     with warnings.catch_warnings():
         for message in ignore_warnings:
             warnings.filterwarnings("ignore", message, UserWarning)
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # handled by the closure
         optimizer.step(closure)
+        with torch.no_grad(), pyro.validation_enabled(False):
+            final_loss = loss_fn(model, guide, *args, **kwargs)
+    if not (torch.isfinite(final_loss) and all(torch.isfinite(p).all() for p in params)):
+        raise FloatingPointError(
+            f"lbfgs_map ended at a point where the negative log joint is {final_loss.item()}: the model's "
+            "log density is not finite there (a NaN region); try other init_values or fewer max_iter"
+        )
     return {name: value.detach() for name, value in guide.median(*args, **kwargs).items()}

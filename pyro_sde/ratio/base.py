@@ -62,6 +62,26 @@ def check_samples(x, name: str, dim: int | None = None, min_samples: int = 1) ->
     return x
 
 
+def _nonnegative_float(v, name: str, positive: bool = False) -> float:
+    """``v`` as a float if it is a finite number ``>= 0`` (``> 0`` with ``positive``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
+            positive and v == 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, "
+                         f"got {v!r}")
+    return float(v)
+
+
+def _check_not_constant(x: torch.Tensor, name: str) -> None:
+    """Refuse samples ``(N, d)`` with a constant column: no density there, and standardising by its
+    std 0 would blow log ratios up (to ~1e11)."""
+    constant = (x.std(0) == 0).nonzero().flatten().tolist()
+    if constant:
+        raise ValueError(
+            f"{name} has constant column(s) {constant} (std 0): a density ratio needs samples with a "
+            "density; drop those coordinates or add noise"
+        )
+
+
 def _as_sampler(x, name: str, dim: int, min_samples: int) -> tuple[Callable, torch.Tensor]:
     """A batch function ``n -> (n, dim)`` and one validated probe batch (for device/dtype/statistics)."""
     if callable(x) and not isinstance(x, torch.Tensor):
@@ -450,9 +470,10 @@ class RatioEstimator(nn.Module):
                                        or not 1 <= stop_after <= num_iterations):
             raise ValueError(f"stop_after must be an int in [1, num_iterations] or None, got {stop_after!r}")
         num_run = num_iterations if stop_after is None else stop_after
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr!r}")
-        if ema_decay is not None and not 0 <= ema_decay < 1:
+        _nonnegative_float(lr, "lr", positive=True)
+        _nonnegative_float(weight_decay, "weight_decay")
+        if ema_decay is not None and (isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float))
+                                      or not 0 <= ema_decay < 1):
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {ema_decay!r}")
         if validation is not None:
             if not self.supports_validation:
@@ -469,6 +490,7 @@ class RatioEstimator(nn.Module):
             sample_den, probe_den = _as_sampler(denominator, "denominator", self.dim, MIN_SAMPLES)
             if probe_den.dtype != probe.dtype or probe_den.device != probe.device:
                 raise ValueError("numerator and denominator must share dtype and device")
+            _check_not_constant(probe_den, "denominator")
         first = not self.is_fitted
         self.to(device=probe.device, dtype=probe.dtype)
         if first:
@@ -531,6 +553,8 @@ class RatioEstimator(nn.Module):
             raise TypeError(f"x must have a floating dtype, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (..., {self.dim}), got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or infinite values")
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
                                       or num_steps < 1):
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")

@@ -29,8 +29,8 @@ __all__ = ["denoising_score_matching", "sliced_score_matching", "generalized_sli
 def _check_samples(x):
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
         raise ValueError(f"x must be a floating tensor of shape (N, d), got {getattr(x, 'shape', x)}")
-    if torch.isnan(x).any():
-        raise ValueError("x contains NaN")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"x contains {'NaN' if torch.isnan(x).any() else 'inf'}")
 
 
 def _reduce(loss, reduction):

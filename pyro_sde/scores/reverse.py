@@ -242,8 +242,8 @@ class TransformedReverseSDE:
             raise ValueError(f"backend must be 'euler' or 'torchsde', got {backend!r}")
         if not isinstance(y0, torch.Tensor) or y0.dim() != 2 or not y0.dtype.is_floating_point:
             raise ValueError(f"y0 must be a floating tensor (N, dim), got {getattr(y0, 'shape', y0)}")
-        if torch.isnan(y0).any():
-            raise ValueError("y0 contains NaN")
+        if not torch.isfinite(y0).all():
+            raise ValueError(f"y0 contains {'NaN' if torch.isnan(y0).any() else 'inf'}")
         if not bool(self.transform.codomain.check(y0).all()):
             raise ValueError(f"y0 is outside the codomain {self.transform.codomain} of the transform")
         simplex = tuple(self.transform.inverse_shape(y0.shape))[-1] == y0.shape[-1] - 1

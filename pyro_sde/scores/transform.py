@@ -314,8 +314,9 @@ def pushforward_score(
         _check_tensor(score_x, "score_x")
         if score_x.shape != x.shape:
             raise ValueError(f"score_x must have the shape of x {tuple(x.shape)}, got {tuple(score_x.shape)}")
-        if torch.isnan(x).any() or torch.isnan(score_x).any():
-            raise ValueError("x or score_x contains NaN")
+        for name, value in (("x", x), ("score_x", score_x)):
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} contains {'NaN' if torch.isnan(value).any() else 'inf'}")
     transform = _uncached(transform)
     parts = transform.parts if isinstance(transform, ComposeTransform) and method == "auto" else [transform]
     y, s = x, score_x

@@ -78,14 +78,25 @@ class _PathBase(TorchDistribution):
             batch = torch.broadcast_shapes(batch, self.initial.batch_shape)
         super().__init__(batch, (self.times.numel(), sde.dim), validate_args=validate_args)
 
+    def _float_dtype(self):
+        """The floating dtype of the SDE's parameters (the default dtype if it has none)."""
+        params = [p for p in self.sde.params().values() if p.is_floating_point()]
+        return params[0].dtype if params else torch.get_default_dtype()
+
     def _check_value(self, value):
-        if value.shape[-2:] != self.event_shape:
+        """``value`` as a floating tensor (integer observations promoted to the parameters' dtype),
+        expanded to ``batch_shape + (T, d)``."""
+        value = torch.as_tensor(value)
+        if not value.is_floating_point():
+            value = value.to(self._float_dtype())
+        if value.dim() < 2 or value.shape[-2:] != self.event_shape:
             raise ValueError(
                 f"value must have shape (..., {self.event_shape[0]}, {self.event_shape[1]}) "
                 f"(times x state dim), got {tuple(value.shape)}"
             )
-        if self._validate_args and torch.isnan(value).any():
-            raise ValueError("value (observations) contain NaN")
+        if self._validate_args and not torch.isfinite(value).all():
+            bad = "NaN" if torch.isnan(value).any() else "inf"
+            raise ValueError(f"value (observations) contain {bad}")
         batch = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
         return value.expand(batch + self.event_shape)
 

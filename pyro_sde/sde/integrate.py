@@ -42,7 +42,7 @@ class PathSample(NamedTuple):
 
     initial: torch.Tensor  #: (N, d), ``x_0``
     terminal: torch.Tensor  #: (N, d), ``x_K``
-    log_ratio: torch.Tensor  #: (N,), ``sum_k log Q_k - log P^v_k`` (without boundary terms)
+    log_ratio: torch.Tensor  #: (N,) float64, ``sum_k log Q_k - log P^v_k`` (without boundary terms)
     states: torch.Tensor | None = None  #: (K + 1, N, d), ``x_0 ... x_K`` (if stored)
     controls: torch.Tensor | None = None  #: (K, N, d), the control ``v_k`` of the drift (if stored)
 
@@ -114,7 +114,7 @@ def euler_maruyama(
     exact_residual = noise_scale == 1.0
     x = x0
     states, controls = [x0], []
-    log_ratio = x0.new_zeros(x0.shape[0])
+    log_ratio = torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)  # float64 whatever x0's
     with torch.set_grad_enabled(differentiable or torch.is_grad_enabled()):
         for k in range(K):
             v = control_fn(k, coef.times[k], x)
@@ -124,7 +124,7 @@ def euler_maruyama(
             residual = noise[k] if exact_residual else None
             log_ratio = log_ratio + log_ratio_increment(
                 reference.kind, a[k], c[k], s[k], b[k], x, x_next, v, residual
-            )
+            ).to(torch.float64)
             if store_path:
                 states.append(x_next)
                 controls.append(v)
@@ -152,7 +152,7 @@ def path_log_ratio(
 ):
     """Sum over steps of :func:`log_ratio_increment` for stored ``states`` (K+1, N, d) and
     ``controls`` (K, N, d) (and, for a bridge, ``backward_controls`` ``u_k = u(t_{k+1}, x_{k+1})``
-    (K, N, d)), evaluated in one batched call over time; returns ``(N,)``."""
+    (K, N, d)), evaluated in one batched call over time; returns ``(N,)``, summed in float64."""
     coef, col = _check_path(reference, states, controls)
     if backward_controls is not None and reference.kind != "backward":
         raise ValueError("backward controls need a reference of kind 'backward'")
@@ -167,7 +167,7 @@ def path_log_ratio(
         controls,
         u=backward_controls,
     )
-    return inc.sum(0)
+    return inc.to(torch.float64).sum(0)
 
 
 def path_log_prob(reference: ReferenceProcess, states: torch.Tensor, controls: torch.Tensor):

@@ -24,6 +24,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from pyro.distributions import is_validation_enabled
 
 __all__ = [
     "SDE",
@@ -212,7 +213,9 @@ class SDE(torch.nn.Module):
     # -- parameters -------------------------------------------------------------------------
     def register_params(self, **params):
         """Store parameters as tensors: ``name=(value, event_dim)``; floats become 0-d tensors of the
-        dtype/device of the tensor parameters (or the default dtype). NaN values raise ValueError."""
+        dtype/device of the tensor parameters (or the default dtype). NaN / inf values raise ValueError
+        while Pyro validation is enabled (with it disabled, as on a sampler's hot path, they flow into
+        a NaN log density for the affected particles)."""
         ref = next((v for v, _ in params.values() if torch.is_tensor(v) and v.is_floating_point()), None)
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         device = ref.device if ref is not None else None
@@ -224,8 +227,9 @@ class SDE(torch.nn.Module):
                 value = torch.as_tensor(value, dtype=dtype, device=device)
             if value.dim() < event_dim:
                 raise ValueError(f"{name} needs at least {event_dim} dims, got shape {tuple(value.shape)}")
-            if not torch._C._get_tracing_state() and torch.isnan(value).any():
-                raise ValueError(f"parameter {name} contains NaN")
+            if _validating() and not torch.isfinite(value).all():
+                bad = "NaN" if torch.isnan(value).any() else "inf"
+                raise ValueError(f"parameter {name} contains {bad}")
             setattr(self, name, value)
             self._param_event_dims[name] = event_dim
 
@@ -317,12 +321,32 @@ class TorchsdeModel(SDE):
 # --------------------------------------------------------------------------------------------------
 
 
+def _validating() -> bool:
+    return is_validation_enabled() and not torch._C._get_tracing_state()
+
+
 def _check_positive(name, value):
+    """``value`` if it is positive. With Pyro validation disabled (a sampler's hot path), non-positive
+    entries of a tensor become NaN (a NaN log density for those particles) instead of an error."""
     if torch.is_tensor(value):
-        if not torch._C._get_tracing_state() and not (value > 0).all():
-            raise ValueError(f"{name} must be positive")
-    elif not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        if torch._C._get_tracing_state():
+            return value
+        if is_validation_enabled() or not value.is_floating_point():  # integers are the user's
+            if not (value > 0).all():
+                raise ValueError(f"{name} must be positive, got {_describe(value)}")
+            return value
+        return torch.where(value > 0, value, torch.full_like(value, math.nan))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number or tensor, got {type(value).__name__}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return value
+
+
+def _describe(value: torch.Tensor) -> str:
+    if value.numel() == 1:
+        return f"{value.item()}"
+    return f"min {value.min().item()} (shape {tuple(value.shape)})"
 
 
 class OrnsteinUhlenbeck(SDE):
@@ -352,12 +376,12 @@ class OrnsteinUhlenbeck(SDE):
             raise ValueError("give exactly one of sigma and diffusion_matrix")
         params = {}
         if theta is not None:
-            _check_positive("theta", theta)
+            theta = _check_positive("theta", theta)
             params["theta"] = (theta, 0)
         else:
             params["drift_matrix"] = (drift_matrix, 2)
         if sigma is not None:
-            _check_positive("sigma", sigma)
+            sigma = _check_positive("sigma", sigma)
             params["sigma"] = (sigma, 0)
         else:
             params["diffusion_matrix"] = (diffusion_matrix, 2)
@@ -430,7 +454,7 @@ class GeometricBrownianMotion(SDE):
 
     def __init__(self, mu=0.0, sigma=1.0, *, dim: int = 1):
         super().__init__(dim)
-        _check_positive("sigma", sigma)
+        sigma = _check_positive("sigma", sigma)
         self.register_params(mu=(mu, 0), sigma=(sigma, 0))
 
     def f(self, t, y):
@@ -463,8 +487,9 @@ class CIR(SDE):
 
     def __init__(self, kappa=1.0, theta=1.0, sigma=1.0, *, dim: int = 1):
         super().__init__(dim)
-        for name, v in (("kappa", kappa), ("theta", theta), ("sigma", sigma)):
-            _check_positive(name, v)
+        kappa, theta, sigma = (
+            _check_positive(name, v) for name, v in (("kappa", kappa), ("theta", theta), ("sigma", sigma))
+        )
         self.register_params(kappa=(kappa, 0), theta=(theta, 0), sigma=(sigma, 0))
 
     def f(self, t, y):
@@ -499,7 +524,7 @@ class _Landmarks(SDE):
         if num_landmarks < 1 or landmark_dim < 1:
             raise ValueError("num_landmarks and landmark_dim must be positive")
         super().__init__(num_landmarks * landmark_dim)
-        _check_positive("sigma", sigma)
+        sigma = _check_positive("sigma", sigma)
         _check_positive("alpha", alpha)
         _check_positive("gamma", gamma)
         self.num_landmarks, self.landmark_dim = num_landmarks, landmark_dim

@@ -45,6 +45,8 @@ from .losses import get_loss
 __all__ = ["DiffusionSampler", "StepInfo"]
 
 _METHODS = ("pis", "dis", "dds", "bridge")
+#: coarsest acceptable spacing of representable log density values (``|log rho| * eps``)
+_MAX_LOG_DENSITY_RESOLUTION = 1e-2
 _BACKENDS = ("euler", "torchsde")
 
 
@@ -69,9 +71,46 @@ def _positive_int(name, value):
 
 
 def _positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def _resolution(log_rho: torch.Tensor) -> float:
+    """Spacing of representable values at the largest finite ``|log rho|`` (``|x| eps``), 0 if none."""
+    finite = log_rho[torch.isfinite(log_rho)]
+    if finite.numel() == 0:
+        return 0.0
+    return float(finite.abs().max()) * torch.finfo(log_rho.dtype).eps
+
+
+def _optional_num_samples(value, minimum: int = 1):
+    """``None`` (reuse the last draw) or an int ``>= minimum``."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"num_samples must be None or an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_dtype_device(model, dtype, device):
+    """Refuse what cannot be honoured: a non-floating ``dtype``, an unavailable ``device``, and either
+    with a Pyro model (whose tensors decide its dtype and device)."""
+    if model is not None and (dtype is not None or device is not None):
+        raise ValueError(
+            "dtype and device apply to `log_density` only: a Pyro model runs in the dtype and on the "
+            "device of its own tensors (give it float64 / CUDA data instead)"
+        )
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as e:
+        raise ValueError(f"device {str(device)!r} is not available on this machine: {e}") from e
+    return device
 
 
 class DiffusionSampler:
@@ -191,6 +230,7 @@ class DiffusionSampler:
                 raise TypeError(f"{name} must be a torch.nn.Module")
         if backward_control is not None and method != "bridge":
             raise ValueError("backward_control is only used by method='bridge'")
+        device = _check_dtype_device(model, dtype, device)
         self._config = dict(
             method=method, loss=loss, num_steps=num_steps, T=T, sigma=sigma, beta_min=beta_min,
             beta_max=beta_max, hidden_dim=hidden_dim, num_layers=num_layers, lr=lr, grad_clip=grad_clip,
@@ -210,6 +250,10 @@ class DiffusionSampler:
         self.loss_spec = get_loss(loss)
         self.num_steps = _positive_int("num_steps", num_steps)
         T = (5.0 if method == "pis" else 1.0) if T is None else T
+        if sigma is not None:
+            _positive_float("sigma", sigma)
+            if method not in ("pis", "dds"):
+                raise ValueError(f"sigma is used by method='pis' and 'dds' only, not by {method!r}")
         if method == "pis":
             sigma = math.sqrt(0.2) if sigma is None else sigma
             self.reference = BrownianReference(num_steps, sigma=sigma, T=T)
@@ -265,6 +309,9 @@ class DiffusionSampler:
         if log_density is not None:
             if dim is None:
                 raise ValueError("`dim` is required with `log_density`")
+            if dtype is not None:  # honour the requested dtype even if log_density computes in another
+                log_density = _cast_output(log_density, dtype)
+                score = None if score is None else _cast_output(score, dtype)
             self.potential = LogDensityPotential(log_density, dim, dtype=dtype, device=device, score=score)
             self._setup_training()
         self.losses: list[float] = []
@@ -409,10 +456,11 @@ class DiffusionSampler:
         p = self._target
         return self.reference.sample_initial(n, p.dim, dtype=p.dtype, device=p.device)
 
-    def _boundary(self, path):
-        return self._target.log_density(path.terminal) + self.reference.boundary_log_weight(
-            path.initial, path.terminal
-        )
+    def _boundary(self, path, log_rho=None):
+        """``log rho(x_K)`` + the reference's boundary term, accumulated in float64 (N,)."""
+        log_rho = self._target.log_density(path.terminal) if log_rho is None else log_rho
+        boundary = self.reference.boundary_log_weight(path.initial, path.terminal)
+        return log_rho.to(torch.float64) + boundary.to(torch.float64)
 
     def _training_log_weights(self, batch_size):
         """``(log_w, behaviour_log_w, log_forward)`` on a fresh batch; ``log_w`` is differentiable."""
@@ -476,8 +524,11 @@ class DiffusionSampler:
         loss, ref_log_w = self.compute_loss(batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self._parameters(), self.grad_clip)
+        max_norm = math.inf if self.grad_clip is None else self.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters(), max_norm)
+        if not torch.isfinite(grad_norm):  # skip the update: NaN gradients would poison the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"non-finite gradient norm {float(grad_norm)}")
         self.optimizer.step()
         self._update_ema()
         info = StepInfo(
@@ -626,6 +677,15 @@ class DiffusionSampler:
             return self
         return self._train(progress_bar, checkpoint, checkpoint_every)
 
+    @property
+    def num_failed_steps(self) -> int:
+        """Training steps of the current (or last) run that failed (non-finite loss or gradient).
+
+        Failed steps are skipped and shown in the progress bar; a run that had any ends with a
+        ``RuntimeWarning``, and one in which more than half of the steps failed raises
+        ``FloatingPointError`` as soon as that is certain."""
+        return 0 if self._run_state is None else self._run_state.get("failed", 0)
+
     def _train(self, progress_bar, checkpoint, checkpoint_every):
         state = self._run_state
         for key, default in [("max_time", None), ("elapsed", 0.0), ("until", None), ("eval_every", 25),
@@ -633,6 +693,7 @@ class DiffusionSampler:
             state.setdefault(key, default)
         self.eval_history = state.setdefault("eval_history", [])
         clock = time.perf_counter()
+        state.setdefault("failed", 0)
         if checkpoint is not None:
             _positive_int("checkpoint_every", checkpoint_every)
             checkpoint = os.fspath(checkpoint)
@@ -640,7 +701,7 @@ class DiffusionSampler:
         self._checkpoint_path = checkpoint  # where resume(checkpoint="same") continues
         self._weighted = None
         scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, state["gamma"])
-        failed = 0
+        failed, last_error = 0, None
         bar = tqdm(
             range(state["done"], state["total"]),
             initial=state["done"],
@@ -654,13 +715,22 @@ class DiffusionSampler:
                 failed = 0
             except FloatingPointError as e:
                 failed += 1
+                state["failed"] += 1
+                last_error = e
                 if failed >= state["max_failed_steps"]:
                     raise FloatingPointError(
                         f"{failed} consecutive training steps failed ({e}); lower lr, score_clip, or "
                         "check the model's log density"
                     ) from e
+                if state["failed"] > state["total"] / 2:
+                    raise FloatingPointError(
+                        f"{state['failed']} of the run's {state['total']} training steps failed (last: {e}): "
+                        "most of the run is lost; check the model's log density (NaN?) or lower lr"
+                    ) from e
                 info = None
-            scheduler.step()
+            with warnings.catch_warnings():  # after a skipped step torch warns that step() came first
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                scheduler.step()
             state["done"] = i + 1
             if state["until"] is not None and _is_check(state["done"], state["eval_every"]):
                 ess, k = self._evaluate(state["eval_batch_size"])
@@ -675,7 +745,9 @@ class DiffusionSampler:
             if checkpoint is not None and (state["done"] % checkpoint_every == 0 or last):
                 self.save(checkpoint)
             if info is not None and (i % 10 == 0 or last):
-                postfix = dict(loss=f"{info.loss:.3g}", elbo=f"{info.log_z_lower_bound:.3g}")
+                postfix = dict(
+                    loss=f"{info.loss:.3g}", elbo=f"{info.log_z_lower_bound:.3g}", failed=state["failed"]
+                )
                 if self.eval_history:
                     postfix.update(ess=f"{self.eval_history[-1][1]:.3f}", k=f"{self.eval_history[-1][2]:.2f}")
                 else:
@@ -686,6 +758,13 @@ class DiffusionSampler:
         bar.close()
         for net in self._nets():
             net.eval()
+        if state["failed"]:
+            warnings.warn(
+                f"{state['failed']} of the run's {state['total']} training steps failed and were skipped "
+                f"(last: {last_error}); see num_failed_steps",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return self
 
     # ----------------------------------------------------------------------------------------
@@ -802,15 +881,27 @@ class DiffusionSampler:
         terminal states ``z`` (N, dim) and their log importance weights (N,)."""
         self._require_potential()
         _positive_int("num_samples", num_samples)
+        _positive_int("chunk_size", chunk_size)
         control, backward = self._sampling_nets()
-        zs, log_ws = [], []
+        zs, log_ws, resolution = [], [], 0.0
         for start in range(0, num_samples, chunk_size):
             n = min(chunk_size, num_samples - start)
             path = self._simulate(
                 self._initial(n), control_fn=self._control_fn(control, False), store_path=backward is not None
             )
             zs.append(path.terminal)
-            log_ws.append(self._boundary(path) + self._path_log_ratio(path, backward))
+            log_rho = self._target.log_density(path.terminal)
+            resolution = max(resolution, _resolution(log_rho))
+            path_part = self._path_log_ratio(path, backward).to(torch.float64)
+            log_ws.append(self._boundary(path, log_rho) + path_part)
+        if resolution > _MAX_LOG_DENSITY_RESOLUTION:
+            warnings.warn(
+                f"the log density is computed in {log_rho.dtype}, whose resolution at its values is "
+                f"{resolution:.2g}: the log weights are quantised and the estimates biased. Evaluate it "
+                "in float64 (float64 data in the model, or dtype=torch.float64 with log_density)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return self._to_unconstrained(torch.cat(zs)), torch.cat(log_ws)
 
     def _to_unconstrained(self, w):
@@ -818,10 +909,15 @@ class DiffusionSampler:
         return w if self._target is self.potential else self.preconditioner.to_unconstrained(w)
 
     default_num_samples = 4000  # draws of the cached evaluation (as 4 chains x 1000 of NUTS)
+    num_dropped_paths = 0  #: paths of the last evaluation draw dropped for a NaN / +inf log weight
 
-    def _weighted_draw(self, num_samples):
+    def _weighted_draw(self, num_samples, minimum: int = 1):
+        """The cached evaluation draw ``(z, log_w)``, non-finite paths dropped and counted."""
+        num_samples = _optional_num_samples(num_samples, minimum)
         if num_samples is not None or self._weighted is None:
-            self._weighted = self.sample_unconstrained(num_samples or self.default_num_samples)
+            z, log_w = self.sample_unconstrained(num_samples or self.default_num_samples)
+            log_w, z, self.num_dropped_paths = diagnostics._drop_nonfinite(log_w, z, stacklevel=4)
+            self._weighted = (z, log_w)
         return self._weighted
 
     def get_weighted_samples(self, num_samples: int | None = None):
@@ -839,19 +935,24 @@ class DiffusionSampler:
         with ``group_by_chain``), like ``MCMC.get_samples()``.
 
         Fresh paths are drawn and, with ``resample`` (default), importance-resampled (systematic) so
-        the draws target the posterior; ``resample=False`` returns the raw proposal draws.
+        the draws target the posterior; ``resample=False`` returns the raw proposal draws. Paths with a
+        NaN / +inf log weight are dropped (counted in :attr:`num_dropped_paths`, with a warning), so
+        ``resample=False`` may return fewer draws. Resampling warns when the Pareto k exceeds 0.7.
         """
         z, log_w = self.sample_unconstrained(_positive_int("num_samples", num_samples))
+        log_w, z, self.num_dropped_paths = diagnostics._drop_nonfinite(log_w, z)
         if resample:
             ess = float(diagnostics.effective_sample_size(log_w))
-            if ess * num_samples < 50:
+            if ess * log_w.numel() < 50:
                 warnings.warn(
-                    f"importance resampling from an effective sample size of {ess * num_samples:.1f}: "
+                    f"importance resampling from an effective sample size of {ess * log_w.numel():.1f}: "
                     "the draws contain many duplicates; train longer or draw more samples",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            z = z[diagnostics.systematic_resample(log_w)]
+            if log_w.numel() >= 2:
+                diagnostics._warn_if_unreliable(diagnostics._pareto_k(log_w), "importance resampling")
+            z = z[diagnostics.systematic_resample(log_w, num_samples)]
         samples = self.potential.constrain(z)
         if group_by_chain:
             samples = {k: v.unsqueeze(0) for k, v in samples.items()}
@@ -859,25 +960,32 @@ class DiffusionSampler:
 
     def log_evidence(self, num_samples: int | None = None) -> diagnostics.LogEvidence:
         """``(log_z, stderr, lower_bound, ess)``: the importance-sampling estimate of ``log p(y)`` with
-        its delta-method standard error, the ELBO-type bound ``mean(log w)`` and the normalised ESS."""
-        return diagnostics.log_evidence(self._weighted_draw(num_samples)[1])
+        its delta-method standard error, the ELBO-type bound ``mean(log w)`` and the normalised ESS; the
+        :class:`~pyro_sde.diagnostics.LogEvidence` also carries ``pareto_k``, ``reliable`` and
+        ``num_dropped``. Warns when ``pareto_k > 0.7`` (the standard error is then unreliable)."""
+        ev = diagnostics.log_evidence(self._weighted_draw(num_samples, minimum=2)[1])
+        return diagnostics.LogEvidence(*ev, pareto_k=ev.pareto_k, num_dropped=self.num_dropped_paths)
 
     def ess(self, num_samples: int | None = None) -> float:
-        """Normalised importance ESS ``(sum w)^2 / (N sum w^2)`` in (0, 1]."""
-        return float(diagnostics.effective_sample_size(self._weighted_draw(num_samples)[1]))
+        """Normalised importance ESS ``(sum w)^2 / (N sum w^2)`` in (0, 1]; warns when the Pareto k
+        exceeds 0.7 (the ESS then overstates the quality of the weights)."""
+        log_w = self._weighted_draw(num_samples, minimum=2)[1]
+        diagnostics._warn_if_unreliable(diagnostics._pareto_k(log_w), "the effective sample size")
+        return float(diagnostics.effective_sample_size(log_w))
 
     def diagnostics(self, num_samples: int | None = None) -> dict:
-        """Evidence, ESS and the Pareto k of the importance weights (k > 0.7: unreliable)."""
-        log_w = self._weighted_draw(num_samples)[1]
-        ev = diagnostics.log_evidence(log_w)
-        _, k = diagnostics.psis(log_w)
+        """Evidence, ESS and the Pareto k of the importance weights (k > 0.7: unreliable, warned), and
+        the number of paths dropped for a non-finite log weight."""
+        ev = self.log_evidence(num_samples)
         return {
             "log_evidence": float(ev.log_z),
             "log_evidence_stderr": float(ev.stderr),
             "log_evidence_lower_bound": float(ev.lower_bound),
             "ess": float(ev.ess),
-            "pareto_k": float(k),
-            "num_samples": int(log_w.numel()),
+            "pareto_k": ev.pareto_k,
+            "reliable": ev.reliable,
+            "num_samples": int(self._weighted[1].numel()),
+            "num_dropped": ev.num_dropped,
         }
 
     def get_summary(self, prob: float = 0.9, num_samples: int | None = None) -> dict:
@@ -928,6 +1036,16 @@ def _check_precondition(precondition) -> Preconditioner | None:
         f"precondition must be a method name, None, (loc, scale_tril) or a Preconditioner; got "
         f"{type(precondition).__name__}"
     )
+
+
+def _cast_output(fn, dtype):
+    """``fn`` with its output cast to ``dtype`` (a float32 log density run in a float64 sampler)."""
+
+    def cast(z):
+        out = fn(z)
+        return out.to(dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+    return cast
 
 
 def _same_call(a, b):
