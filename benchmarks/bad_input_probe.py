@@ -96,7 +96,7 @@ def gaussian_ld(x):
 
 
 def small(**kw):
-    options = dict(log_density=gaussian_ld, dim=2, num_steps=8, hidden_dim=8, num_layers=1)
+    options = dict(log_density=gaussian_ld, dim=2, num_steps=8, hidden_dim=8, num_layers=1, precondition=None)
     options.update(kw)
     return DiffusionSampler(**options)
 

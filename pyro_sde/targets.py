@@ -31,6 +31,8 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
+from ._checks import positive_int as _check_positive_int
+
 __all__ = [
     "Target",
     "Gaussian",
@@ -51,12 +53,6 @@ def _as_float64(value, name: str) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} must be finite, got {value!r}")
     return t
-
-
-def _check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 class Target:

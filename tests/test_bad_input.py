@@ -21,7 +21,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 
 from pyro_sde import diagnostics, ratio, scores, sde, targets
 from pyro_sde.diagnostics import LogEvidence, UnreliableEstimateWarning
-from pyro_sde.infer import DiffusionSampler, LogDensityPotential, bridge_log_weights, lbfgs_map
+from pyro_sde.infer import DiffusionSampler, LearnedBridge, LogDensityPotential, bridge_log_weights, lbfgs_map
 
 NAN, INF = math.nan, math.inf
 F64 = torch.float64
@@ -691,3 +691,29 @@ def test_ou_parameters_validated_or_nan_per_particle(theta):
     if not (theta > 0).all():
         with pytest.raises(ValueError, match="theta must be positive"):
             sde.OrnsteinUhlenbeck(theta=theta, sigma=0.5)
+
+
+class TestLearnedBridgeArguments:
+    """The three cases the probe still found obscure or silent on the learned bridge."""
+
+    @pytest.mark.parametrize("dim", [0, -1, 1.5, True])
+    def test_dim(self, dim):
+        with pytest.raises(ValueError, match="dim"):
+            LearnedBridge(dim)
+
+    @pytest.mark.parametrize(
+        "kwargs, name",
+        [
+            (dict(horizon=-1.0), "horizon"),
+            (dict(horizon=math.inf), "horizon"),
+            (dict(horizon=1.0, lr=math.inf), "lr"),
+            (dict(horizon=1.0, num_paths=0), "num_paths"),
+            (dict(horizon=1.0, starts=torch.full((3, 1), math.nan)), "starts"),
+        ],
+    )
+    def test_fit_arguments(self, kwargs, name):
+        ou = sde.OrnsteinUhlenbeck(theta=1.0, sigma=0.5)
+        starts = kwargs.pop("starts", torch.zeros(4, 1))
+        horizon = kwargs.pop("horizon")
+        with pytest.raises(ValueError, match=name):
+            LearnedBridge(1).fit(ou, starts, horizon, num_iterations=1, progress_bar=False, **kwargs)

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._checkpoint import load_checkpoint, package_version, save_checkpoint
+from .._checks import nonnegative_float as _nonnegative_float
 from ..nn import FourierTimeEmbedding
 from ..nn.ema import ema_update_
 
@@ -60,15 +61,6 @@ def check_samples(x, name: str, dim: int | None = None, min_samples: int = 1) ->
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
-
-
-def _nonnegative_float(v, name: str, positive: bool = False) -> float:
-    """``v`` as a float if it is a finite number ``>= 0`` (``> 0`` with ``positive``)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-            positive and v == 0):
-        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, "
-                         f"got {v!r}")
-    return float(v)
 
 
 def _check_not_constant(x: torch.Tensor, name: str) -> None:

@@ -30,6 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._checkpoint import load_checkpoint
+from .._checks import nonnegative_float as _nonnegative_float
+from .._checks import positive_int as _positive_int
 from ..sde.integrate import euler_maruyama_step
 from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples, gelu_derivatives, optimizer_step
 
@@ -41,20 +43,6 @@ LOSSES = ("lsif", "lr", "bce", "kl")
 DIVERGENCES = ("chi2", "kl", "js", "logd")
 _DEFAULT_DIVERGENCE = {"lsif": "chi2", "lr": "kl", "bce": "kl", "kl": "kl"}
 _LOG_EPS = 1e-6  # floor of r when an LSIF output (which may be <= 0) is turned into log r
-
-
-def _positive_int(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-    return v
-
-
-def _nonnegative_float(v, name, positive=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (
-            positive and v == 0):
-        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, "
-                         f"got {v!r}")
-    return float(v)
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor, unbiased: bool = False) -> torch.Tensor:

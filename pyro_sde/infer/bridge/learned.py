@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 
+from ..._checks import nonnegative_float, positive_int
 from ...nn.control import FourierTimeEmbedding
 from ...sde.integrate import euler_maruyama_step
 from ...sde.models import SDE, DiffusionFactor
@@ -109,7 +110,11 @@ class LearnedBridge:
         auto_refit: bool = True,
         refit_iterations: int = 100,
     ):
-        self.dim = dim
+        self.dim = positive_int(dim, "dim")
+        if network is not None and not isinstance(network, nn.Module):
+            raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
+        nonnegative_float(refit_rtol, "refit_rtol", positive=True)
+        positive_int(refit_iterations, "refit_iterations")
         self.network = network if network is not None else ScoreNetwork(dim)
         self.refit_rtol, self.auto_refit, self.refit_iterations = refit_rtol, auto_refit, refit_iterations
         self.fit_params: dict | None = None
@@ -137,7 +142,17 @@ class LearnedBridge:
         :param int num_paths: paths per iteration (fresh each iteration). :param int num_steps: Euler steps.
         :returns: ``self``.
         """
-        starts = torch.as_tensor(starts).reshape(-1, self.dim).detach()
+        horizon = nonnegative_float(horizon, "horizon", positive=True)
+        nonnegative_float(lr, "lr", positive=True)
+        for name, value in [("num_iterations", num_iterations), ("num_paths", num_paths),
+                            ("num_steps", num_steps)]:
+            positive_int(value, name)
+        starts = torch.as_tensor(starts)
+        if starts.numel() == 0 or starts.numel() % self.dim or not torch.isfinite(starts).all():
+            raise ValueError(
+                f"starts must be finite points of shape (n, {self.dim}), got {tuple(starts.shape)}"
+            )
+        starts = starts.reshape(-1, self.dim).detach()
         dtype, device = starts.dtype, starts.device
         self.network.to(device=device)  # float32 weights: the proposal's weights stay exact anyway
         self.network.horizon.fill_(float(horizon))

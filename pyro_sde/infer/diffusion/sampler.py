@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ... import diagnostics
 from ..._checkpoint import check_fingerprint, load_checkpoint, package_version, save_checkpoint
+from ..._checks import nonnegative_float, positive_int
 from ...nn import ControlNetwork
 from ...nn.ema import ema_update_
 from ...sde import (
@@ -65,15 +66,11 @@ def _clip(x: torch.Tensor, bound: float) -> torch.Tensor:
 
 
 def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return positive_int(value, name)
 
 
 def _positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return nonnegative_float(value, name, positive=True)
 
 
 def _resolution(log_rho: torch.Tensor) -> float:
