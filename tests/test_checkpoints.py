@@ -427,7 +427,8 @@ def test_resume_checkpoint_options(tmp_path):
     s = DiffusionSampler(log_density=_Interrupting(stop_at=1 + 11 * 3 + 1), dim=2, num_steps=10,
                          hidden_dim=16, num_layers=1, precondition=None)
     with pytest.raises(KeyboardInterrupt):  # inside iteration 4 (11 calls per iteration, 1 probe)
-        s.run(num_iterations=10, batch_size=8, progress_bar=False, checkpoint=path, checkpoint_every=2)
+        s.run(num_iterations=10, batch_size=8, until=None, progress_bar=False, checkpoint=path,
+              checkpoint_every=2)
     saved = path.read_bytes()
     loaded = DiffusionSampler.load(path, log_density=_gaussian_log_density)
     loaded.resume(progress_bar=False, checkpoint=None)  # None: no checkpoints

@@ -227,5 +227,5 @@ class TestRunBudget:
         sampler.run(num_iterations=5, batch_size=64, eval_every=5, progress_bar=False)
         assert sampler.ess() > 0.8  # an exact Gaussian: the untrained control is already close
         samples, log_w = sampler.get_weighted_samples()
-        w = (log_w - log_w.logsumexp(0)).exp()[:, None]
+        w = (log_w - log_w.logsumexp(0)).exp()[:, None].float()
         assert torch.allclose((w * samples["x"]).sum(0), pre[0], atol=0.1)
