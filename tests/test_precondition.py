@@ -2,6 +2,7 @@
 its defaults on badly scaled posteriors."""
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from pyro_sde import targets
+from pyro_sde.diagnostics import UnreliableEstimateWarning
 from pyro_sde.infer import DiffusionSampler, Preconditioner, WhitenedPotential, fit_preconditioner
 from pyro_sde.infer.potential import LogDensityPotential, ModelPotential
 
@@ -195,10 +197,21 @@ class TestRunBudget:
         sampler.run(num_iterations=7, batch_size=16, until=None, progress_bar=False)
         assert len(sampler.losses) == 7 and sampler.eval_history == []
         sampler = self._sampler()  # the Laplace fit is exact: the first check (after 5 steps) converges
-        sampler.run(num_iterations=500, batch_size=64, eval_every=25, progress_bar=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnreliableEstimateWarning)  # and a good run does not warn
+            sampler.run(num_iterations=500, batch_size=64, eval_every=25, progress_bar=False)
         assert sampler._run_state["stopped"].startswith("converged")
         assert len(sampler.losses) == 5 and sampler.eval_history[0][0] == 5
         assert sampler.eval_history[0][1] >= 0.9
+
+    def test_a_run_ending_at_a_low_ess_warns(self):
+        funnel = targets.get_target("funnel")
+        sampler = DiffusionSampler(
+            log_density=funnel.log_prob, dim=funnel.dim, num_steps=10, precondition=None
+        )
+        with pytest.warns(UnreliableEstimateWarning, match="ESS"):
+            sampler.run(num_iterations=5, batch_size=32, progress_bar=False)
+        assert sampler.eval_history[-1][1] < 0.1
 
     def test_target_ess(self):
         sampler = self._sampler(precondition=None)

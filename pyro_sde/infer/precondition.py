@@ -6,21 +6,22 @@ bijection ``z = m + L w`` fitted to the posterior, and :class:`WhitenedPotential
 ``log rho_w(w) = log rho(m + L w) + log |det L|``, so that samples, importance weights and ``log Z`` are
 exact whatever the fit. :func:`fit_preconditioner` builds it:
 
-* ``"laplace"`` (default): MAP by L-BFGS from several starts, the Hessian at each distinct mode; one mode
-  gives ``N(m, H^-1)``. Several with non-negligible Laplace mass keep ``N(0, I)`` (``multimodal=
-  "identity"``, the default) or give the moment-matched Gaussian of their Laplace mixture with its
-  eigenvalues floored at their mean (``multimodal="mixture"``, a global scale in every direction).
-  A Hessian that is not negative definite falls back to ``"svi"``.
-* ``"svi"``: a Gaussian variational fit (reparametrised ELBO, full-rank up to ``max_full_rank_dim``,
-  diagonal above), started from the best mode.
-* ``"diagonal"``: the marginal variances of the Laplace fit only (like a diagonal mass matrix).
+* ``"laplace"`` (default): MAP by L-BFGS from several starts, the Hessian at each distinct mode. One mode
+  gives three candidates: ``N(m, H^-1)``, the same 1.5x wider, and a Gaussian VI fit started from it
+  (hierarchical scales are skewed: the curvature at the mode understates their tails). Several modes with
+  non-negligible Laplace mass keep ``N(0, I)`` (``multimodal="identity"``, the default) or give the
+  moment-matched Gaussian of their Laplace mixture with its eigenvalues floored at their mean
+  (``multimodal="mixture"``, a global scale in every direction). A Hessian that is not negative definite
+  leaves the VI fit.
+* ``"svi"``: the Gaussian variational fit only (reparametrised ELBO, full-rank up to
+  ``max_full_rank_dim``, diagonal above), started from the best mode.
+* ``"diagonal"``: the marginal variances of those fits only (like a diagonal mass matrix).
 
-Every fitted Gaussian is checked against the identity ``N(0, I)`` (the unpreconditioned default) as an
-importance proposal on a fresh batch (with the Laplace fit also 1.5x wider, for skewed posteriors): the
-one with the larger ``log Z`` estimate minus two standard errors wins (a proposal that misses mass
-underestimates ``log Z``), so a degenerate fit (a funnel's MAP) does not replace the default.
-``Preconditioner.info`` records what the Gaussian alone gives
-(IS ESS, ``log Z``, Pareto k).
+Every candidate is checked against the identity ``N(0, I)`` (the unpreconditioned default) as an
+importance proposal on a fresh batch: the one with the largest ``log Z`` estimate minus two standard errors
+wins (a proposal that misses mass underestimates ``log Z``), so a degenerate fit (a funnel's MAP) does not
+replace the default. ``Preconditioner.info`` records what the chosen Gaussian alone gives (IS ESS,
+``log Z``, Pareto k).
 """
 
 from __future__ import annotations
@@ -386,6 +387,7 @@ def fit_preconditioner(
     identity = Preconditioner.identity(d, dtype=torch.float64, device=device)
     candidates: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     with_cov = [(p, v, c) for p, v, c in modes if c is not None]
+    several_modes = False
     if method in ("laplace", "diagonal") and with_cov:
         # Laplace mass of each mode: exp(log rho) |2 pi Sigma|^(1/2)
         log_mass = torch.stack([v.double() + 0.5 * torch.linalg.slogdet(c)[1] for _, v, c in with_cov])
@@ -395,7 +397,9 @@ def fit_preconditioner(
             candidates.append(("laplace", point.double(), cov))
             # and a wider one: skewed posteriors (hierarchical scales) have heavier tails than the Laplace
             candidates.append(("laplace", point.double(), 1.5**2 * cov))
-        elif multimodal == "mixture":  # the moment-matched Laplace mixture, never a single mode's Gaussian
+        else:
+            several_modes = True
+        if several_modes and multimodal == "mixture":  # moment-matched Laplace mixture, never one mode's
             points = torch.stack([p.double() for p, _, _ in with_cov])
             mean = weights @ points
             diff = points - mean
@@ -405,7 +409,7 @@ def fit_preconditioner(
             eigvals, eigvecs = torch.linalg.eigh(cov)
             cov = eigvecs @ torch.diag(eigvals.clamp(min=float(eigvals.mean()))) @ eigvecs.T
             candidates.append(("mixture", mean, cov))
-    if method == "svi" or (method in ("laplace", "diagonal") and not with_cov):
+    if method == "svi" or not several_modes:  # VI from the best mode: it sees the mass, not the curvature
         if modes:
             loc, scale = modes[0][0].double(), torch.eye(d, dtype=torch.float64, device=device)
             if modes[0][2] is not None:

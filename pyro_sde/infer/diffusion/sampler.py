@@ -762,7 +762,19 @@ class DiffusionSampler:
                 RuntimeWarning,
                 stacklevel=3,
             )
+        if self.eval_history and self.eval_history[-1][1] < self.min_reliable_ess:
+            done, ess, k = self.eval_history[-1]
+            warnings.warn(
+                f"training ended ({state['stopped'] or 'iteration budget'}) with an importance ESS of "
+                f"{ess:.3f} (Pareto k {k:.2f}) on a fresh batch: estimates rest on few effective draws and "
+                "may miss mass the proposal does not reach, even where k < 0.7. Train longer "
+                "(num_iterations, until=None), use more steps, or compare with another sampler",
+                diagnostics.UnreliableEstimateWarning,
+                stacklevel=3,
+            )
         return self
+
+    min_reliable_ess = 0.1  #: a run whose last check is below this ESS ends with a warning
 
     # ----------------------------------------------------------------------------------------
     # checkpoints
