@@ -168,3 +168,22 @@ def test_benchmark_accuracy_of_the_reference_draws_is_zero():
     log_w = torch.zeros(n, dtype=torch.float64)
     log_w[ref["mu"] < ref["mu"].median()] = -math.inf
     assert bench.accuracy(post, samples, log_w)["mean_err"] > 0.5
+
+
+def test_benchmark_harness_writes_its_section(tmp_path):
+    """A seconds-long run of benchmarks/posteriordb.py (2 iterations), so that the harness cannot rot."""
+    import posteriordb as bench
+
+    doc = tmp_path / "benchmarks.md"
+    out = bench.main([
+        "--posteriors", "eight_schools-eight_schools_noncentered",
+        "--no-nuts", "--nuts-cache", str(tmp_path / "none.json"),
+        "--sampler-kwargs", '{"num_steps": 10}', "--run-kwargs", '{"num_iterations": 2, "batch_size": 16}',
+        "--threads", "1", "--write", "--doc", str(doc),
+    ])
+    (run,) = out["ours"]["eight_schools-eight_schools_noncentered"]
+    assert "error" not in run, run.get("error")
+    assert 0 < run["ess"] <= 1 and run["mean_err"] >= 0 and run["wall_s"] > 0
+    text = doc.read_text()
+    assert "<!-- posteriordb:start -->" in text
+    assert "| eight_schools-eight_schools_noncentered | 10 | ours (seed 0) |" in text
