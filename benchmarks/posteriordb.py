@@ -123,7 +123,7 @@ def _verdict(r: dict) -> str:
 
 
 def table(results: dict, nuts: dict) -> tuple[str, str]:
-    header = ["posterior", "D", "sampler", "mean err / sd", "sd err", "wall s", "ESS", "Pareto k",
+    header = ["posterior", "D", "sampler", "mean err / sd", "sd err", "wall s", "ESS / draw", "Pareto k",
               "log Z +- se", "warned", "verdict"]
     rows, right_ours, right_nuts, unflagged, ratios = [], 0, 0, 0, []
     for name, runs in results.items():
@@ -132,7 +132,8 @@ def table(results: dict, nuts: dict) -> tuple[str, str]:
         if n:
             rows.append([
                 name, dim, f"NUTS {n['warmup']}+{n['draws']}", _fmt(n["mean_err"]), _fmt(n["sd_err"]),
-                f"{n['wall_s']:.0f}", "-", "-", "-", f"{n['divergences']} divergences", _verdict(n),
+                f"{n['wall_s']:.0f}", _fmt(n["min_n_eff"] / n["draws"]), "-", "-",
+                f"{n['divergences']} divergences", _verdict(n),
             ])
             right_nuts += n["mean_err"] <= GOAL and n["sd_err"] <= GOAL
         ok = [r for r in runs if "error" not in r]
@@ -223,7 +224,8 @@ Written by `{command}`. Machine: {_report.machine()}. Ours: `DiffusionSampler(mo
 {how}; moments importance-weighted over its evaluation draw. NUTS: Pyro, one chain, default
 settings (jit-compiled), cached in `benchmarks/results/posteriordb_nuts.json`. Errors are maxima over
 the scalar parameters against posteriordb's reference draws (10 x 1000 Stan draws): `|mean - ref mean| /
-ref sd` and `|sd / ref sd - 1|`; goal: both <= {GOAL}. "warned": the run raised a warning; verdict: right
+ref sd` and `|sd / ref sd - 1|`; goal: both <= {GOAL}. ESS / draw: importance ESS (ours), min n_eff / draws
+(NUTS). "warned": the run raised a warning; verdict: right
 (both errors <= {GOAL}), flagged (wrong, but warned or Pareto k > 0.7), WRONG, unflagged (a confident
 wrong answer).
 
