@@ -74,12 +74,11 @@ def run_nuts(posterior, *, seed: int, warmup: int, draws: int, jit: bool) -> dic
     mcmc.run(*args)
     wall = time.perf_counter() - start
     diagnostics = mcmc.diagnostics()
-    n_eff = [v.min().item() for k, d in diagnostics.items() if k != "divergences" for kk, v in d.items()
-             if kk == "n_eff"]
+    min_n_eff = min(d["n_eff"].min().item() for d in diagnostics.values() if "n_eff" in d)
     return dict(
         seed=seed, warmup=warmup, draws=draws, jit=jit, wall_s=wall, threads=torch.get_num_threads(),
         divergences=sum(len(v) for v in diagnostics["divergences"].values()),
-        min_n_eff=min(n_eff), **accuracy(posterior, mcmc.get_samples()),
+        min_n_eff=min_n_eff, **accuracy(posterior, mcmc.get_samples()),
     )
 
 
@@ -99,7 +98,10 @@ def run_ours(posterior, *, seed: int, sampler_kwargs: dict, run_kwargs: dict) ->
         except Exception as e:  # noqa: BLE001 - a failure is a result of the benchmark
             return dict(seed=seed, wall_s=time.perf_counter() - start, error=f"{type(e).__name__}: {e}"[:300])
         wall = time.perf_counter() - start
-    messages = sorted({f"{w.category.__name__}: {w.message}"[:200] for w in caught})
+    messages = sorted({  # the sampler's warnings, not deprecations
+        f"{w.category.__name__}: {w.message}"[:200] for w in caught
+        if issubclass(w.category, (UserWarning, RuntimeWarning))
+    })
     return dict(
         seed=seed, wall_s=wall, iterations=len(sampler.losses), ess=diag["ess"], pareto_k=diag["pareto_k"],
         log_z=diag["log_evidence"], log_z_se=diag["log_evidence_stderr"], num_samples=diag["num_samples"],
