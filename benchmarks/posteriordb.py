@@ -224,7 +224,8 @@ def main(argv=None):
 
 Written by `{command}`. Machine: {_report.machine()}. Ours: `DiffusionSampler(model).run(*data)`,
 {how}; moments importance-weighted over its evaluation draw. NUTS: Pyro, one chain, default
-settings (jit-compiled), cached in `benchmarks/results/posteriordb_nuts.json`. Errors are maxima over
+settings (jit-compiled), warm-up + draws in its row (diamonds: 400 + 400, a 500 + 1000 run takes ~25 min
+on 2 loaded cores), cached in `benchmarks/results/posteriordb_nuts.json`. Errors are maxima over
 the scalar parameters against posteriordb's reference draws (10 x 1000 Stan draws): `|mean - ref mean| /
 ref sd` and `|sd / ref sd - 1|`; goal: both <= {GOAL}. ESS / draw: importance ESS (ours), min n_eff / draws
 (NUTS). "warned": the run raised a warning; verdict: right
