@@ -82,11 +82,15 @@ class TestAnnealing:
 
 
 class TestKernels:
+    @pytest.mark.parametrize("scale", [None, "diagonal", "dense"])
     @pytest.mark.parametrize("kernel", [kernels.MALA(), kernels.HMC(num_leapfrog_steps=3)])
-    def test_kernel_leaves_a_gaussian_invariant(self, kernel):
+    def test_kernel_leaves_a_gaussian_invariant(self, kernel, scale):
         # exact draws stay exact: a step size far too large for the unadjusted dynamics (ULA's variance
-        # would be off by 1 / (1 - eps^2 / 4) per unit scale) tests the Metropolis correction
+        # would be off by 1 / (1 - eps^2 / 4) per unit scale) tests the Metropolis correction; the
+        # proposal scales are deliberately wrong (a correct one would hide errors in the scaled maths)
         target = Gaussian(torch.tensor([1.0, -2.0]), scale=torch.tensor([1.0, 0.5]))
+        scale = {None: None, "diagonal": torch.tensor([1.3, 0.9], dtype=F64),
+                 "dense": torch.tensor([[0.8, 0.0], [0.5, 0.6]], dtype=F64)}[scale]
         potential = LogDensityPotential(target.log_prob, 2, dtype=F64)
         fn = annealing.GeometricPath(potential).log_density_and_score_fn(1.0)
         gen = torch.Generator().manual_seed(123)  # not the global seed: the moves' noise must be independent
@@ -94,7 +98,7 @@ class TestKernels:
         state = kernels.init_state(fn, x0)
         accepted = []
         for _ in range(10):
-            state, probs = kernel.step(fn, state, 0.9)
+            state, probs = kernel.step(fn, state, 0.9, scale=scale)
             accepted.append(float(probs.mean()))
         x = state.position
         assert 0.2 < sum(accepted) / 10 < 0.95 and (x != x0).any(-1).float().mean() > 0.5
@@ -102,6 +106,19 @@ class TestKernels:
         assert torch.allclose(x.std(0) / target.marginal_std, torch.ones(2, dtype=F64), atol=0.03)
         # the extras travel with the accepted points: log rho at the final points
         assert torch.allclose(state.extras.log_target, target.log_prob(x))
+
+    def test_population_scale_is_the_weighted_spread(self):
+        x = torch.tensor([[0.0, 0.0], [2.0, 1.0], [4.0, -1.0]], dtype=F64)
+        log_w = torch.tensor([0.5, 0.25, 0.25], dtype=F64).log()
+        mean = torch.tensor([1.5, 0.0], dtype=F64)
+        cov = sum(w * torch.outer(xi - mean, xi - mean) for w, xi in zip(log_w.exp(), x))
+        std = kernels.population_scale(x, log_w, "diagonal")
+        assert torch.allclose(std, cov.diagonal().sqrt())
+        L = kernels.population_scale(x, log_w, "dense")
+        assert torch.allclose(L @ L.T, cov, atol=1e-9) and torch.equal(L, L.tril())
+        assert kernels.population_scale(x, log_w, "identity") is None
+        # a collapsed direction is floored, not zero
+        assert (kernels.population_scale(x * torch.tensor([1.0, 0.0], dtype=F64), log_w) > 0).all()
 
     def test_step_size_adaptation_direction_and_bounds(self):
         assert kernels.adapt_step_size(1.0, 0.9, 0.574) > 1.0 > kernels.adapt_step_size(1.0, 0.1, 0.574)

@@ -1,16 +1,18 @@
 """Batched MCMC move kernels (MALA, HMC) on ``R^dim`` for population methods such as SMC.
 
 A kernel moves every row of a batch ``x`` (N, dim) by one Metropolis-Hastings step that leaves a target
-``pi`` invariant; the target is a function ``fn(x) -> (log pi(x) (N,), grad log pi(x) (N, dim), extras)``
-whose ``extras`` (a NamedTuple or tuple of tensors with leading dimension N, e.g. the ingredients of an
-annealing path) travel with the accepted points, so nothing is evaluated twice. All arithmetic is over
-the whole batch; the step size is one number for the batch, adapted from its mean acceptance rate by
-:func:`adapt_step_size`.
+``pi`` invariant, optionally in the coordinates ``u = S^{-1} x`` of a proposal scale ``S`` (a vector of
+scales (dim,) or a lower-triangular (dim, dim) matrix, e.g. :func:`population_scale` of an SMC
+population: the proposal covariance is then ``eps^2 S S^T``). The target is a function
+``fn(x) -> (log pi(x) (N,), grad log pi(x) (N, dim), extras)`` whose ``extras`` (a NamedTuple or tuple
+of tensors with leading dimension N, e.g. the ingredients of an annealing path) travel with the
+accepted points, so nothing is evaluated twice. All arithmetic is over the whole batch; the step size
+is one number for the batch, adapted from its mean acceptance rate by :func:`adapt_step_size`.
 
-* MALA: ``y = x + (eps^2 / 2) grad log pi(x) + eps xi``, accepted with probability
+* MALA: ``y = x + (eps^2 / 2) S S^T grad log pi(x) + eps S xi``, accepted with probability
   ``min(1, pi(y) q(x | y) / (pi(x) q(y | x)))`` (one target evaluation per step; optimal acceptance
   about 0.574, Roberts & Rosenthal 1998).
-* HMC: ``L`` leapfrog steps of size ``eps`` with an identity mass matrix, accepted with probability
+* HMC: ``L`` leapfrog steps of size ``eps`` with the mass matrix ``(S S^T)^{-1}``, accepted with probability
   ``min(1, exp(-H(y, p') + H(x, p)))`` (``L`` target evaluations per step; target acceptance 0.65).
 """
 
@@ -22,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["HMC", "MALA", "KernelState", "MoveKernel", "adapt_step_size", "get_kernel"]
+__all__ = ["HMC", "MALA", "KernelState", "MoveKernel", "adapt_step_size", "get_kernel", "population_scale"]
 
 
 class KernelState(NamedTuple):
@@ -32,6 +34,51 @@ class KernelState(NamedTuple):
     log_density: torch.Tensor  #: ``log pi(x)`` (N,)
     score: torch.Tensor  #: ``grad log pi(x)`` (N, dim)
     extras: tuple  #: tensors (N, ...) computed with ``log pi`` (the path's ingredients)
+
+
+def _scale_rows(scale, v):
+    """``S v`` for each row ``v`` of (N, dim); ``S = None`` is the identity."""
+    if scale is None:
+        return v
+    return v * scale if scale.dim() == 1 else v @ scale.T
+
+
+def _unscale_rows(scale, v):
+    """``S^{-1} v`` for each row of (N, dim)."""
+    if scale is None:
+        return v
+    if scale.dim() == 1:
+        return v / scale
+    return torch.linalg.solve_triangular(scale, v.T, upper=False).T
+
+
+def _scale_score(scale, g):
+    """``S^T g``: the score in the coordinates ``u = S^{-1} x``."""
+    if scale is None:
+        return g
+    return g * scale if scale.dim() == 1 else g @ scale
+
+
+def population_scale(x: torch.Tensor, log_weights: torch.Tensor, kind: str = "diagonal"):
+    """A proposal scale from a weighted population ``x`` (N, dim): the weighted standard deviations (dim,)
+    (``"diagonal"``), the Cholesky factor of the weighted covariance (dim, dim) (``"dense"``; the
+    diagonal where it is singular), or ``None`` (``"identity"``). Scales are floored at 1e-6 of the
+    largest (a collapsed direction must not stop the moves)."""
+    if kind == "identity":
+        return None
+    weights = (log_weights.double() - log_weights.double().logsumexp(0)).exp().to(x)
+    mean = weights @ x
+    centred = x - mean
+    variances = weights @ centred**2
+    floor = 1e-12 * float(variances.max()) + torch.finfo(x.dtype).tiny
+    if kind == "diagonal" or x.shape[1] == 1:
+        return variances.clamp(min=floor).sqrt()
+    cov = (centred * weights[:, None]).T @ centred
+    cov = cov + floor * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+    L, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0 or not torch.isfinite(L).all():
+        return variances.clamp(min=floor).sqrt()
+    return L
 
 
 def init_state(fn: Callable, x: torch.Tensor) -> KernelState:
@@ -82,7 +129,8 @@ class MoveKernel:
         """A step size for ``pi = N(0, I_dim)`` (the start of an annealing path in whitened coordinates)."""
         raise NotImplementedError
 
-    def step(self, fn: Callable, state: KernelState, step_size: float, *, generator=None):
+    def step(self, fn: Callable, state: KernelState, step_size: float, *, scale=None, generator=None):
+        """One move of every row; ``scale``: ``S`` (dim,) or (dim, dim), or ``None`` (identity)."""
         raise NotImplementedError
 
 
@@ -107,15 +155,17 @@ class MALA(MoveKernel):
     def initial_step_size(self, dim):
         return 1.65 * dim ** (-1 / 6)  # eps^2 = 1.65^2 dim^(-1/3): acceptance 0.574 on N(0, I) (large dim)
 
-    def step(self, fn, state, step_size, *, generator=None):
+    def step(self, fn, state, step_size, *, scale=None, generator=None):
         x, eps = state.position, step_size
         noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-        mean_x = x + 0.5 * eps**2 * state.score
-        y = mean_x + eps * noise
+        # in u = S^{-1} x: u' = u + (eps^2 / 2) S^T g(x) + eps xi
+        drift_x = 0.5 * eps**2 * _scale_score(scale, state.score)
+        y = x + _scale_rows(scale, drift_x + eps * noise)
         proposal = init_state(fn, y)
-        mean_y = y + 0.5 * eps**2 * proposal.score
-        # log q(x | y) - log q(y | x), with q(. | x) = N(mean_x, eps^2 I)
-        log_q_ratio = (-((x - mean_y) ** 2).sum(-1) / eps**2 + (noise**2).sum(-1)) * 0.5
+        drift_y = 0.5 * eps**2 * _scale_score(scale, proposal.score)
+        # log q(x | y) - log q(y | x) with q(u' | u) = N(u + drift(u), eps^2 I) (the Jacobians cancel)
+        back = _unscale_rows(scale, x - y) - drift_y
+        log_q_ratio = (-(back**2).sum(-1) / eps**2 + (noise**2).sum(-1)) * 0.5
         log_alpha = proposal.log_density.double() - state.log_density.double() + log_q_ratio.double()
         return _accept(log_alpha, proposal, state, generator)
 
@@ -143,17 +193,18 @@ class HMC(MoveKernel):
     def initial_step_size(self, dim):
         return dim ** (-1 / 4)
 
-    def step(self, fn, state, step_size, *, generator=None):
+    def step(self, fn, state, step_size, *, scale=None, generator=None):
         x, eps = state.position, step_size
+        # leapfrog in u = S^{-1} x with momentum p ~ N(0, I): x += eps S p, p += eps S^T g(x)
         momentum0 = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
-        momentum = momentum0 + 0.5 * eps * state.score
+        momentum = momentum0 + 0.5 * eps * _scale_score(scale, state.score)
         proposal = state
         for i in range(self.num_leapfrog_steps):
-            position = proposal.position + eps * momentum
+            position = proposal.position + eps * _scale_rows(scale, momentum)
             proposal = init_state(fn, position)
             # a point off the density's support: no gradient, the path is rejected at the end
             ok = torch.isfinite(proposal.log_density)[:, None]
-            score = torch.where(ok, proposal.score, torch.zeros_like(proposal.score))
+            score = torch.where(ok, _scale_score(scale, proposal.score), torch.zeros_like(proposal.score))
             momentum = momentum + (eps if i < self.num_leapfrog_steps - 1 else 0.5 * eps) * score
         kinetic0 = 0.5 * (momentum0.double() ** 2).sum(-1)
         kinetic = 0.5 * (momentum.double() ** 2).sum(-1)

@@ -9,8 +9,9 @@ unconstrained posterior ``rho / Z`` (``beta = 1``). One step from ``beta`` to ``
 2. reweight: ``W_i <- W_i u_i / sum_j W_j u_j`` with ``u_i = (rho / q)(x_i)^(beta' - beta)``, and
    ``log Z += log sum_i W_i u_i`` (float64);
 3. resample (multinomial, or systematic) when the ESS ``1 / (N sum W_i^2)`` falls below ``ess_threshold``;
-4. move every particle by ``num_mcmc_steps`` MALA or HMC steps that leave ``pi_beta'`` invariant, the
-   step size adapted from the batch's acceptance rate after each move.
+4. move every particle by ``num_mcmc_steps`` MALA or HMC steps that leave ``pi_beta'`` invariant, with
+   the proposal scaled by the population's weighted standard deviations (or Cholesky factor of its
+   covariance) and the step size adapted from the batch's acceptance rate after each move.
 
 ``Z_hat = prod_t sum_i W_{t-1}^i u_t^i`` is an unbiased estimate of ``Z = int rho`` (the model's
 evidence ``p(y)``). Its standard error comes from independent runs (``num_runs > 1``: the delta method
@@ -47,13 +48,14 @@ from .diffusion.sampler import (
     _positive_int,
     _same_call,
 )
-from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel
+from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, population_scale
 from .potential import LogDensityPotential, ModelPotential, Potential
 from .precondition import Preconditioner, WhitenedPotential, fit_preconditioner
 
 __all__ = ["SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_step", "lee_whiteley_relative_variance"]
 
 _RESAMPLING = ("multinomial", "systematic")
+_PROPOSAL_SCALES = ("diagonal", "dense", "identity")
 
 
 class SMCState(NamedTuple):
@@ -145,8 +147,10 @@ def smc_step(
     ess_threshold: float = 0.5,
     num_mcmc_steps: int = 5,
     resampling: str = "multinomial",
+    proposal_scale: str = "diagonal",
 ) -> tuple[SMCState, SMCInfo]:
-    """One tempering step ``beta -> beta'``: choose ``beta'``, reweight, resample if needed, move."""
+    """One tempering step ``beta -> beta'``: choose ``beta'``, reweight, resample if needed, move (the
+    proposal scaled by :func:`~pyro_sde.infer.kernels.population_scale` of kind ``proposal_scale``)."""
     log_ratio = state.point.log_likelihood_ratio  # (N,) float64
     beta = next_temperature(state.beta, state.log_weights, log_ratio, target_conditional_ess)
     delta = beta - state.beta
@@ -171,8 +175,9 @@ def smc_step(
     fn = path.log_density_and_score_fn(beta)
     moved = KernelState(x, path.log_density(beta, point), path.score(beta, x, point), point)
     step_size, acceptance = state.step_size, []
+    scale = population_scale(x, log_w, proposal_scale) if num_mcmc_steps else None
     for _ in range(num_mcmc_steps):
-        moved, probs = kernel.step(fn, moved, step_size)
+        moved, probs = kernel.step(fn, moved, step_size, scale=scale)
         acceptance.append(float(probs.mean()))
         step_size = adapt_step_size(step_size, acceptance[-1], kernel.target_acceptance)
     evaluations = num_mcmc_steps * kernel.evaluations_per_step * x.shape[0]
@@ -280,6 +285,9 @@ class SMCSampler:
     :param float target_acceptance: acceptance rate the step size is adapted to after each move
         (default the kernel's: 0.574 for MALA, 0.65 for HMC).
     :param float step_size: the initial step size ``eps`` (default: the kernel's for ``N(0, I_dim)``).
+    :param str proposal_scale: the moves' proposal scale at each temperature, from the weighted
+        particles: ``"diagonal"`` (default; their standard deviations), ``"dense"`` (the Cholesky factor
+        of their covariance) or ``"identity"``.
     :param str resampling: ``"multinomial"`` (default: the single-run standard error is valid) or
         ``"systematic"`` (then only ``num_runs > 1`` gives a standard error).
     :param int num_runs: independent runs (1); their spread gives the evidence's standard error, and
@@ -315,6 +323,7 @@ class SMCSampler:
         num_leapfrog_steps: int | None = None,
         target_acceptance: float | None = None,
         step_size: float | None = None,
+        proposal_scale: str = "diagonal",
         resampling: str = "multinomial",
         num_runs: int = 1,
         max_num_temperatures: int = 1000,
@@ -357,6 +366,9 @@ class SMCSampler:
         if resampling not in _RESAMPLING:
             raise ValueError(f"resampling must be one of {_RESAMPLING}, got {resampling!r}")
         self.resampling = resampling
+        if proposal_scale not in _PROPOSAL_SCALES:
+            raise ValueError(f"proposal_scale must be one of {_PROPOSAL_SCALES}, got {proposal_scale!r}")
+        self.proposal_scale = proposal_scale
         self.num_runs = _positive_int("num_runs", num_runs)
         self.max_num_temperatures = _positive_int("max_num_temperatures", max_num_temperatures)
         device = _check_dtype_device(model, dtype, device)
@@ -449,6 +461,7 @@ class SMCSampler:
                     path, state, self.kernel,
                     target_conditional_ess=self.target_conditional_ess, ess_threshold=self.ess_threshold,
                     num_mcmc_steps=self.num_mcmc_steps, resampling=self.resampling,
+                    proposal_scale=self.proposal_scale,
                 )
                 infos.append(info)
             self.final_states.append(state)
