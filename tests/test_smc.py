@@ -208,6 +208,25 @@ class TestEvidence:
         two = _sampler(resampling="systematic", num_runs=2).run()
         assert math.isfinite(float(two.log_evidence().stderr))
 
+    def test_hmc_sampler_evidence(self):
+        smc = _sampler(kernel="hmc", num_leapfrog_steps=3, num_runs=4).run()
+        ev = smc.log_evidence()
+        assert abs(float(ev.log_z) - SHIFTED.log_Z) < 3 * float(ev.stderr) + 1e-3 and float(ev.stderr) < 0.1
+        assert abs(smc.diagnostics()["mean_acceptance_rate"] - 0.65) < 0.1
+
+    def test_nan_region_has_zero_mass(self):
+        # log rho = log N(x; 0, 1) for x < 0 and NaN beyond: the run warns and Z = 1/2
+        def half_nan(x):
+            value = -0.5 * (x**2).sum(-1) - 0.5 * math.log(2 * math.pi)
+            return torch.where(x[:, 0] < 0, value, torch.full_like(value, math.nan))
+
+        smc = SMCSampler(log_density=half_nan, dim=1, dtype=F64, precondition=None, num_particles=512)
+        with pytest.warns(RuntimeWarning, match="NaN"):
+            smc.run()
+        ev = smc.log_evidence()
+        assert abs(float(ev.log_z) - math.log(0.5)) < 3 * float(ev.stderr) + 1e-3
+        assert (smc.get_samples(500)["x"] < 0).all()
+
     def test_bimodal_mixture_covers_both_modes(self):
         target = GaussianMixture(torch.tensor([[-3.0], [3.0]]), scale=0.5, weights=torch.tensor([0.3, 0.7]),
                                  log_Z=0.4)

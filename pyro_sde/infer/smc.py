@@ -536,7 +536,7 @@ class SMCSampler:
         ``stderr`` from the runs' spread when ``num_runs > 1``, else the Lee-Whiteley estimate (NaN, with
         a warning, under systematic resampling);
         ``lower_bound = mean_r log Z_r`` (``<= log Z`` in expectation); the normalised ESS of the pooled
-        final weights. ``pareto_k`` is that of the pooled weights (warned above 0.7)."""
+        final weights. ``pareto_k`` is that of the pooled non-zero weights (warned above 0.7)."""
         _, log_w = self._pooled()
         log_z = log_w.logsumexp(0) - math.log(log_w.numel())
         if self.num_runs > 1:
@@ -551,11 +551,12 @@ class SMCSampler:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        k = diagnostics._pareto_k(log_w)
+        nonzero = log_w[log_w > -math.inf]  # zero weights have no tail; too few to fit one: inf
+        k = diagnostics._pareto_k(nonzero) if nonzero.numel() > 20 else math.inf
         diagnostics._warn_if_unreliable(k, f"the SMC evidence log Z = {float(log_z):.4g}")
         return diagnostics.LogEvidence(
             log_z,
-            torch.tensor(stderr, dtype=torch.float64),
+            torch.tensor(stderr, dtype=torch.float64, device=log_z.device),
             self.run_log_evidence.mean(),
             diagnostics._log_ess(log_w).exp(),
             pareto_k=k,
