@@ -24,7 +24,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["HMC", "MALA", "KernelState", "MoveKernel", "adapt_step_size", "get_kernel", "population_scale"]
+__all__ = [
+    "HMC", "MALA", "KernelState", "MoveKernel", "adapt_step_size", "get_kernel", "init_state",
+    "population_scale",
+]
 
 
 class KernelState(NamedTuple):
