@@ -1,11 +1,12 @@
-"""Inference algorithms: learned diffusion samplers and diffusion-bridge importance sampling."""
+"""Inference algorithms: learned diffusion samplers, tempered SMC and diffusion-bridge importance sampling."""
 
-from . import bridge
+from . import annealing, bridge, kernels
 from .bridge import LearnedBridge, bridge_log_weights
 from .diffusion import DiffusionSampler, StepInfo
 from .map import lbfgs_map
 from .potential import LogDensityPotential, ModelPotential, Potential
 from .precondition import Preconditioner, WhitenedPotential, fit_preconditioner
+from .smc import SMCInfo, SMCSampler, SMCState
 
 __all__ = [
     "DiffusionSampler",
@@ -14,10 +15,15 @@ __all__ = [
     "ModelPotential",
     "Potential",
     "Preconditioner",
+    "SMCInfo",
+    "SMCSampler",
+    "SMCState",
     "StepInfo",
     "WhitenedPotential",
+    "annealing",
     "bridge",
     "bridge_log_weights",
     "fit_preconditioner",
+    "kernels",
     "lbfgs_map",
 ]
