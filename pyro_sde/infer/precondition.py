@@ -173,6 +173,26 @@ class WhitenedPotential(Potential):
         return self.base.constrain(self.preconditioner.to_unconstrained(w))
 
 
+def as_preconditioner(precondition) -> Preconditioner | None:
+    """A given Gaussian as a :class:`Preconditioner`; ``None`` for a method name (fitted at set-up)."""
+    if precondition is None or isinstance(precondition, Preconditioner):
+        return precondition
+    if isinstance(precondition, str):
+        if precondition not in PRECONDITION_METHODS:
+            raise ValueError(
+                f"precondition must be one of {PRECONDITION_METHODS}, None, (loc, scale_tril) or a "
+                f"Preconditioner; got {precondition!r}"
+            )
+        return None
+    if isinstance(precondition, (tuple, list)) and len(precondition) == 2:
+        loc, scale_tril = precondition
+        return Preconditioner(torch.as_tensor(loc), torch.as_tensor(scale_tril), method="given")
+    raise TypeError(
+        f"precondition must be a method name, None, (loc, scale_tril) or a Preconditioner; got "
+        f"{type(precondition).__name__}"
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # fitting
 # --------------------------------------------------------------------------------------------------

@@ -42,17 +42,14 @@ from pyro.infer.autoguide.initialization import init_to_uniform
 from tqdm.auto import tqdm
 
 from .. import diagnostics
+from .._checks import positive_int
+from ._inputs import cast_output as _cast_output
+from ._inputs import check_dtype_device as _check_dtype_device
+from ._inputs import same_call as _same_call
 from .annealing import GeometricPath, PathPoint, next_temperature
-from .diffusion.sampler import (
-    _cast_output,
-    _check_dtype_device,
-    _check_precondition,
-    _positive_int,
-    _same_call,
-)
 from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, population_scale
 from .potential import LogDensityPotential, ModelPotential, Potential
-from .precondition import Preconditioner, WhitenedPotential, fit_preconditioner
+from .precondition import Preconditioner, WhitenedPotential, as_preconditioner, fit_preconditioner
 
 __all__ = ["SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_step", "lee_whiteley_relative_variance"]
 
@@ -119,7 +116,7 @@ def smc_init(path: GeometricPath, num_particles: int, kernel: MoveKernel, *, ste
     """``N`` particles from ``q`` with equal weights at ``beta = 0`` (``num_particles`` target evaluations).
 
     :raises ValueError: if ``log rho`` is ``+inf`` at a particle or finite at none."""
-    _positive_int("num_particles", num_particles)
+    positive_int(num_particles, "num_particles")
     if num_particles < 2:
         raise ValueError(f"num_particles must be at least 2, got {num_particles!r}")
     x = path.sample_reference(num_particles)
@@ -342,7 +339,7 @@ class SMCSampler:
             raise ValueError("`score` goes with `log_density` (a model's score comes from autograd)")
         if model is not None and not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
-        _positive_int("num_particles", num_particles)
+        positive_int(num_particles, "num_particles")
         if num_particles < 2:
             raise ValueError(f"num_particles must be at least 2, got {num_particles!r}")
         self.num_particles = num_particles
@@ -371,11 +368,11 @@ class SMCSampler:
         if proposal_scale not in _PROPOSAL_SCALES:
             raise ValueError(f"proposal_scale must be one of {_PROPOSAL_SCALES}, got {proposal_scale!r}")
         self.proposal_scale = proposal_scale
-        self.num_runs = _positive_int("num_runs", num_runs)
-        self.max_num_temperatures = _positive_int("max_num_temperatures", max_num_temperatures)
+        self.num_runs = positive_int(num_runs, "num_runs")
+        self.max_num_temperatures = positive_int(max_num_temperatures, "max_num_temperatures")
         device = _check_dtype_device(model, dtype, device)
         self.model = model
-        self.preconditioner: Preconditioner | None = _check_precondition(precondition)
+        self.preconditioner: Preconditioner | None = as_preconditioner(precondition)
         self._precondition = precondition if isinstance(precondition, str) else None
         if precondition_options is not None and not isinstance(precondition_options, dict):
             raise TypeError("precondition_options must be a dict of fit_preconditioner options")
@@ -509,7 +506,7 @@ class SMCSampler:
         resampled from them (systematic), each with the log weight ``log Z_hat``."""
         x, log_w = self._pooled()
         if num_samples is not None:
-            idx = diagnostics.systematic_resample(log_w, _positive_int("num_samples", num_samples))
+            idx = diagnostics.systematic_resample(log_w, positive_int(num_samples, "num_samples"))
             log_z = log_w.logsumexp(0) - math.log(log_w.numel())
             x, log_w = x[idx], log_z.expand(num_samples).clone()
         return self._target.constrain(x), log_w
@@ -518,7 +515,7 @@ class SMCSampler:
         """Posterior draws as a dict site -> ``(num_samples, *shape)`` (``(1, num_samples, *shape)``
         with ``group_by_chain``), resampled (systematic) from the weighted particles, like
         ``MCMC.get_samples()``."""
-        samples, _ = self.get_weighted_samples(_positive_int("num_samples", num_samples))
+        samples, _ = self.get_weighted_samples(positive_int(num_samples, "num_samples"))
         if group_by_chain:
             samples = {k: v.unsqueeze(0) for k, v in samples.items()}
         return samples

@@ -39,8 +39,11 @@ from ...sde import (
     path_log_ratio,
     torchsde_euler,
 )
+from .._inputs import cast_output as _cast_output
+from .._inputs import check_dtype_device as _check_dtype_device
+from .._inputs import same_call as _same_call
 from ..potential import LogDensityPotential, ModelPotential, Potential
-from ..precondition import PRECONDITION_METHODS, Preconditioner, WhitenedPotential, fit_preconditioner
+from ..precondition import Preconditioner, WhitenedPotential, as_preconditioner, fit_preconditioner
 from .losses import get_loss
 
 __all__ = ["DiffusionSampler", "StepInfo"]
@@ -88,26 +91,6 @@ def _optional_num_samples(value, minimum: int = 1):
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"num_samples must be None or an int >= {minimum}, got {value!r}")
     return value
-
-
-def _check_dtype_device(model, dtype, device):
-    """Refuse what cannot be honoured: a non-floating ``dtype``, an unavailable ``device``, and either
-    with a Pyro model (whose tensors decide its dtype and device)."""
-    if model is not None and (dtype is not None or device is not None):
-        raise ValueError(
-            "dtype and device apply to `log_density` only: a Pyro model runs in the dtype and on the "
-            "device of its own tensors (give it float64 / CUDA data instead)"
-        )
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if device is None:
-        return None
-    try:
-        device = torch.device(device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as e:
-        raise ValueError(f"device {str(device)!r} is not available on this machine: {e}") from e
-    return device
 
 
 class DiffusionSampler:
@@ -237,7 +220,7 @@ class DiffusionSampler:
         )
         self.model = model
         self.method = method
-        self.preconditioner: Preconditioner | None = _check_precondition(precondition)
+        self.preconditioner: Preconditioner | None = as_preconditioner(precondition)
         self._precondition = precondition if isinstance(precondition, str) else None
         if precondition_options is not None and not isinstance(precondition_options, dict):
             raise TypeError("precondition_options must be a dict of fit_preconditioner options")
@@ -1025,46 +1008,6 @@ def _check_until(until):
         return
     if isinstance(until, bool) or not isinstance(until, (int, float)) or not 0 < until <= 1:
         raise ValueError(f"until must be 'converged', None or a target ESS in (0, 1], got {until!r}")
-
-
-def _check_precondition(precondition) -> Preconditioner | None:
-    """A given Gaussian as a :class:`Preconditioner`; ``None`` for a method name (fitted at set-up)."""
-    if precondition is None or isinstance(precondition, Preconditioner):
-        return precondition
-    if isinstance(precondition, str):
-        if precondition not in PRECONDITION_METHODS:
-            raise ValueError(
-                f"precondition must be one of {PRECONDITION_METHODS}, None, (loc, scale_tril) or a "
-                f"Preconditioner; got {precondition!r}"
-            )
-        return None
-    if isinstance(precondition, (tuple, list)) and len(precondition) == 2:
-        loc, scale_tril = precondition
-        return Preconditioner(torch.as_tensor(loc), torch.as_tensor(scale_tril), method="given")
-    raise TypeError(
-        f"precondition must be a method name, None, (loc, scale_tril) or a Preconditioner; got "
-        f"{type(precondition).__name__}"
-    )
-
-
-def _cast_output(fn, dtype):
-    """``fn`` with its output cast to ``dtype`` (a float32 log density run in a float64 sampler)."""
-
-    def cast(z):
-        out = fn(z)
-        return out.to(dtype) if isinstance(out, torch.Tensor) and out.is_floating_point() else out
-
-    return cast
-
-
-def _same_call(a, b):
-    (args_a, kw_a), (args_b, kw_b) = a, b
-    return (
-        len(args_a) == len(args_b)
-        and all(x is y for x, y in zip(args_a, args_b))
-        and kw_a.keys() == kw_b.keys()
-        and all(kw_a[k] is kw_b[k] for k in kw_a)
-    )
 
 
 def _get_rng_state():
