@@ -456,7 +456,10 @@ def to_inference_data(result, num_samples: int | None = None, *, coords=None, di
     idx = systematic_resample(lw, num_samples)
     posterior = {k: _to_numpy(v[idx.to(v.device)])[None] for k, v in samples.items()}
     sample_stats = {"log_weight": _to_numpy(lw[idx])[None]}
-    evidence = log_evidence(lw)  # warns when the weights' Pareto k exceeds 0.7
+    if callable(getattr(result, "log_evidence", None)):  # the algorithm's own estimator (SMC: its product
+        evidence = result.log_evidence()  # of incremental means, not the final weights' IS estimate)
+    else:
+        evidence = log_evidence(lw)  # warns when the weights' Pareto k exceeds 0.7
     k = evidence.pareto_k
     attrs = {
         "log_evidence": float(evidence.log_z),

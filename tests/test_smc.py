@@ -298,6 +298,7 @@ def test_pyro_model_end_to_end(precondition):
     idata = pyro_sde.to_inference_data(smc)
     assert idata.posterior["mu"].shape == (1, 1024, 2)
     assert idata.posterior.attrs["log_evidence"] == pytest.approx(float(ev.log_z))
+    assert idata.posterior.attrs["log_evidence_stderr"] == pytest.approx(float(ev.stderr))  # SMC's own
     predictive = Predictive(conjugate_model, posterior_samples=samples)(y)
     assert predictive["y"].shape == (2000, 5, 2)
     table = smc.get_summary()
