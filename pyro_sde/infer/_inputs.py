@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 
+def check_target(model, log_density, score) -> None:
+    """Exactly one of a Pyro ``model`` and a ``log_density``; a closed-form ``score`` only with the latter."""
+    if (model is None) == (log_density is None):
+        raise ValueError("give exactly one of `model` (a Pyro model) and `log_density`")
+    if score is not None and log_density is None:
+        raise ValueError("`score` goes with `log_density` (a model's score comes from autograd)")
+    if model is not None and not callable(model):
+        raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+
+
 def check_dtype_device(model, dtype, device):
     """Refuse what cannot be honoured: a non-floating ``dtype``, an unavailable ``device``, and either
     with a Pyro model (whose tensors decide its dtype and device)."""

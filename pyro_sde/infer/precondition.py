@@ -36,7 +36,14 @@ import torch
 from .. import diagnostics
 from .potential import Potential
 
-__all__ = ["Preconditioner", "WhitenedPotential", "fit_preconditioner", "PRECONDITION_METHODS"]
+__all__ = [
+    "PRECONDITION_METHODS",
+    "Preconditioner",
+    "WhitenedPotential",
+    "as_preconditioner",
+    "fit_preconditioner",
+    "whiten",
+]
 
 PRECONDITION_METHODS = ("laplace", "svi", "diagonal")
 
@@ -191,6 +198,16 @@ def as_preconditioner(precondition) -> Preconditioner | None:
         f"precondition must be a method name, None, (loc, scale_tril) or a Preconditioner; got "
         f"{type(precondition).__name__}"
     )
+
+
+def whiten(potential: Potential, preconditioner: Preconditioner | None, method: str | None, options: dict):
+    """``(preconditioner, target)``: fit ``method`` (with ``options``) unless a preconditioner is given, and
+    the potential in its coordinates (``potential`` itself for none or the identity)."""
+    if preconditioner is None and method is not None:
+        preconditioner = fit_preconditioner(potential, method, **options)
+    if preconditioner is None or preconditioner.method == "identity":
+        return preconditioner, potential
+    return preconditioner, WhitenedPotential(potential, preconditioner)
 
 
 # --------------------------------------------------------------------------------------------------

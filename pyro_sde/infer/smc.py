@@ -45,11 +45,12 @@ from .. import diagnostics
 from .._checks import positive_int
 from ._inputs import cast_output as _cast_output
 from ._inputs import check_dtype_device as _check_dtype_device
+from ._inputs import check_target
 from ._inputs import same_call as _same_call
 from .annealing import GeometricPath, PathPoint, next_temperature
 from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, population_scale
 from .potential import LogDensityPotential, ModelPotential, Potential
-from .precondition import Preconditioner, WhitenedPotential, as_preconditioner, fit_preconditioner
+from .precondition import Preconditioner, as_preconditioner, whiten
 
 __all__ = ["SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_step", "lee_whiteley_relative_variance"]
 
@@ -333,12 +334,7 @@ class SMCSampler:
         dtype: torch.dtype | None = None,
         device=None,
     ):
-        if (model is None) == (log_density is None):
-            raise ValueError("give exactly one of `model` (a Pyro model) and `log_density`")
-        if score is not None and log_density is None:
-            raise ValueError("`score` goes with `log_density` (a model's score comes from autograd)")
-        if model is not None and not callable(model):
-            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        check_target(model, log_density, score)
         positive_int(num_particles, "num_particles")
         if num_particles < 2:
             raise ValueError(f"num_particles must be at least 2, got {num_particles!r}")
@@ -423,14 +419,9 @@ class SMCSampler:
 
     def _setup_target(self):
         """Fit the preconditioner once and whiten the (counted) potential."""
-        if self.preconditioner is None and self._precondition is not None:
-            self.preconditioner = fit_preconditioner(
-                self._counter, self._precondition, **self._precondition_options
-            )
-        if self.preconditioner is None or self.preconditioner.method == "identity":
-            self._target = self._counter
-        else:
-            self._target = WhitenedPotential(self._counter, self.preconditioner)
+        self.preconditioner, self._target = whiten(
+            self._counter, self.preconditioner, self._precondition, self._precondition_options
+        )
 
     def _require_run(self):
         if not self.final_states:

@@ -41,9 +41,10 @@ from ...sde import (
 )
 from .._inputs import cast_output as _cast_output
 from .._inputs import check_dtype_device as _check_dtype_device
+from .._inputs import check_target
 from .._inputs import same_call as _same_call
 from ..potential import LogDensityPotential, ModelPotential, Potential
-from ..precondition import Preconditioner, WhitenedPotential, as_preconditioner, fit_preconditioner
+from ..precondition import Preconditioner, as_preconditioner, whiten
 from .losses import get_loss
 
 __all__ = ["DiffusionSampler", "StepInfo"]
@@ -195,12 +196,7 @@ class DiffusionSampler:
         dtype: torch.dtype | None = None,
         device=None,
     ):
-        if (model is None) == (log_density is None):
-            raise ValueError("give exactly one of `model` (a Pyro model) and `log_density`")
-        if score is not None and log_density is None:
-            raise ValueError("`score` goes with `log_density` (a model's score comes from autograd)")
-        if model is not None and not callable(model):
-            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        check_target(model, log_density, score)
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if backend not in _BACKENDS:
@@ -322,14 +318,9 @@ class DiffusionSampler:
 
     def _setup_target(self):
         """Fit the preconditioner once (kept when the model's data change) and whiten the potential."""
-        if self.preconditioner is None and self._precondition is not None:
-            self.preconditioner = fit_preconditioner(
-                self.potential, self._precondition, **self._precondition_options
-            )
-        if self.preconditioner is None or self.preconditioner.method == "identity":
-            self._target = self.potential
-        else:
-            self._target = WhitenedPotential(self.potential, self.preconditioner)
+        self.preconditioner, self._target = whiten(
+            self.potential, self.preconditioner, self._precondition, self._precondition_options
+        )
 
     def _setup_training(self):
         if self._pending_state is not None and self._saved_fingerprint is not None:  # before its Gaussian
