@@ -412,7 +412,7 @@ def fit_preconditioner(
     :param Potential potential: the target log density on ``R^dim``.
     :param str method: ``"laplace"``, ``"svi"`` or ``"diagonal"`` (see the module docstring).
     :param int num_starts: L-BFGS starts: the potential's ``initial_params`` and ``num_starts - 1``
-        points uniform around it, alternately in ``(-2, 2)^dim`` (Stan's initialisation) and
+        points uniform in unconstrained space, alternately in ``(-2, 2)^dim`` (Stan's initialisation) and
         ``(-10, 10)^dim`` (to find distant modes).
     :param int max_iter: L-BFGS iterations per start.
     :param int num_draws: draws of the IS check of each candidate Gaussian.
@@ -443,9 +443,10 @@ def fit_preconditioner(
     start_time = time.perf_counter()
     d, dtype, device = potential.dim, potential.dtype, potential.device
     x0 = potential.initial_params.detach().to(dtype=dtype, device=device)
-    # Stan's (-2, 2) starts around the initial point, and every other one 5x wider (distant modes)
+    # Stan's uniform (-2, 2) starts, and every other one 5x wider (distant modes); not around the initial
+    # point, which may lie where the model explodes (arma11: log rho = -4.5e36 there)
     widths = [2.0 if i % 2 == 0 else 10.0 for i in range(num_starts - 1)]
-    starts = [x0] + [x0 + w * (2 * torch.rand(d, dtype=dtype, device=device) - 1) for w in widths]
+    starts = [x0] + [w * (2 * torch.rand(d, dtype=dtype, device=device) - 1) for w in widths]
 
     modes = []
     for start in starts:
