@@ -102,7 +102,11 @@ def run_ours(posterior, *, seed: int, sampler_kwargs: dict, run_kwargs: dict) ->
         f"{w.category.__name__}: {w.message}"[:200] for w in caught
         if issubclass(w.category, (UserWarning, RuntimeWarning))
     })
+    pre = sampler.preconditioner
+    info = {} if pre is None else pre.info
     return dict(
+        preconditioner=None if pre is None else pre.method, gaussian_ess=info.get("gaussian_ess"),
+        gaussian_log_z=info.get("gaussian_log_z"),
         seed=seed, wall_s=wall, iterations=len(sampler.losses), ess=diag["ess"], pareto_k=diag["pareto_k"],
         log_z=diag["log_evidence"], log_z_se=diag["log_evidence_stderr"], num_samples=diag["num_samples"],
         warned=bool(messages), warnings=messages, **accuracy(posterior, samples, log_w),
@@ -117,6 +121,13 @@ def _fmt(x, digits=3):
     return "-" if x is None else f"{x:.{digits}g}"
 
 
+def _gaussian_alone(r: dict) -> str:
+    """The preconditioner's Gaussian as an importance proposal on its own (before any training)."""
+    if r.get("gaussian_ess") is None:
+        return "-"
+    return f"{r['preconditioner']}, {r['gaussian_ess']:.3g}, {r['gaussian_log_z']:.2f}"
+
+
 def _verdict(r: dict) -> str:
     """right (both errors <= GOAL), flagged (wrong, but warned or Pareto k > 0.7) or WRONG, unflagged."""
     if r["mean_err"] <= GOAL and r["sd_err"] <= GOAL:
@@ -126,8 +137,9 @@ def _verdict(r: dict) -> str:
 
 def table(results: dict, nuts: dict) -> tuple[str, str]:
     header = ["posterior", "D", "sampler", "mean err / sd", "sd err", "wall s", "ESS / draw", "Pareto k",
-              "log Z +- se", "warned", "verdict"]
+              "log Z +- se", "Gaussian alone: fit, ESS, log Z", "iterations", "warned", "verdict"]
     rows, right_ours, right_nuts, unflagged, ratios = [], 0, 0, 0, []
+    runs_right = runs_total = 0
     for name, runs in results.items():
         dim = POSTERIORS[name].dimension
         n = nuts.get(name)
@@ -135,22 +147,25 @@ def table(results: dict, nuts: dict) -> tuple[str, str]:
             rows.append([
                 name, dim, f"NUTS {n['warmup']}+{n['draws']}", _fmt(n["mean_err"]), _fmt(n["sd_err"]),
                 f"{n['wall_s']:.0f}", _fmt(n["min_n_eff"] / n["draws"]), "-", "-",
-                f"{n['divergences']} divergences", _verdict(n),
+                "-", "-", f"{n['divergences']} divergences", _verdict(n),
             ])
             right_nuts += n["mean_err"] <= GOAL and n["sd_err"] <= GOAL
         ok = [r for r in runs if "error" not in r]
         for r in runs:
             if "error" in r:
                 rows.append([
-                    name, dim, f"ours (seed {r['seed']})", "-", "-", f"{r['wall_s']:.0f}", "-", "-", "-",
+                    name, dim, f"ours (seed {r['seed']})", "-", "-", f"{r['wall_s']:.0f}", *["-"] * 5,
                     "failed: " + r["error"][:80].replace("|", "/"), "failed",
                 ])
                 continue
             rows.append([
                 name, dim, f"ours (seed {r['seed']})", _fmt(r["mean_err"]), _fmt(r["sd_err"]),
                 f"{r['wall_s']:.0f}", _fmt(r["ess"]), f"{r['pareto_k']:.2f}",
-                f"{r['log_z']:.2f} +- {r['log_z_se']:.2f}", "yes" if r["warned"] else "no", _verdict(r),
+                f"{r['log_z']:.2f} +- {r['log_z_se']:.2f}", _gaussian_alone(r), str(r.get("iterations", "-")),
+                "yes" if r["warned"] else "no", _verdict(r),
             ])
+            runs_total += 1
+            runs_right += _verdict(r) == "right"
             unflagged += _verdict(r) == "WRONG, unflagged"
         if len(ok) == len(runs) and ok:  # a failed seed counts as a miss
             mean_err = statistics.median(r["mean_err"] for r in ok)
@@ -162,7 +177,8 @@ def table(results: dict, nuts: dict) -> tuple[str, str]:
     summary = (
         f"Both errors <= {GOAL} (median over seeds): ours {right_ours}/{len(results)}, NUTS "
         f"{right_nuts}/{sum(name in nuts for name in results)}; median wall-time ratio ours / NUTS: {ratio}; "
-        f"confident wrong answers of ours (an error > {GOAL}, k <= 0.7, no warning): {unflagged} runs."
+        f"confident wrong answers of ours (an error > {GOAL}, k <= 0.7, no warning): {unflagged} runs; "
+        f"single runs of ours right: {runs_right}/{runs_total}."
     )
     return _report.markdown_table(header, rows), summary
 
