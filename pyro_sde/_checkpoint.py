@@ -116,8 +116,8 @@ def load_checkpoint(path, *, kind, expected_fingerprint: dict | None = None, map
         if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
             raise ValueError(
                 f"{name!r} is not a {what} checkpoint: it contains Python objects, which are not loaded "
-                "for safety (unpickling can run arbitrary code). pyro_sde files hold only tensors and plain "
-                "values; open a file you trust yourself with torch.load(..., weights_only=False)."
+                "for safety (unpickling can run arbitrary code). pyro_sde's savers write only tensors and "
+                "plain values, so this file was not written by them."
             ) from e
         raise ValueError(f"{name!r} is not a {what} checkpoint (unreadable: damaged, truncated): {e}") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

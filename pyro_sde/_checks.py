@@ -24,3 +24,8 @@ def nonnegative_float(value, name: str, positive: bool = False) -> float:
         kind = "positive" if positive else "non-negative"
         raise ValueError(f"{name} must be a {kind} finite number, got {value!r}")
     return float(value)
+
+
+def positive_float(value, name: str) -> float:
+    """``value`` as a float if it is a finite number ``> 0``."""
+    return nonnegative_float(value, name, positive=True)

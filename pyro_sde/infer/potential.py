@@ -349,7 +349,7 @@ class ModelPotential(Potential):
         first = init[self._names[0]]
         self.dtype, self.device = first.dtype, first.device
         self.initial_params = torch.cat([init[n].reshape(-1) for n in self._names]).detach()
-        self.vectorize = vectorize
+        self.site_supports = {s["name"]: s["fn"].support for s in latents}  # constrained supports
         self.num_model_errors = 0  # particles at which the model raised (log density -inf)
         self.vectorize_mode = self._choose_mode(request)
 

@@ -117,9 +117,7 @@ def smc_init(path: GeometricPath, num_particles: int, kernel: MoveKernel, *, ste
     """``N`` particles from ``q`` with equal weights at ``beta = 0`` (``num_particles`` target evaluations).
 
     :raises ValueError: if ``log rho`` is ``+inf`` at a particle or finite at none."""
-    positive_int(num_particles, "num_particles")
-    if num_particles < 2:
-        raise ValueError(f"num_particles must be at least 2, got {num_particles!r}")
+    positive_int(num_particles, "num_particles", minimum=2)
     x = path.sample_reference(num_particles)
     num_nan = path.num_nan
     point = path.evaluate(x)
@@ -335,9 +333,7 @@ class SMCSampler:
         device=None,
     ):
         check_target(model, log_density, score)
-        positive_int(num_particles, "num_particles")
-        if num_particles < 2:
-            raise ValueError(f"num_particles must be at least 2, got {num_particles!r}")
+        positive_int(num_particles, "num_particles", minimum=2)
         self.num_particles = num_particles
         self.ess_threshold = _unit_interval("ess_threshold", ess_threshold, closed_right=True)
         self.target_conditional_ess = _unit_interval(

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 
-from ..._checks import nonnegative_float, positive_int
+from ..._checks import positive_float, positive_int
 from ...nn.control import FourierTimeEmbedding
 from ...sde.integrate import euler_maruyama_step
 from ...sde.models import SDE, DiffusionFactor
@@ -113,7 +113,7 @@ class LearnedBridge:
         self.dim = positive_int(dim, "dim")
         if network is not None and not isinstance(network, nn.Module):
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
-        nonnegative_float(refit_rtol, "refit_rtol", positive=True)
+        positive_float(refit_rtol, "refit_rtol")
         positive_int(refit_iterations, "refit_iterations")
         self.network = network if network is not None else ScoreNetwork(dim)
         self.refit_rtol, self.auto_refit, self.refit_iterations = refit_rtol, auto_refit, refit_iterations
@@ -142,8 +142,8 @@ class LearnedBridge:
         :param int num_paths: paths per iteration (fresh each iteration). :param int num_steps: Euler steps.
         :returns: ``self``.
         """
-        horizon = nonnegative_float(horizon, "horizon", positive=True)
-        nonnegative_float(lr, "lr", positive=True)
+        horizon = positive_float(horizon, "horizon")
+        positive_float(lr, "lr")
         for name, value in [("num_iterations", num_iterations), ("num_paths", num_paths),
                             ("num_steps", num_steps)]:
             positive_int(value, name)

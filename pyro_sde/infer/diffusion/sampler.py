@@ -18,8 +18,6 @@ import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
-import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
 from torch.distributions import constraints
@@ -27,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ... import diagnostics
 from ..._checkpoint import check_fingerprint, load_checkpoint, package_version, save_checkpoint
-from ..._checks import nonnegative_float, positive_int
+from ..._checks import positive_float, positive_int
 from ...nn import ControlNetwork
 from ...nn.ema import ema_update_
 from ...sde import (
@@ -69,29 +67,12 @@ def _clip(x: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=bound, neginf=-bound).clamp(-bound, bound)
 
 
-def _positive_int(name, value):
-    return positive_int(value, name)
-
-
-def _positive_float(name, value):
-    return nonnegative_float(value, name, positive=True)
-
-
 def _resolution(log_rho: torch.Tensor) -> float:
     """Spacing of representable values at the largest finite ``|log rho|`` (``|x| eps``), 0 if none."""
     finite = log_rho[torch.isfinite(log_rho)]
     if finite.numel() == 0:
         return 0.0
     return float(finite.abs().max()) * torch.finfo(log_rho.dtype).eps
-
-
-def _optional_num_samples(value, minimum: int = 1):
-    """``None`` (reuse the last draw) or an int ``>= minimum``."""
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"num_samples must be None or an int >= {minimum}, got {value!r}")
-    return value
 
 
 class DiffusionSampler:
@@ -224,10 +205,10 @@ class DiffusionSampler:
         if loss is None:
             loss = "rkl_ld" if method == "bridge" else "log_variance"
         self.loss_spec = get_loss(loss)
-        self.num_steps = _positive_int("num_steps", num_steps)
+        self.num_steps = positive_int(num_steps, "num_steps")
         T = (5.0 if method == "pis" else 1.0) if T is None else T
         if sigma is not None:
-            _positive_float("sigma", sigma)
+            positive_float(sigma, "sigma")
             if method not in ("pis", "dds"):
                 raise ValueError(f"sigma is used by method='pis' and 'dds' only, not by {method!r}")
         if method == "pis":
@@ -238,14 +219,14 @@ class DiffusionSampler:
             self.reference = OUReference(num_steps, sigma=sigma, beta_min=beta_min, beta_max=beta_max, T=T)
         else:
             self.reference = VPReference(num_steps, beta_min=beta_min, beta_max=beta_max, T=T)
-        self.lr = _positive_float("lr", lr)
-        self.final_lr_fraction = _positive_float("final_lr_fraction", final_lr_fraction)
+        self.lr = positive_float(lr, "lr")
+        self.final_lr_fraction = positive_float(final_lr_fraction, "final_lr_fraction")
         if self.final_lr_fraction > 1:
             raise ValueError("final_lr_fraction must be in (0, 1]")
-        self.grad_clip = None if grad_clip is None else _positive_float("grad_clip", grad_clip)
-        self.score_clip = _positive_float("score_clip", score_clip)
-        self.control_clip = _positive_float("control_clip", control_clip)
-        self.exploration_noise = _positive_float("exploration_noise", exploration_noise)
+        self.grad_clip = None if grad_clip is None else positive_float(grad_clip, "grad_clip")
+        self.score_clip = positive_float(score_clip, "score_clip")
+        self.control_clip = positive_float(control_clip, "control_clip")
+        self.exploration_noise = positive_float(exploration_noise, "exploration_noise")
         if self.exploration_noise != 1.0 and not self.loss_spec.off_policy:
             raise ValueError(
                 f"loss={self.loss_spec.name!r} needs on-policy paths: exploration_noise must be 1 "
@@ -264,8 +245,8 @@ class DiffusionSampler:
         self.backend = backend
         self.init_strategy, self.vectorize = init_strategy, vectorize
         self._network_options = dict(
-            hidden_dim=_positive_int("hidden_dim", hidden_dim),
-            num_layers=_positive_int("num_layers", num_layers),
+            hidden_dim=positive_int(hidden_dim, "hidden_dim"),
+            num_layers=positive_int(num_layers, "num_layers"),
             guide_scale_init=0.01 if method == "pis" else 1.0,
         )
         self.control = control
@@ -278,7 +259,6 @@ class DiffusionSampler:
         self._resume_rng = None
         self._checkpoint_path: str | None = None  # the file resume() checkpoints to by default
         self._saved_fingerprint: dict | None = None  # of the loaded checkpoint, checked at set-up
-        self._supports = None  # (potential, site supports) for the fingerprint
         self.potential: Potential | None = None  # the model's unconstrained log density
         self._target: Potential | None = None  # what the SDE samples: the potential in whitened coordinates
         self._model_call = None
@@ -548,20 +528,14 @@ class DiffusionSampler:
         at the end: see :meth:`save`, :meth:`load`, :meth:`resume`.
         """
         num_iterations = self.default_num_iterations if num_iterations is None else num_iterations
-        _positive_int("num_iterations", num_iterations)
+        positive_int(num_iterations, "num_iterations")
         if batch_size is not None:
-            _positive_int("batch_size", batch_size)
-            if batch_size < 2:
-                raise ValueError("batch_size must be at least 2")
-        _positive_int("max_failed_steps", max_failed_steps)
-        _positive_int("eval_every", eval_every)
-        _positive_int("eval_batch_size", eval_batch_size)
-        if eval_batch_size < 2:
-            raise ValueError("eval_batch_size must be at least 2")
+            positive_int(batch_size, "batch_size", minimum=2)
+        positive_int(max_failed_steps, "max_failed_steps")
+        positive_int(eval_every, "eval_every")
+        positive_int(eval_batch_size, "eval_batch_size", minimum=2)
         if max_time is not None:
-            max_time = _positive_float("max_time", max_time)
-            if not math.isfinite(max_time):
-                raise ValueError(f"max_time must be a finite number of seconds, got {max_time!r}")
+            max_time = positive_float(max_time, "max_time")  # finite
         _check_until(until)
         self._setup_potential(args, kwargs)
         if batch_size is None:
@@ -581,6 +555,7 @@ class DiffusionSampler:
             eval_batch_size=eval_batch_size,
             stopped=None,
             eval_history=[],
+            failed=0,
         )
         return self._train(progress_bar, checkpoint, checkpoint_every)
 
@@ -659,14 +634,10 @@ class DiffusionSampler:
 
     def _train(self, progress_bar, checkpoint, checkpoint_every):
         state = self._run_state
-        for key, default in [("max_time", None), ("elapsed", 0.0), ("until", None), ("eval_every", 25),
-                             ("eval_batch_size", 1024), ("stopped", None)]:
-            state.setdefault(key, default)
-        self.eval_history = state.setdefault("eval_history", [])
+        self.eval_history = state["eval_history"]
         clock = time.perf_counter()
-        state.setdefault("failed", 0)
         if checkpoint is not None:
-            _positive_int("checkpoint_every", checkpoint_every)
+            positive_int(checkpoint_every, "checkpoint_every")
             checkpoint = os.fspath(checkpoint)
             state["checkpoint_every"] = checkpoint_every
         self._checkpoint_path = checkpoint  # where resume(checkpoint="same") continues
@@ -777,11 +748,12 @@ class DiffusionSampler:
         """What a checkpoint belongs to: ``{"latent sites": {name: (shape, support)}, "dim", "method",
         "package version"}``."""
         p = self.potential
-        if self._supports is None or self._supports[0] is not p:  # one model trace per potential
-            self._supports = (p, _site_supports(p))
-        supports = self._supports[1]
+        supports = getattr(p, "site_supports", {})  # a plain log density: real
         return {
-            "latent sites": {n: (tuple(shape), supports[n]) for n, shape in p.site_shapes.items()},
+            "latent sites": {
+                n: (tuple(shape), _support_name(supports[n]) if n in supports else "real")
+                for n, shape in p.site_shapes.items()
+            },
             "dim": p.dim,
             "method": self.method,
             "package version": package_version(),
@@ -863,8 +835,8 @@ class DiffusionSampler:
         """Draw ``num_samples`` paths with the current control (not stored): returns the unconstrained
         terminal states ``z`` (N, dim) and their log importance weights (N,)."""
         self._require_potential()
-        _positive_int("num_samples", num_samples)
-        _positive_int("chunk_size", chunk_size)
+        positive_int(num_samples, "num_samples")
+        positive_int(chunk_size, "chunk_size")
         control, backward = self._sampling_nets()
         zs, log_ws, resolution = [], [], 0.0
         for start in range(0, num_samples, chunk_size):
@@ -896,7 +868,7 @@ class DiffusionSampler:
 
     def _weighted_draw(self, num_samples, minimum: int = 1):
         """The cached evaluation draw ``(z, log_w)``, non-finite paths dropped and counted."""
-        num_samples = _optional_num_samples(num_samples, minimum)
+        num_samples = None if num_samples is None else positive_int(num_samples, "num_samples", minimum)
         if num_samples is not None or self._weighted is None:
             z, log_w = self.sample_unconstrained(num_samples or self.default_num_samples)
             log_w, z, self.num_dropped_paths = diagnostics._drop_nonfinite(log_w, z, stacklevel=4)
@@ -922,7 +894,7 @@ class DiffusionSampler:
         NaN / +inf log weight are dropped (counted in :attr:`num_dropped_paths`, with a warning), so
         ``resample=False`` may return fewer draws. Resampling warns when the Pareto k exceeds 0.7.
         """
-        z, log_w = self.sample_unconstrained(_positive_int("num_samples", num_samples))
+        z, log_w = self.sample_unconstrained(positive_int(num_samples, "num_samples"))
         log_w, z, self.num_dropped_paths = diagnostics._drop_nonfinite(log_w, z)
         if resample:
             ess = float(diagnostics.effective_sample_size(log_w))
@@ -1022,16 +994,3 @@ def _support_name(constraint) -> str:
     params = [f"{k}={v!r}" for k, v in vars(constraint).items()
               if not k.startswith("_") and isinstance(v, (int, float)) and not isinstance(v, bool)]
     return f"{name}({', '.join(params)})" if params else name
-
-
-def _site_supports(potential) -> dict:
-    """Site name -> support name; a model is traced once at its initial point (supports may depend
-    on other latents: tensor bounds are left out of the names, so they do not depend on the point)."""
-    if not isinstance(potential, ModelPotential):
-        return {name: "real" for name in potential.site_shapes}
-    values = {n: v[0] for n, v in potential.constrain(potential.initial_params[None]).items()}
-    with poutine.block(), pyro.validation_enabled(False), torch.no_grad():
-        trace = poutine.trace(poutine.condition(potential.model, values)).get_trace(
-            *potential.model_args, **potential.model_kwargs
-        )
-    return {n: _support_name(trace.nodes[n]["fn"].support) for n in potential.site_shapes}
