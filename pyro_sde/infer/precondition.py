@@ -268,7 +268,7 @@ def _cholesky(cov: torch.Tensor):
 
 
 def _laplace(potential, point):
-    """``(covariance, ok)``: ``(-H)^-1`` at a mode, float64."""
+    """``(-H)^-1`` at a strict local maximum (float64), else ``None``."""
     try:
         H = _hessian(potential, point).double()
     except (RuntimeError, ValueError):
@@ -425,7 +425,8 @@ def fit_preconditioner(
         sampler's own ``N(0, I)``, which the synthetic multimodal benchmarks were tuned on: a wide Gaussian
         makes each mode sharp in whitened units, and a GMM-9 run lost a third of its ESS) or ``"mixture"``.
     :param bool compare_identity: keep ``N(0, I)`` when it is the better importance proposal.
-    :returns: the preconditioner; ``info`` holds ``fit_seconds``, ``num_modes``, ``candidate`` and the
+    :returns: the preconditioner (``method``: the winning candidate); ``info`` holds ``fit_seconds``,
+        ``num_modes``, ``requested`` and the
         chosen Gaussian's IS ``gaussian_log_z``, ``gaussian_stderr``, ``gaussian_ess``, ``gaussian_pareto_k``.
     """
     if multimodal not in ("identity", "mixture"):
@@ -479,7 +480,7 @@ def fit_preconditioner(
             eigvals, eigvecs = torch.linalg.eigh(cov)
             cov = eigvecs @ torch.diag(eigvals.clamp(min=float(eigvals.mean()))) @ eigvecs.T
             candidates.append(("mixture", mean, cov))
-    if method == "svi" or not several_modes:  # VI from the best mode: it sees the mass, not the curvature
+    if not several_modes:  # VI from the best mode: it sees the mass, not the curvature
         if modes:
             loc, scale = modes[0][0].double(), torch.eye(d, dtype=torch.float64, device=device)
             if modes[0][2] is not None:
@@ -509,7 +510,6 @@ def fit_preconditioner(
         if best is None or quality["score"] > best_quality["score"]:  # ties: the first (a fitted one)
             best, best_quality = cand, quality
     best.info.update(
-        num_modes=len(modes), fit_seconds=time.perf_counter() - start_time, candidate=best.method,
-        requested=method,
+        num_modes=len(modes), fit_seconds=time.perf_counter() - start_time, requested=method,
     )
     return best.to(dtype=dtype, device=device)
