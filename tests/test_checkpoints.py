@@ -92,7 +92,8 @@ if kind == "sampler":
                            hidden_dim=256, num_layers=3)
     obj.run(num_iterations=1, batch_size=8, progress_bar=False, checkpoint=warm_up)
     def save_forever(path):
-        obj.run(num_iterations=forever, batch_size=8, progress_bar=False, checkpoint=path, checkpoint_every=1)
+        obj.run(num_iterations=forever, batch_size=8, until=None, progress_bar=False, checkpoint=path,
+                checkpoint_every=1)  # until=None: an exact Gaussian would converge and end the loop
 elif kind == "ratio":
     obj = ClassifierRatioEstimator(2, hidden_dim=256, num_layers=2)
     obj.fit(torch.randn(64, 2) + 1, torch.randn(64, 2), num_iterations=2, batch_size=16, progress_bar=False)
