@@ -1,0 +1,164 @@
+"""What every posterior sampler of the package shares: binding the target and the weighted-sample surface.
+
+:class:`PosteriorSampler` turns a Pyro model (with its arguments, at ``run``) or a log density into a
+:class:`~pyro_sde.infer.potential.Potential` on unconstrained space, fits the preconditioning Gaussian
+once and whitens it (``_target``), and gives every algorithm the same surface on top of its weighted
+draws: ``get_weighted_samples``, ``get_samples``, ``ess``, ``get_summary``, ``summary``. A subclass
+provides ``_weighted_draw(num_samples) -> (z, log_w)`` (unconstrained draws ``(N, dim)`` and their log
+weights ``(N,)`` in float64, ``logmeanexp(log_w)`` estimating ``log p(y)``), ``log_evidence()`` and
+``diagnostics()``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .. import diagnostics
+from .._checks import positive_int
+from ._inputs import cast_output, same_call
+from .potential import LogDensityPotential, ModelPotential, Potential
+from .precondition import Preconditioner, as_preconditioner, whiten
+
+__all__ = ["PosteriorSampler"]
+
+
+class PosteriorSampler:
+    """Target binding and the weighted-sample surface (see the module)."""
+
+    def _init_target(self, model, *, log_density, dim, score, precondition, precondition_options,
+                     init_strategy, vectorize, dtype, device):
+        """Store the target's options; a ``log_density`` is bound at once (a model at ``run``)."""
+        self.model = model
+        self.preconditioner: Preconditioner | None = as_preconditioner(precondition)
+        self._precondition = precondition if isinstance(precondition, str) else None
+        if precondition_options is not None and not isinstance(precondition_options, dict):
+            raise TypeError("precondition_options must be a dict of fit_preconditioner options")
+        self._precondition_options = dict(precondition_options or {})
+        self.init_strategy, self.vectorize = init_strategy, vectorize
+        self.potential: Potential | None = None  # the model's unconstrained log density
+        self._target: Potential | None = None  # what the algorithm samples: the potential, whitened
+        self._model_call = None
+        self._weighted = None  # cache of the last evaluation draw
+        if log_density is not None:
+            if dim is None:
+                raise ValueError("`dim` is required with `log_density`")
+            if dtype is not None:  # honour the requested dtype even if log_density computes in another
+                log_density = cast_output(log_density, dtype)
+                score = None if score is None else cast_output(score, dtype)
+            potential = LogDensityPotential(log_density, dim, dtype=dtype, device=device, score=score)
+            self._bind_potential(potential)
+
+    def _bind_potential(self, potential: Potential):
+        """Use ``potential`` from now on (subclasses also build what depends on it)."""
+        self.potential = potential
+        self._weighted = None
+
+    def _setup_potential(self, args, kwargs):
+        """Bind the model to ``(args, kwargs)``; nothing to do when they are the very same objects."""
+        if self.model is None:
+            if args or kwargs:
+                raise TypeError("a sampler built from `log_density` takes no model arguments")
+            return
+        call = (args, kwargs)
+        if self._model_call is not None and same_call(self._model_call, call):
+            return
+        potential = ModelPotential(
+            self.model, args, kwargs, init_strategy=self.init_strategy, vectorize=self.vectorize
+        )
+        if self.potential is not None and potential.dim != self.potential.dim:
+            raise ValueError(
+                f"the model's latent dimension changed from {self.potential.dim} to {potential.dim}"
+            )
+        self._model_call = call
+        self._bind_potential(potential)
+
+    def _whitening_source(self) -> Potential:
+        """The potential that is whitened (SMC wraps it in an evaluation counter)."""
+        return self.potential
+
+    def _setup_target(self):
+        """Fit the preconditioner once (kept when the model's data change) and whiten the potential."""
+        self.preconditioner, self._target = whiten(
+            self._whitening_source(), self.preconditioner, self._precondition, self._precondition_options
+        )
+
+    def _require_potential(self):
+        if self.potential is None:
+            raise RuntimeError("call .run(*model_args) first: the sampler has not seen the model's data")
+
+    def _to_unconstrained(self, w):
+        """The model's unconstrained coordinates ``z = m + L w`` of the algorithm's (whitened) states."""
+        return w if self._target is self._whitening_source() else self.preconditioner.to_unconstrained(w)
+
+    # ----------------------------------------------------------------------------------------
+    # the weighted-sample surface
+    def _weighted_draw(self, num_samples=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _evidence_weights(self, num_samples=None) -> torch.Tensor:
+        """The log weights (N,) behind the estimates (ESS, evidence, summaries)."""
+        return self._weighted_draw(num_samples)[1]
+
+    def _proposal_draw(self, num_samples: int):
+        """``(z, log_w)`` that :meth:`get_samples` resamples ``num_samples`` draws from."""
+        return self._weighted_draw(None)
+
+    def get_weighted_samples(self, num_samples: int | None = None):
+        """``(samples, log_weights)``: a dict site -> constrained values ``(N, *shape)`` and the log
+        weights ``(N,)`` (float64, unnormalised: ``logmeanexp`` estimates ``log p(y)``)."""
+        z, log_w = self._weighted_draw(num_samples)
+        return self.potential.constrain(z), log_w
+
+    def get_samples(self, num_samples: int = 1000, *, resample: bool = True, group_by_chain: bool = False):
+        """Posterior draws as a dict site -> ``(num_samples, *shape)`` (``(1, num_samples, *shape)``
+        with ``group_by_chain``), like ``MCMC.get_samples()``: resampled (systematic) from the
+        weighted draws, so that they target the posterior; ``resample=False`` returns the weighted
+        draws themselves (the proposal's). Warns when the draws rest on fewer than 50 effective
+        samples or the Pareto k exceeds 0.7."""
+        positive_int(num_samples, "num_samples")
+        z, log_w = self._proposal_draw(num_samples)
+        if resample:
+            nonzero = log_w[log_w > -math.inf]
+            effective = float(diagnostics.effective_sample_size(log_w)) * log_w.numel()
+            if effective < 50:
+                warnings.warn(
+                    f"importance resampling from an effective sample size of {effective:.1f}: "
+                    "the draws contain many duplicates; train longer or draw more samples",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if nonzero.numel() >= 2:
+                diagnostics._warn_if_unreliable(_pareto_k(log_w), "importance resampling")
+            z = z[diagnostics.systematic_resample(log_w, num_samples)]
+        samples = self.potential.constrain(z)
+        if group_by_chain:
+            samples = {k: v.unsqueeze(0) for k, v in samples.items()}
+        return samples
+
+    def ess(self, num_samples: int | None = None) -> float:
+        """Normalised importance ESS ``(sum w)^2 / (N sum w^2)`` in (0, 1]; warns when the Pareto k
+        exceeds 0.7 (the ESS then overstates the quality of the weights)."""
+        log_w = self._evidence_weights(num_samples)
+        diagnostics._warn_if_unreliable(_pareto_k(log_w), "the effective sample size")
+        return float(diagnostics.effective_sample_size(log_w))
+
+    def get_summary(self, prob: float = 0.9, num_samples: int | None = None) -> dict:
+        """Weighted posterior summary: site -> {"mean", "std", "median", quantiles}."""
+        samples, log_w = self.get_weighted_samples(num_samples)
+        return diagnostics.weighted_summary(samples, log_w, prob=prob)
+
+    def summary(self, prob: float = 0.9, num_samples: int | None = None) -> None:
+        """Print :meth:`get_summary` and the evidence estimate."""
+        summary = self.get_summary(prob, num_samples)
+        diagnostics.print_weighted_summary(summary, self.log_evidence())
+
+
+def _pareto_k(log_w: torch.Tensor) -> float:
+    """Pareto k of the non-zero weights; ``inf`` when fewer than 21 (too few to fit a tail)."""
+    nonzero = log_w[log_w > -math.inf]
+    if nonzero.numel() == log_w.numel():
+        return diagnostics._pareto_k(log_w)
+    return diagnostics._pareto_k(nonzero) if nonzero.numel() > 20 else math.inf
