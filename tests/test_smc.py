@@ -17,7 +17,8 @@ import pyro_sde
 from pyro_sde import diagnostics
 from pyro_sde.infer import SMCInfo, SMCSampler, SMCState, annealing, kernels
 from pyro_sde.infer.potential import LogDensityPotential
-from pyro_sde.infer.smc import _resample, lee_whiteley_relative_variance, smc_init, smc_step
+from pyro_sde.infer.particles import resample as _resample
+from pyro_sde.infer.smc import lee_whiteley_relative_variance, smc_init, smc_step
 from pyro_sde.targets import Gaussian, GaussianMixture
 
 F64 = torch.float64

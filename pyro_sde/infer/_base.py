@@ -106,6 +106,10 @@ class PosteriorSampler:
         """``(z, log_w)`` that :meth:`get_samples` resamples ``num_samples`` draws from."""
         return self._weighted_draw(None)
 
+    def _weights_pareto_k(self, log_w: torch.Tensor) -> float:
+        """The Pareto k behind the warnings of the estimates."""
+        return diagnostics._pareto_k(log_w)
+
     def get_weighted_samples(self, num_samples: int | None = None):
         """``(samples, log_weights)``: a dict site -> constrained values ``(N, *shape)`` and the log
         weights ``(N,)`` (float64, unnormalised: ``logmeanexp`` estimates ``log p(y)``)."""
@@ -121,7 +125,6 @@ class PosteriorSampler:
         positive_int(num_samples, "num_samples")
         z, log_w = self._proposal_draw(num_samples)
         if resample:
-            nonzero = log_w[log_w > -math.inf]
             effective = float(diagnostics.effective_sample_size(log_w)) * log_w.numel()
             if effective < 50:
                 warnings.warn(
@@ -130,8 +133,8 @@ class PosteriorSampler:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            if nonzero.numel() >= 2:
-                diagnostics._warn_if_unreliable(_pareto_k(log_w), "importance resampling")
+            if int((log_w > -math.inf).sum()) >= 2:
+                diagnostics._warn_if_unreliable(self._weights_pareto_k(log_w), "importance resampling")
             z = z[diagnostics.systematic_resample(log_w, num_samples)]
         samples = self.potential.constrain(z)
         if group_by_chain:
@@ -142,7 +145,7 @@ class PosteriorSampler:
         """Normalised importance ESS ``(sum w)^2 / (N sum w^2)`` in (0, 1]; warns when the Pareto k
         exceeds 0.7 (the ESS then overstates the quality of the weights)."""
         log_w = self._evidence_weights(num_samples)
-        diagnostics._warn_if_unreliable(_pareto_k(log_w), "the effective sample size")
+        diagnostics._warn_if_unreliable(self._weights_pareto_k(log_w), "the effective sample size")
         return float(diagnostics.effective_sample_size(log_w))
 
     def get_summary(self, prob: float = 0.9, num_samples: int | None = None) -> dict:
@@ -156,9 +159,3 @@ class PosteriorSampler:
         diagnostics.print_weighted_summary(summary, self.log_evidence())
 
 
-def _pareto_k(log_w: torch.Tensor) -> float:
-    """Pareto k of the non-zero weights; ``inf`` when fewer than 21 (too few to fit a tail)."""
-    nonzero = log_w[log_w > -math.inf]
-    if nonzero.numel() == log_w.numel():
-        return diagnostics._pareto_k(log_w)
-    return diagnostics._pareto_k(nonzero) if nonzero.numel() > 20 else math.inf

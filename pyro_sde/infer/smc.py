@@ -25,8 +25,8 @@ variance itself was no lower than multinomial's; so with systematic resampling t
 ``num_runs > 1``.
 
 The algorithm is the pair :func:`smc_init` / :func:`smc_step` on :class:`SMCState` and :class:`SMCInfo`
-(BlackJAX style), which :class:`SMCSampler` drives and wraps in the weighted-sample surface of
-:class:`~pyro_sde.infer.DiffusionSampler`.
+(BlackJAX style), which :class:`SMCSampler` drives; reweighting, resampling and the evidence's error
+bars are those of :mod:`pyro_sde.infer.particles`, the weighted-sample surface that of every sampler.
 """
 
 from __future__ import annotations
@@ -39,22 +39,26 @@ from typing import NamedTuple
 
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
-from tqdm.auto import tqdm
 
 from .. import diagnostics
 from .._checks import positive_int
-from ._inputs import cast_output as _cast_output
+from .._progress import progress_bar as _progress_bar
 from ._inputs import check_dtype_device as _check_dtype_device
 from ._inputs import check_target
-from ._inputs import same_call as _same_call
 from .annealing import GeometricPath, PathPoint, next_temperature
 from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, population_scale
-from .potential import LogDensityPotential, ModelPotential, Potential
-from .precondition import Preconditioner, as_preconditioner, whiten
+from .particles import (
+    RESAMPLING_SCHEMES,
+    ParticleSampler,
+    initial_log_weights,
+    lee_whiteley_relative_variance,
+    resample,
+    reweight,
+)
+from .potential import Potential
 
 __all__ = ["SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_step", "lee_whiteley_relative_variance"]
 
-_RESAMPLING = ("multinomial", "systematic")
 _PROPOSAL_SCALES = ("diagonal", "dense", "identity")
 
 
@@ -84,17 +88,6 @@ class SMCInfo(NamedTuple):
     num_target_evaluations: int  #: target evaluations of this step (rows)
 
 
-def _normalise(log_w: torch.Tensor) -> torch.Tensor:
-    return log_w - log_w.logsumexp(0)
-
-
-def _resample(log_weights: torch.Tensor, scheme: str) -> torch.Tensor:
-    """Indices (N,) drawn ``N W_i`` times in expectation: systematic or multinomial."""
-    if scheme == "systematic":
-        return diagnostics.systematic_resample(log_weights)
-    return torch.multinomial(log_weights.exp(), log_weights.numel(), replacement=True)
-
-
 def _check_initial_point(point: PathPoint, num_nan: int):
     if (point.log_target == math.inf).any():
         raise ValueError("the log density is +inf at a particle drawn from the reference: it must be finite")
@@ -122,7 +115,7 @@ def smc_init(path: GeometricPath, num_particles: int, kernel: MoveKernel, *, ste
     num_nan = path.num_nan
     point = path.evaluate(x)
     _check_initial_point(point, path.num_nan - num_nan)
-    log_w = torch.full((num_particles,), -math.log(num_particles), dtype=torch.float64, device=x.device)
+    log_w = initial_log_weights(num_particles, x.device)
     return SMCState(
         particles=x,
         log_weights=log_w,
@@ -151,21 +144,16 @@ def smc_step(
     proposal scaled by :func:`~pyro_sde.infer.kernels.population_scale` of kind ``proposal_scale``)."""
     log_ratio = state.point.log_likelihood_ratio  # (N,) float64
     beta = next_temperature(state.beta, state.log_weights, log_ratio, target_conditional_ess)
-    delta = beta - state.beta
-    log_u = torch.where(
-        state.log_weights > -math.inf, delta * log_ratio, torch.zeros_like(log_ratio)
-    )  # zero-weight particles stay at zero (no 0 * inf)
-    log_unnormalised = state.log_weights + log_u
-    increment = log_unnormalised.logsumexp(0)
-    if not torch.isfinite(increment):
-        raise FloatingPointError(f"the evidence increment at beta = {beta:.4g} is {float(increment)}")
-    log_w = log_unnormalised - increment
+    try:
+        log_w, increment = reweight(state.log_weights, (beta - state.beta) * log_ratio)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"at beta = {beta:.4g}: {e}") from e
     ess = float(diagnostics._log_ess(log_w).exp())
     x, point, ancestors = state.particles, state.point, state.ancestors
     num_resampling = state.num_resampling_steps
     resampled = ess < ess_threshold
     if resampled:
-        idx = _resample(log_w, resampling)
+        idx = resample(log_w, resampling)
         x, ancestors = x[idx], ancestors[idx]
         point = PathPoint(*(t[idx] for t in point))
         log_w = torch.full_like(log_w, -math.log(log_w.numel()))
@@ -200,17 +188,6 @@ def smc_step(
         num_target_evaluations=evaluations,
     )
     return new_state, info
-
-
-def lee_whiteley_relative_variance(state: SMCState) -> float:
-    """``Var(Z_hat) / Z_hat^2`` estimated from one run (Lee & Whiteley 2018):
-    ``1 - (N / (N - 1))^(n + 1) (1 - sum_e (sum_{i: E_i = e} W_i)^2)``; may be slightly negative."""
-    n_particles = state.log_weights.numel()
-    weights = state.log_weights.exp()
-    per_ancestor = torch.zeros_like(weights).index_add_(0, state.ancestors, weights)
-    same = float((per_ancestor**2).sum())
-    log_factor = (state.num_resampling_steps + 1) * math.log(n_particles / (n_particles - 1))
-    return 1.0 - math.exp(log_factor) * (1.0 - same)
 
 
 class _CountingPotential(Potential):
@@ -255,7 +232,7 @@ def _non_negative_int(name, value):
     return value
 
 
-class SMCSampler:
+class SMCSampler(ParticleSampler):
     r"""Adaptive tempered SMC for a Pyro model or an unnormalised log density, with the evidence.
 
     Example::
@@ -354,8 +331,8 @@ class SMCSampler:
         ):
             raise ValueError(f"step_size must be a positive finite number, got {step_size!r}")
         self.step_size = step_size
-        if resampling not in _RESAMPLING:
-            raise ValueError(f"resampling must be one of {_RESAMPLING}, got {resampling!r}")
+        if resampling not in RESAMPLING_SCHEMES:
+            raise ValueError(f"resampling must be one of {RESAMPLING_SCHEMES}, got {resampling!r}")
         self.resampling = resampling
         if proposal_scale not in _PROPOSAL_SCALES:
             raise ValueError(f"proposal_scale must be one of {_PROPOSAL_SCALES}, got {proposal_scale!r}")
@@ -363,23 +340,12 @@ class SMCSampler:
         self.num_runs = positive_int(num_runs, "num_runs")
         self.max_num_temperatures = positive_int(max_num_temperatures, "max_num_temperatures")
         device = _check_dtype_device(model, dtype, device)
-        self.model = model
-        self.preconditioner: Preconditioner | None = as_preconditioner(precondition)
-        self._precondition = precondition if isinstance(precondition, str) else None
-        if precondition_options is not None and not isinstance(precondition_options, dict):
-            raise TypeError("precondition_options must be a dict of fit_preconditioner options")
-        self._precondition_options = dict(precondition_options or {})
-        self.init_strategy, self.vectorize = init_strategy, vectorize
-        self.potential: Potential | None = None
         self._counter: _CountingPotential | None = None
-        self._model_call = None
-        if log_density is not None:
-            if dim is None:
-                raise ValueError("`dim` is required with `log_density`")
-            if dtype is not None:
-                log_density = _cast_output(log_density, dtype)
-                score = None if score is None else _cast_output(score, dtype)
-            self._bind(LogDensityPotential(log_density, dim, dtype=dtype, device=device, score=score))
+        self._init_target(
+            model, log_density=log_density, dim=dim, score=score, precondition=precondition,
+            precondition_options=precondition_options, init_strategy=init_strategy, vectorize=vectorize,
+            dtype=dtype, device=device,
+        )
         self._clear_results()
 
     def _clear_results(self):
@@ -390,52 +356,27 @@ class SMCSampler:
 
     # ----------------------------------------------------------------------------------------
     # set-up
-    def _bind(self, potential: Potential):
-        self.potential = potential
+    def _bind_potential(self, potential: Potential):
+        super()._bind_potential(potential)
         self._counter = _CountingPotential(potential)
         self._target = None
 
-    def _setup_potential(self, args, kwargs):
-        if self.model is None:
-            if args or kwargs:
-                raise TypeError("a sampler built from `log_density` takes no model arguments")
-            return
-        call = (args, kwargs)
-        if self._model_call is not None and _same_call(self._model_call, call):
-            return
-        potential = ModelPotential(
-            self.model, args, kwargs, init_strategy=self.init_strategy, vectorize=self.vectorize
-        )
-        if self.potential is not None and potential.dim != self.potential.dim:
-            raise ValueError(
-                f"the model's latent dimension changed from {self.potential.dim} to {potential.dim}"
-            )
-        self._bind(potential)
-        self._model_call = call
-
-    def _setup_target(self):
-        """Fit the preconditioner once and whiten the (counted) potential."""
-        self.preconditioner, self._target = whiten(
-            self._counter, self.preconditioner, self._precondition, self._precondition_options
-        )
-
-    def _require_run(self):
-        if not self.final_states:
-            raise RuntimeError("call .run(*model_args) first")
+    def _whitening_source(self):
+        return self._counter
 
     # ----------------------------------------------------------------------------------------
     # running
-    def run(self, *args, progress_bar: bool = False, **kwargs) -> SMCSampler:
+    def run(self, *args, progress_bar: bool | None = False, **kwargs) -> SMCSampler:
         """Run ``num_runs`` independent tempered SMC runs; ``args``/``kwargs`` go to the model. Returns
         ``self``. The preconditioner is fitted at the first run (and kept when the data change).
-        ``progress_bar`` shows the temperature summed over runs (from 0 to ``num_runs``)."""
+        ``progress_bar`` shows the temperature summed over runs (from 0 to ``num_runs``): ``True`` a
+        bar, ``None`` a bar on a terminal and plain lines in a log, ``False`` (default) nothing."""
         self._setup_potential(args, kwargs)
         self._setup_target()
         self._clear_results()
         start = time.perf_counter()
         path = GeometricPath(self._target)
-        bar = tqdm(total=float(self.num_runs), disable=not progress_bar, desc="tempered SMC",
-                   bar_format="{l_bar}{bar}| beta {n:.3f}/{total:.0f} [{elapsed}]")
+        bar = _progress_bar(float(self.num_runs), enabled=progress_bar, desc="tempered SMC", unit="beta")
         for _ in range(self.num_runs):
             state = smc_init(path, self.num_particles, self.kernel, step_size=self.step_size)
             infos = []
@@ -453,7 +394,7 @@ class SMCSampler:
                     proposal_scale=self.proposal_scale,
                 )
                 infos.append(info)
-                bar.update(info.beta - (infos[-2].beta if len(infos) > 1 else 0.0))
+                bar.update(len(self.final_states) + info.beta)
             self.final_states.append(state)
             self.history.append(infos)
         bar.close()
@@ -477,118 +418,18 @@ class SMCSampler:
         return [len(h) for h in self.history]
 
     # ----------------------------------------------------------------------------------------
-    # samples and estimates
-    def _pooled(self):
-        """``(x (R N, dim), log_w (R N,))``: every run's particles, ``logmeanexp(log_w) = log mean_r Z_r``."""
-        self._require_run()
-        xs = torch.cat([s.particles for s in self.final_states])
-        log_w = torch.cat([s.log_weights + s.log_evidence + math.log(s.log_weights.numel())
-                           for s in self.final_states])
-        return xs, log_w
-
-    def get_weighted_samples(self, num_samples: int | None = None):
-        """``(samples, log_weights)``: a dict site -> constrained values ``(R N, *shape)`` of all runs'
-        final particles and their log weights ``log Z_r + log (N W_i)`` (float64, ``(R N,)``), so that
-        ``logmeanexp`` is :meth:`log_evidence`'s estimate. With ``num_samples``: that many draws
-        resampled from them (systematic), each with the log weight ``log Z_hat``."""
-        x, log_w = self._pooled()
-        if num_samples is not None:
-            idx = diagnostics.systematic_resample(log_w, positive_int(num_samples, "num_samples"))
-            log_z = log_w.logsumexp(0) - math.log(log_w.numel())
-            x, log_w = x[idx], log_z.expand(num_samples).clone()
-        return self._target.constrain(x), log_w
-
-    def get_samples(self, num_samples: int = 1000, *, group_by_chain: bool = False) -> dict:
-        """Posterior draws as a dict site -> ``(num_samples, *shape)`` (``(1, num_samples, *shape)``
-        with ``group_by_chain``), resampled (systematic) from the weighted particles, like
-        ``MCMC.get_samples()``."""
-        samples, _ = self.get_weighted_samples(positive_int(num_samples, "num_samples"))
-        if group_by_chain:
-            samples = {k: v.unsqueeze(0) for k, v in samples.items()}
-        return samples
-
-    def _run_stderr(self) -> float:
-        """Delta-method standard error of ``log mean_r Z_r`` from the runs' spread (R >= 2)."""
-        z = (self.run_log_evidence - self.run_log_evidence.max()).exp()
-        return float(z.std() / (z.mean() * math.sqrt(z.numel())))
-
-    def _lee_whiteley_valid(self) -> bool:
-        """Multinomial resampling, or none at all (then it is the delta method of importance sampling)."""
-        return self.resampling == "multinomial" or all(s.num_resampling_steps == 0 for s in self.final_states)
-
-    def _lee_whiteley_stderr(self) -> float:
-        """Standard error of ``log mean_r Z_r`` from the runs' Lee-Whiteley variance estimates."""
-        z = (self.run_log_evidence - self.run_log_evidence.max()).exp()
-        rel = torch.tensor([max(lee_whiteley_relative_variance(s), 0.0) for s in self.final_states]).to(z)
-        return float(((z**2 * rel).sum()).sqrt() / z.sum())
-
-    def log_evidence(self) -> diagnostics.LogEvidence:
-        """``(log_z, stderr, lower_bound, ess)``: ``log Z_hat = log mean_r Z_r`` (unbiased ``Z_hat``);
-        ``stderr`` from the runs' spread when ``num_runs > 1``, else the Lee-Whiteley estimate (NaN, with
-        a warning, under systematic resampling);
-        ``lower_bound = mean_r log Z_r`` (``<= log Z`` in expectation); the normalised ESS of the pooled
-        final weights. ``pareto_k`` is that of the pooled non-zero weights (warned above 0.7)."""
-        _, log_w = self._pooled()
-        log_z = log_w.logsumexp(0) - math.log(log_w.numel())
-        if self.num_runs > 1:
-            stderr = self._run_stderr()
-        elif self._lee_whiteley_valid():
-            stderr = self._lee_whiteley_stderr()
-        else:
-            stderr = math.nan
-            warnings.warn(
-                "no standard error for log Z: the single-run (Lee-Whiteley) estimate is not valid under "
-                "systematic resampling; use num_runs > 1 or resampling='multinomial'",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        nonzero = log_w[log_w > -math.inf]  # zero weights have no tail; too few to fit one: inf
-        k = diagnostics._pareto_k(nonzero) if nonzero.numel() > 20 else math.inf
-        diagnostics._warn_if_unreliable(k, f"the SMC evidence log Z = {float(log_z):.4g}")
-        return diagnostics.LogEvidence(
-            log_z,
-            torch.tensor(stderr, dtype=torch.float64, device=log_z.device),
-            self.run_log_evidence.mean(),
-            diagnostics._log_ess(log_w).exp(),
-            pareto_k=k,
-        )
-
-    def ess(self) -> float:
-        """Normalised ESS ``(sum w)^2 / (N sum w^2)`` of the pooled final weights, in (0, 1]."""
-        return float(diagnostics.effective_sample_size(self._pooled()[1]))
-
+    # estimates (the weighted-sample surface is ParticleSampler's)
     def diagnostics(self) -> dict:
         """Evidence with both standard errors, ESS, Pareto k, temperatures, acceptance and cost."""
-        ev = self.log_evidence()
         acceptance = [i.acceptance_rate for h in self.history for i in h if math.isfinite(i.acceptance_rate)]
         return {
-            "log_evidence": float(ev.log_z),
-            "log_evidence_stderr": float(ev.stderr),
-            "log_evidence_stderr_lee_whiteley": self._lee_whiteley_stderr() if self._lee_whiteley_valid()
-            else math.nan,
-            "log_evidence_stderr_runs": self._run_stderr() if self.num_runs > 1 else math.nan,
-            "log_evidence_lower_bound": float(ev.lower_bound),
-            "run_log_evidence": self.run_log_evidence.tolist(),
-            "ess": float(ev.ess),
-            "pareto_k": ev.pareto_k,
-            "reliable": ev.reliable,
-            "num_runs": self.num_runs,
+            **self._evidence_diagnostics(),
             "num_particles": self.num_particles,
             "num_temperatures": self.num_temperatures,
-            "num_resampling_steps": [s.num_resampling_steps for s in self.final_states],
             "mean_acceptance_rate": sum(acceptance) / len(acceptance) if acceptance else math.nan,
             "num_target_evaluations": self.num_target_evaluations,
             "run_seconds": self.run_seconds,
         }
-
-    def get_summary(self, prob: float = 0.9) -> dict:
-        """Weighted posterior summary: site -> {"mean", "std", "median", quantiles}."""
-        samples, log_w = self.get_weighted_samples()
-        return diagnostics.weighted_summary(samples, log_w, prob=prob)
-
-    def summary(self, prob: float = 0.9) -> None:
-        """Print :meth:`get_summary` and the evidence estimate."""
-        diagnostics.print_weighted_summary(self.get_summary(prob), self.log_evidence())
 
     def __repr__(self):
         return (
