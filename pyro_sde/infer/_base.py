@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import warnings
 
+import pyro
 import torch
+from pyro.infer import Predictive
 
 from .. import diagnostics
 from .._checks import positive_int
@@ -42,6 +44,8 @@ class PosteriorSampler:
         self._target: Potential | None = None  # what the algorithm samples: the potential, whitened
         self._model_call = None
         self._weighted = None  # cache of the last evaluation draw
+        self._drawn: dict = {}  # get_samples' draws, returned again until new results or new=True
+        self._deterministic: tuple | None = None  # (model call, {site: shape}) of pyro.deterministic sites
         if log_density is not None:
             if dim is None:
                 raise ValueError("`dim` is required with `log_density`")
@@ -54,7 +58,12 @@ class PosteriorSampler:
     def _bind_potential(self, potential: Potential):
         """Use ``potential`` from now on (subclasses also build what depends on it)."""
         self.potential = potential
+        self._new_results()
+
+    def _new_results(self):
+        """Forget the draws of earlier results (after training, a new run or new data)."""
         self._weighted = None
+        self._drawn = {}
 
     def _setup_potential(self, args, kwargs):
         """Bind the model to ``(args, kwargs)``; nothing to do when they are the very same objects."""
@@ -110,19 +119,77 @@ class PosteriorSampler:
         """The Pareto k behind the warnings of the estimates."""
         return diagnostics._pareto_k(log_w)
 
-    def get_weighted_samples(self, num_samples: int | None = None):
-        """``(samples, log_weights)``: a dict site -> constrained values ``(N, *shape)`` and the log
-        weights ``(N,)`` (float64, unnormalised: ``logmeanexp`` estimates ``log p(y)``)."""
-        z, log_w = self._weighted_draw(num_samples)
-        return self.potential.constrain(z), log_w
+    def _deterministic_shapes(self) -> dict:
+        """``{name: shape}`` of the model's ``pyro.deterministic`` sites (one trace per model call)."""
+        if self.model is None:
+            return {}
+        if self._deterministic is None or self._deterministic[0] is not self._model_call:
+            args, kwargs = self._model_call
+            trace = pyro.poutine.trace(self.model).get_trace(*args, **kwargs)
+            shapes = {n: tuple(site["value"].shape) for n, site in trace.nodes.items()
+                      if site["type"] == "sample" and site["infer"].get("_deterministic")}
+            self._deterministic = (self._model_call, shapes)
+        return self._deterministic[1]
 
-    def get_samples(self, num_samples: int = 1000, *, resample: bool = True, group_by_chain: bool = False):
+    def _constrain(self, z: torch.Tensor) -> dict:
+        """Latent sites ``{name: (N, *shape)}`` of unconstrained draws ``z`` (N, dim), and the model's
+        ``pyro.deterministic`` sites computed from them (as NumPyro's ``MCMC.get_samples``)."""
+        samples = self.potential.constrain(z)
+        shapes = self._deterministic_shapes()
+        if shapes:
+            samples.update(self._deterministic_values(samples, shapes, z.shape[0]))
+        return samples
+
+    def _deterministic_values(self, samples: dict, shapes: dict, n: int) -> dict:
+        """The deterministic sites at ``n`` draws: one vectorised ``Predictive`` call, checked against
+        the model run draw by draw on the first two (a model that is not batch-safe gives wrong values
+        when vectorised, not an error); the draw-by-draw run for all when the check fails."""
+        args, kwargs = self._model_call
+
+        def predict(draws, parallel):
+            out = Predictive(self.model, posterior_samples=draws, return_sites=list(shapes),
+                             parallel=parallel)(*args, **kwargs)
+            m = next(iter(draws.values())).shape[0]
+            return {k: out[k].reshape(m, *shape) for k, shape in shapes.items()}
+
+        head = {k: v[:2] for k, v in samples.items()}
+        exact = predict(head, parallel=False)
+        try:
+            values = predict(samples, parallel=True)
+            if all(torch.allclose(values[k][:2], exact[k], rtol=1e-5, atol=1e-8) for k in shapes):
+                return values
+        except Exception:  # noqa: BLE001 - any failure of the vectorised call: the draw-by-draw run
+            pass
+        return predict(samples, parallel=False)
+
+    def get_weighted_samples(self, num_samples: int | None = None):
+        """``(samples, log_weights)``: a dict site -> constrained values ``(N, *shape)`` (latent and
+        ``pyro.deterministic`` sites) and the log weights ``(N,)`` (float64, unnormalised:
+        ``logmeanexp`` estimates ``log p(y)``)."""
+        z, log_w = self._weighted_draw(num_samples)
+        return self._constrain(z), log_w
+
+    def get_samples(self, num_samples: int = 1000, *, resample: bool = True, group_by_chain: bool = False,
+                    new: bool = False):
         """Posterior draws as a dict site -> ``(num_samples, *shape)`` (``(1, num_samples, *shape)``
-        with ``group_by_chain``), like ``MCMC.get_samples()``: resampled (systematic) from the
-        weighted draws, so that they target the posterior; ``resample=False`` returns the weighted
-        draws themselves (the proposal's). Warns when the draws rest on fewer than 50 effective
-        samples or the Pareto k exceeds 0.7."""
+        with ``group_by_chain``), latent and ``pyro.deterministic`` sites, like ``MCMC.get_samples()``:
+        resampled (systematic) from the weighted draws, so that they target the posterior;
+        ``resample=False`` returns the weighted draws themselves (the proposal's). Warns when the
+        draws rest on fewer than 50 effective samples or the Pareto k exceeds 0.7.
+
+        The draws are made once: later calls with the same arguments return the same draws (as
+        ``MCMC.get_samples()`` does) until training or a new run changes the sampler, or ``new=True``
+        asks for new ones."""
         positive_int(num_samples, "num_samples")
+        key = (num_samples, bool(resample))
+        if new or key not in self._drawn:
+            self._drawn[key] = self._draw_samples(num_samples, resample)
+        samples = dict(self._drawn[key])
+        if group_by_chain:
+            samples = {k: v.unsqueeze(0) for k, v in samples.items()}
+        return samples
+
+    def _draw_samples(self, num_samples: int, resample: bool) -> dict:
         z, log_w = self._proposal_draw(num_samples)
         if resample:
             effective = float(diagnostics.effective_sample_size(log_w)) * log_w.numel()
@@ -131,15 +198,12 @@ class PosteriorSampler:
                     f"importance resampling from an effective sample size of {effective:.1f}: "
                     "the draws contain many duplicates; train longer or draw more samples",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
             if int((log_w > -math.inf).sum()) >= 2:
                 diagnostics._warn_if_unreliable(self._weights_pareto_k(log_w), "importance resampling")
             z = z[diagnostics.systematic_resample(log_w, num_samples)]
-        samples = self.potential.constrain(z)
-        if group_by_chain:
-            samples = {k: v.unsqueeze(0) for k, v in samples.items()}
-        return samples
+        return self._constrain(z)
 
     def ess(self, num_samples: int | None = None) -> float:
         """Normalised importance ESS ``(sum w)^2 / (N sum w^2)`` in (0, 1]; warns when the Pareto k

@@ -254,7 +254,7 @@ class TrainedSampler:
             checkpoint = os.fspath(checkpoint)
             state["checkpoint_every"] = checkpoint_every
         self._checkpoint_path = checkpoint  # where resume(checkpoint="same") continues
-        self._weighted = None
+        self._new_results()
         scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, state["gamma"])
         failed, last_error = 0, None
         bar = _progress_bar(

@@ -349,6 +349,7 @@ class SMCSampler(ParticleSampler):
         self._clear_results()
 
     def _clear_results(self):
+        self._new_results()
         self.history: list[list[SMCInfo]] = []
         self.final_states: list[SMCState] = []
         self.run_log_evidence: torch.Tensor | None = None

@@ -449,7 +449,7 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
     def _proposal_draw(self, num_samples):
         """Fresh paths for :meth:`get_samples` (NaN / +inf weights dropped, counted, warned)."""
         z, log_w = self.sample_unconstrained(num_samples)
-        log_w, z, self.num_dropped_paths = diagnostics._drop_nonfinite(log_w, z, stacklevel=4)
+        log_w, z, self.num_dropped_paths = diagnostics._drop_nonfinite(log_w, z, stacklevel=5)
         return z, log_w
 
     def log_evidence(self, num_samples: int | None = None) -> diagnostics.LogEvidence:

@@ -1,0 +1,350 @@
+"""Evidence against cost: tempered SMC, SCLD, DIS-LV and DDS-LV side by side (issue 15).
+
+Part ``synthetic`` (targets with exact log Z: GMM-9, Funnel, ManyWell-5, ManyWell-50): every method with
+the package defaults, at a few budgets, reports ``|log Z_hat - log Z|``, the error bar, and the number of
+target evaluations (rows at which the log density or its score was computed: the preconditioner's
+fit, training and the evaluation draw included) and wall seconds. Budgets:
+
+* ``smc``: ``SMCSampler(num_particles=N)`` for N in ``--particles``;
+* ``scld``: ``SCLDSampler`` trained for each of ``--scld-iterations`` (0: the untrained sampler, which
+  is annealed importance sampling with Langevin moves and resampling);
+* ``dis-lv`` / ``dds-lv``: ``DiffusionSampler(method, loss="log_variance")`` for each of
+  ``--diffusion-iterations`` (the last is the goal budget of the samplers benchmark), log Z from
+  ``--eval`` paths.
+
+Part ``posteriordb``: ``SMCSampler(model)`` and ``SCLDSampler(model)`` with their defaults on the
+posteriordb models; do their evidences agree within the error bars?
+
+Results accumulate in ``--json`` (rows already there are not re-run); ``--write`` writes the section of
+``docs/benchmarks.md`` and the plots. Usage::
+
+    python benchmarks/smc.py --part synthetic --seeds 0 1 --json benchmarks/results/smc.json --write
+    python benchmarks/smc.py --part posteriordb --json benchmarks/results/smc.json --write
+    python benchmarks/smc.py --targets gmm9 --methods smc scld --seeds 0 --json /tmp/s.json   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyro  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _report  # noqa: E402
+
+from pyro_sde.infer import DiffusionSampler, SMCSampler  # noqa: E402
+from pyro_sde.targets import GMM9, Funnel, ManyWell  # noqa: E402
+
+try:
+    from pyro_sde.infer import SCLDSampler  # noqa: E402
+except ImportError:  # pragma: no cover - before SCLD lands
+    SCLDSampler = None
+
+TARGETS = {
+    "gmm9": lambda: GMM9(),
+    "funnel": lambda: Funnel(dim=10, sigma=3.0),
+    "manywell5": lambda: ManyWell(dim=5, num_wells=5, delta=4.0),
+    "manywell50": lambda: ManyWell(dim=50, num_wells=5, delta=2.0),
+}
+SECTION = "smc"
+IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
+
+
+class CountingDensity:
+    """``log_prob`` that counts the rows it is evaluated at (autograd scores come through it too)."""
+
+    def __init__(self, log_prob):
+        self.log_prob, self.count = log_prob, 0
+
+    def __call__(self, x):
+        self.count += math.prod(x.shape[:-1])
+        return self.log_prob(x)
+
+
+def _quiet(fn):
+    """Run ``fn()`` recording the warnings' messages (they are part of the result)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    messages = sorted({f"{w.category.__name__}: {w.message}"[:160] for w in caught
+                       if issubclass(w.category, (UserWarning, RuntimeWarning))})
+    return out, messages
+
+
+def run_synthetic(name, method, budget, seed, args) -> dict:
+    target = TARGETS[name]()
+    pyro.set_rng_seed(seed)
+    density = CountingDensity(lambda x: target.log_prob(x.double()))
+    start = time.perf_counter()
+
+    def go():
+        if method == "smc":
+            s = SMCSampler(log_density=density, dim=target.dim, num_particles=budget, dtype=torch.float64)
+            s.run()
+            return s.log_evidence(), 0
+        if method == "scld":
+            s = SCLDSampler(log_density=density, dim=target.dim, dtype=torch.float64)
+            if budget:
+                s.run(num_iterations=budget, until=None, progress_bar=False)
+            else:
+                s.setup()
+            return s.log_evidence(), len(s.losses)
+        s = DiffusionSampler(log_density=density, dim=target.dim, method=method.split("-")[0],
+                             loss="log_variance", dtype=torch.float64)
+        s.run(num_iterations=budget, until=None, progress_bar=False)
+        return s.log_evidence(args.eval), len(s.losses)
+
+    (ev, iterations), messages = _quiet(go)
+    return dict(
+        target=name, method=method, budget=budget, seed=seed, iterations=iterations,
+        evaluations=density.count, wall_s=time.perf_counter() - start, log_z=float(ev.log_z),
+        stderr=float(ev.stderr), error=abs(float(ev.log_z) - target.log_Z), ess=float(ev.ess),
+        pareto_k=float(ev.pareto_k), warnings=messages,
+    )
+
+
+def run_posteriordb(name, method, seed) -> dict:
+    from posteriordb_models import POSTERIORS
+
+    posterior = POSTERIORS[name]
+    pyro.set_rng_seed(seed)
+    start = time.perf_counter()
+
+    def go():
+        cls = SMCSampler if method == "smc" else SCLDSampler
+        s = cls(posterior.model)
+        s.run(*posterior.model_args(), progress_bar=False)
+        return s.log_evidence(), s
+
+    try:
+        (ev, s), messages = _quiet(go)
+    except Exception as e:  # noqa: BLE001 - a failure is a result
+        return dict(target=name, method=method, seed=seed, error=f"{type(e).__name__}: {e}"[:200],
+                    wall_s=time.perf_counter() - start)
+    return dict(
+        target=name, method=method, budget=0, seed=seed, wall_s=time.perf_counter() - start,
+        log_z=float(ev.log_z), stderr=float(ev.stderr), ess=float(ev.ess), pareto_k=float(ev.pareto_k),
+        evaluations=int(getattr(s, "num_target_evaluations", 0)), warnings=messages,
+    )
+
+
+def _key(row) -> str:
+    return f"{row['part']}|{row['target']}|{row['method']}|{row['budget']}|{row['seed']}"
+
+
+def _median(rows, key):
+    values = [r[key] for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+    return statistics.median(values) if values else math.nan
+
+
+def _curve(rows, name, method):
+    """``[(budget, median evaluations, median error, median wall, n)]`` sorted by budget."""
+    budgets = sorted({r["budget"] for r in rows if r["target"] == name and r["method"] == method})
+    out = []
+    for b in budgets:
+        sel = [r for r in rows if r["target"] == name and r["method"] == method and r["budget"] == b]
+        out.append((b, _median(sel, "evaluations"), _median(sel, "error"), _median(sel, "wall_s"),
+                    _median(sel, "stderr"), len(sel)))
+    return out
+
+
+def _interpolate(curve, evaluations):
+    """SMC's median error at ``evaluations`` (log-log interpolation between its budgets; nan outside)."""
+    pts = [(math.log(e), math.log(max(err, 1e-12))) for _, e, err, *_ in curve if math.isfinite(err)]
+    if not pts:
+        return math.nan
+    le = math.log(evaluations)
+    if le <= pts[0][0]:
+        return math.exp(pts[0][1]) if abs(le - pts[0][0]) < 1e-9 else math.nan
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= le <= x1:
+            return math.exp(y0 + (y1 - y0) * (le - x0) / (x1 - x0))
+    return math.exp(pts[-1][1])  # beyond SMC's largest run: its best error
+
+
+def synthetic_section(rows, args) -> str:
+    rows = [r for r in rows if r["part"] == "synthetic" and "error" in r and isinstance(r["error"], float)]
+    lines = []
+    header = ["target", "method", "budget", "iterations", "target evals", "wall s", "|dlogZ|", "stderr",
+              "ESS", "runs"]
+    table = []
+    goal_rows = []
+    for name in TARGETS:
+        if not any(r["target"] == name for r in rows):
+            continue
+        for method in ("smc", "scld", "dis-lv", "dds-lv"):
+            for b, ev, err, wall, se, n in _curve(rows, name, method):
+                sel = [r for r in rows if r["target"] == name and r["method"] == method and r["budget"] == b]
+                table.append([name, method, b, _median(sel, "iterations"), f"{ev:.3g}", wall, err, se,
+                              _median(sel, "ess"), n])
+        dis = _curve(rows, name, "dis-lv")
+        scld = _curve(rows, name, "scld")
+        smc = _curve(rows, name, "smc")
+        if dis and scld:
+            goal_iters, _, dis_err, *_ = dis[-1]
+            cheap = [c for c in scld if c[0] <= 0.1 * goal_iters]
+            best = min(cheap, key=lambda c: c[2]) if cheap else None
+            met_1 = best is not None and best[2] <= dis_err
+            goal_rows.append(
+                f"- {name}: DIS-LV at {goal_iters} iterations |dlogZ| = {dis_err:.3g}; SCLD within "
+                f"{int(0.1 * goal_iters)} iterations: "
+                + (f"{best[2]:.3g} at {best[0]} iterations ({'met' if met_1 else 'missed'})"
+                   if best else "no run")
+            )
+        if smc and scld:
+            wins = []
+            for b, ev, err, *_ in scld:
+                smc_err = _interpolate(smc, ev)
+                wins.append((b, err, smc_err, ev))
+            beaten = [w for w in wins if math.isfinite(w[2]) and w[1] < w[2]]
+            text = "; ".join(
+                f"SCLD@{b}: {err:.3g} vs SMC {s:.3g} at {ev:.3g} evals" for b, err, s, ev in wins
+            )
+            goal_rows.append(f"- {name}: SCLD vs tempered SMC at equal evaluations: {text} "
+                             f"({'beats' if beaten else 'does not beat'} SMC)")
+    lines.append(_report.markdown_table(header, table))
+    lines.append("\nGoals (issue 15):\n")
+    lines += goal_rows
+    return "\n".join(lines)
+
+
+def plots(rows):
+    rows = [r for r in rows if r["part"] == "synthetic" and isinstance(r.get("error"), float)]
+    names = [n for n in TARGETS if any(r["target"] == n for r in rows)]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for method, style in (("smc", "o-"), ("scld", "s-"), ("dis-lv", "^-"), ("dds-lv", "v-")):
+            c = _curve(rows, name, method)
+            if c:
+                ax.loglog([p[1] for p in c], [max(p[2], 1e-4) for p in c], style, label=method)
+        ax.set_title(name)
+        ax.set_xlabel("target evaluations (training included)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("|log Z_hat - log Z| (median over seeds)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    IMG.mkdir(parents=True, exist_ok=True)
+    path = IMG / "smc_logz_vs_evaluations.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def posteriordb_section(rows) -> str:
+    rows = [r for r in rows if r["part"] == "posteriordb"]
+    names = sorted({r["target"] for r in rows})
+    header = ["posterior", "SMC log Z", "SMC se", "SMC s", "SCLD log Z", "SCLD se", "SCLD s", "|diff| / se",
+              "agree"]
+    table, agree = [], 0
+    for name in names:
+        smc = [r for r in rows if r["target"] == name and r["method"] == "smc"]
+        scld = [r for r in rows if r["target"] == name and r["method"] == "scld"]
+        if not smc or not scld:
+            continue
+        a, b = smc[0], scld[0]
+        if "log_z" not in a or "log_z" not in b:
+            table.append([name, a.get("error", ""), "", "", b.get("error", ""), "", "", "", "error"])
+            continue
+        se = math.sqrt(a["stderr"] ** 2 + b["stderr"] ** 2)
+        ratio = abs(a["log_z"] - b["log_z"]) / se if se > 0 else math.inf
+        ok = ratio <= 2
+        agree += ok
+        table.append([name, a["log_z"], a["stderr"], a["wall_s"], b["log_z"], b["stderr"], b["wall_s"], ratio,
+                      "yes" if ok else "no"])
+    return (_report.markdown_table(header, table)
+            + f"\n\nAgreement (|diff| <= 2 sqrt(se_SMC^2 + se_SCLD^2)): {agree} of {len(table)}.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", choices=["synthetic", "posteriordb"], default="synthetic")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS))
+    p.add_argument("--methods", nargs="+", default=["smc", "scld", "dis-lv", "dds-lv"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    p.add_argument("--particles", nargs="+", type=int, default=[256, 1024, 4096, 16384])
+    p.add_argument("--scld-iterations", nargs="+", type=int, default=[0, 10, 40])
+    p.add_argument("--diffusion-iterations", nargs="+", type=int, default=[40, 400])
+    p.add_argument("--eval", type=int, default=20000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/smc.json"))
+    p.add_argument("--write", action="store_true", help="write docs/benchmarks.md's section and the plot")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = json.loads(args.json.read_text()) if args.json.exists() else []
+    done = {_key(r) for r in rows}
+
+    def save():
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+
+    if args.part == "synthetic":
+        budgets = {"smc": args.particles, "scld": args.scld_iterations, "dis-lv": args.diffusion_iterations,
+                   "dds-lv": args.diffusion_iterations}
+        for name in args.targets:
+            for method in args.methods:
+                if method == "scld" and SCLDSampler is None:
+                    continue
+                for budget in budgets[method]:
+                    for seed in args.seeds:
+                        key = f"synthetic|{name}|{method}|{budget}|{seed}"
+                        if key in done:
+                            continue
+                        row = dict(part="synthetic", **run_synthetic(name, method, budget, seed, args))
+                        print(f"{name:10s} {method:7s} budget {budget:6d} seed {seed}: "
+                              f"|dlogZ| {row['error']:.4f} +- {row['stderr']:.4f}, "
+                              f"{row['evaluations']:.3g} evals, {row['wall_s']:.1f} s", flush=True)
+                        rows.append(row)
+                        save()
+    else:
+        from posteriordb_models import POSTERIORS
+
+        names = [n for n in POSTERIORS if args.targets == list(TARGETS) or n in args.targets]
+        for name in names:
+            for method in ("smc", "scld"):
+                key = f"posteriordb|{name}|{method}|0|{args.seeds[0]}"
+                if key in done or (method == "scld" and SCLDSampler is None):
+                    continue
+                row = dict(part="posteriordb", **run_posteriordb(name, method, args.seeds[0]))
+                print(f"{name:40s} {method:5s}: log Z {row.get('log_z', math.nan):.4f} +- "
+                      f"{row.get('stderr', math.nan):.4f} ({row['wall_s']:.1f} s) {row.get('error', '')}",
+                      flush=True)
+                rows.append(row)
+                save()
+
+    if args.write:
+        path = plots(rows)
+        cmd = "python benchmarks/smc.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        body = [
+            "## Tempered SMC and SCLD against the diffusion samplers (`benchmarks/smc.py`)",
+            "",
+            f"Written by `{cmd}` (rows accumulate in `{args.json}`). Machine: {_report.machine()}. "
+            "Every sampler with the package defaults (preconditioned); `target evals`: rows at which the "
+            "log density or its score was computed, the preconditioner's fit, training and the evaluation "
+            "draw included; medians over seeds.",
+            "",
+            synthetic_section(rows, args),
+        ]
+        if path is not None:
+            body += ["", f"![smc_logz_vs_evaluations](img/{path.name})"]
+        if any(r["part"] == "posteriordb" for r in rows):
+            body += ["", "### posteriordb: SMC and SCLD evidences (defaults, one seed)", "",
+                     posteriordb_section(rows)]
+        _report.write_section(SECTION, "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
