@@ -232,6 +232,13 @@ def _non_negative_int(name, value):
     return value
 
 
+def _smc_precondition_options(options):
+    """SMC's preconditioner options: several modes give their moment-matched mixture by default."""
+    if options is None:
+        return {"multimodal": "mixture"}
+    return {"multimodal": "mixture", **options} if isinstance(options, dict) else options  # else refused
+
+
 class SMCSampler(ParticleSampler):
     r"""Adaptive tempered SMC for a Pyro model or an unnormalised log density, with the evidence.
 
@@ -273,6 +280,11 @@ class SMCSampler(ParticleSampler):
         (``N(0, I)`` in unconstrained space), a ``(loc, scale_tril)`` pair or a
         :class:`~pyro_sde.infer.Preconditioner`; see :func:`~pyro_sde.infer.fit_preconditioner`.
     :param dict precondition_options: keyword arguments of :func:`~pyro_sde.infer.fit_preconditioner`.
+        SMC's default is ``multimodal="mixture"``: when the fit finds several modes, ``q`` is their
+        moment-matched mixture, wide enough to hold them all (from ``N(0, I)`` instead, the moves cannot
+        move mass between modes the reference under-covers: on GMM-9 with 4096 particles, 4 seeds, log Z
+        errors of -0.57, -0.69, -0.13 and +3.3 with standard errors 0.13-0.98, against +-0.03 with the
+        mixture).
     :param init_strategy: Pyro init strategy (the first start of the preconditioner's MAP search).
     :param vectorize: how a model is evaluated on a batch (see
         :class:`~pyro_sde.infer.potential.ModelPotential`).
@@ -343,7 +355,8 @@ class SMCSampler(ParticleSampler):
         self._counter: _CountingPotential | None = None
         self._init_target(
             model, log_density=log_density, dim=dim, score=score, precondition=precondition,
-            precondition_options=precondition_options, init_strategy=init_strategy, vectorize=vectorize,
+            precondition_options=_smc_precondition_options(precondition_options),
+            init_strategy=init_strategy, vectorize=vectorize,
             dtype=dtype, device=device,
         )
         self._clear_results()
