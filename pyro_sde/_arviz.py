@@ -227,11 +227,18 @@ class _ModelCall:
 
 
 def _weighted_input(result, num_samples):
-    """``(samples, log_weights, evidence, model, args, kwargs, num_dropped)`` of ``result`` (None: absent)."""
+    """``(samples, log_weights, evidence, model, args, kwargs, num_dropped)`` of ``result`` (None: absent).
+
+    A sampler with ``num_chains > 1`` whose ``get_weighted_samples`` takes ``group_by_chain`` gives its
+    chains: samples ``(K, N, *shape)``, log weights ``(K, N)``."""
     if hasattr(result, "get_weighted_samples"):
-        samples, log_weights = (
-            result.get_weighted_samples() if num_samples is None else result.get_weighted_samples(num_samples)
-        )
+        options = {} if num_samples is None else {"num_samples": num_samples}
+        num_chains = getattr(result, "num_chains", 1)  # FromPyroGuard's AttributeError: 1
+        if isinstance(num_chains, int) and num_chains > 1 and "group_by_chain" in inspect.signature(
+            result.get_weighted_samples
+        ).parameters:
+            options["group_by_chain"] = True
+        samples, log_weights = result.get_weighted_samples(**options)
         evidence = result.log_evidence() if callable(getattr(result, "log_evidence", None)) else None
         call = getattr(result, "_model_call", None)
         args, kwargs = call if call is not None else ((), {})
@@ -253,15 +260,38 @@ def _weighted_input(result, num_samples):
     )
 
 
-def _num_draws(num_draws, effective_draws: float, num_weighted: int) -> int:
+def _chains(samples, log_weights) -> list:
+    """Checked ``[(samples_k, log_weights_k)]``: one chain for ``(N,)`` log weights, ``K`` for ``(K, N)``."""
+    lw = torch.as_tensor(log_weights)
+    if lw.dim() != 2:
+        lw = _check_log_weights(lw, min_samples=2)
+        return [(_check_samples(samples, lw.numel()), lw)]
+    if not isinstance(samples, Mapping) or not samples:
+        raise ValueError("samples must be a non-empty dict mapping site names to tensors")
+    for name, value in samples.items():
+        if torch.as_tensor(value).shape[:2] != lw.shape:
+            raise ValueError(
+                f"with log weights of shape (K, N) = {tuple(lw.shape)} (K chains), site '{name}' must have "
+                f"shape (K, N, *site_shape), got {tuple(torch.as_tensor(value).shape)}"
+            )
+    chains = []
+    for k in range(lw.shape[0]):
+        lw_k = _check_log_weights(lw[k], min_samples=2)
+        chains.append((_check_samples({n: v[k] for n, v in samples.items()}, lw_k.numel()), lw_k))
+    return chains
+
+
+def _num_draws(num_draws, effective_draws: float, num_weighted: int, num_chains: int) -> int:
+    """Draws per chain: ``num_draws``, or the smallest chain's importance ESS (at least 1)."""
     if num_draws is not None:
         return positive_int(num_draws, "num_draws")
     draws = max(1, min(num_weighted, int(math.floor(effective_draws + 1e-9))))
     if draws < _MIN_EFFECTIVE_DRAWS:
+        per_chain = " per chain" if num_chains > 1 else ""
         warnings.warn(
-            f"the importance weights have an effective sample size of {effective_draws:.1f} (of "
-            f"{num_weighted} samples): ArviZ gets {draws} resampled draws, too few for its ESS, R-hat and "
-            "PSIS-LOO diagnostics; train longer or draw more samples",
+            f"the importance weights have an effective sample size of {effective_draws:.1f}{per_chain} (of "
+            f"{num_weighted} samples): ArviZ gets {draws} resampled draws{per_chain}, too few for its ESS, "
+            "R-hat and PSIS-LOO diagnostics; train longer or draw more samples",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -289,15 +319,19 @@ def to_inference_data(
       (:class:`~pyro_sde.infer.DiffusionSampler`, :class:`~pyro_sde.infer.SMCSampler`); ``num_samples``
       is forwarded to it (default: its cached draw) and its ``log_evidence()``, ``model`` and model
       arguments are used;
-    * a tuple ``(samples, log_weights)``: samples ``site -> (N, *shape)``, log weights ``(N,)``;
+    * a tuple ``(samples, log_weights)``: samples ``site -> (N, *shape)``, log weights ``(N,)``; or ``K``
+      chains (e.g. independent runs): samples ``(K, N, *shape)``, log weights ``(K, N)``;
     * a dict of unweighted (equal-weight) draws ``site -> (N, *shape)``, all of them kept.
 
     Weighted samples are systematically resampled (:func:`~pyro_sde.diagnostics.systematic_resample`)
-    to ``num_draws`` equal-weight draws, by default ``floor(N ess)`` (the importance ESS), so ArviZ's
-    ESS does not overstate the weights; fewer than 100 warns (``RuntimeWarning``), and a Pareto k above
-    0.7 warns (:class:`~pyro_sde.diagnostics.UnreliableEstimateWarning`).
+    to ``num_draws`` equal-weight draws per chain, by default ``floor(N ess)`` (the importance ESS; the
+    smallest chain's), so ArviZ's ESS does not overstate the weights; fewer than 100 warns
+    (``RuntimeWarning``), and a Pareto k above 0.7 warns
+    (:class:`~pyro_sde.diagnostics.UnreliableEstimateWarning`). With ``K`` chains ArviZ's R-hat compares
+    them. A sampler with ``num_chains > 1`` gives its chains through
+    ``get_weighted_samples(group_by_chain=True)`` when it has that option.
 
-    Groups: ``posterior`` ``(chain=1, draw, *shape)``; ``sample_stats.log_weight`` (the raw log weight
+    Groups: ``posterior`` ``(chain, draw, *shape)``; ``sample_stats.log_weight`` (the raw log weight
     of each resampled draw); with a Pyro model, ``observed_data`` (observed sites, not
     ``pyro.deterministic`` ones), ``constant_data`` (the model's other tensor arguments, by parameter
     name), ``log_likelihood`` (``log p(y_obs | theta)`` per observed site, pointwise over the site's
@@ -331,17 +365,22 @@ def to_inference_data(
     if log_weights is None:
         if num_draws is not None:
             raise ValueError("num_draws only applies to weighted samples (a sampler or a tuple)")
-        draws = _check_samples(samples)
-        size = next(iter(draws.values())).shape[0]
+        draws = {name: value[None] for name, value in _check_samples(samples).items()}  # (1, N, ...)
     else:
-        lw = _check_log_weights(log_weights, min_samples=2)
-        samples = _check_samples(samples, lw.numel())
+        chains = _chains(samples, log_weights)
+        all_lw = torch.cat([lw for _, lw in chains])
         if evidence is None:  # the algorithm's own estimator when it has one (SMC: not the final weights')
-            evidence = log_evidence(lw)  # warns when the weights' Pareto k exceeds 0.7
-        size = _num_draws(num_draws, float(_log_ess(lw).exp()) * lw.numel(), lw.numel())
-        idx = systematic_resample(lw, size)
-        draws = {name: value[idx.to(value.device)] for name, value in samples.items()}
-        groups["sample_stats"] = {"log_weight": _to_numpy(lw[idx])[None]}
+            evidence = log_evidence(all_lw)  # warns when the weights' Pareto k exceeds 0.7
+        effective = [float(_log_ess(lw).exp()) * lw.numel() for _, lw in chains]
+        smallest = min(range(len(chains)), key=effective.__getitem__)
+        size = _num_draws(num_draws, effective[smallest], chains[smallest][1].numel(), len(chains))
+        indices = [systematic_resample(lw, size) for _, lw in chains]
+        draws = {
+            name: torch.stack([s[name][idx.to(s[name].device)] for (s, _), idx in zip(chains, indices)])
+            for name in chains[0][0]
+        }  # (K, M, *shape)
+        log_weight = torch.stack([lw[idx] for (_, lw), idx in zip(chains, indices)])
+        groups["sample_stats"] = {"log_weight": _to_numpy(log_weight)}
         attrs = {
             "log_evidence": float(evidence.log_z),
             "log_evidence_stderr": float(evidence.stderr),
@@ -349,18 +388,23 @@ def to_inference_data(
             "ess": float(evidence.ess),
             "pareto_k": float(evidence.pareto_k),
             "pareto_k_reliable": int(evidence.reliable),
-            "num_weighted_samples": int(lw.numel()),
+            "num_weighted_samples": int(all_lw.numel()),
             "num_dropped": num_dropped,
         }
-    groups["posterior"] = {name: _to_numpy(value)[None] for name, value in draws.items()}
+    groups["posterior"] = {name: _to_numpy(value) for name, value in draws.items()}
     if own_model is not None:
-        call = _ModelCall(own_model, tuple(args), dict(kwargs), draws)
+        num_chains, size = next(iter(draws.values())).shape[:2]
+        flat = {name: value.reshape((num_chains * size,) + value.shape[2:]) for name, value in draws.items()}
+
+        def by_chain(values: dict) -> dict:  # (K M, ...) -> (K, M, ...) arrays
+            return {n: _to_numpy(v.reshape((num_chains, size) + v.shape[1:])) for n, v in values.items()}
+
+        call = _ModelCall(own_model, tuple(args), dict(kwargs), flat)
         groups["observed_data"] = {name: _to_numpy(value) for name, (value, _) in call.observed.items()}
         groups["constant_data"] = {name: _to_numpy(value) for name, value in call.constant_data().items()}
         if log_likelihood and call.observed:
-            pointwise = call.pointwise_log_likelihood(draws, size)
-            groups["log_likelihood"] = {n: _to_numpy(v.double())[None] for n, v in pointwise.items()}
+            pointwise = call.pointwise_log_likelihood(flat, num_chains * size)
+            groups["log_likelihood"] = by_chain({n: v.double() for n, v in pointwise.items()})
         if posterior_predictive and call.observed:
-            replicated = call.posterior_predictive(draws, size)
-            groups["posterior_predictive"] = {n: _to_numpy(v)[None] for n, v in replicated.items()}
+            groups["posterior_predictive"] = by_chain(call.posterior_predictive(flat, num_chains * size))
     return _from_dict(groups, attrs, coords=coords, dims=dims)

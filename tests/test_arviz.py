@@ -239,6 +239,39 @@ class TestDraws:
         assert out.posterior.sizes["draw"] <= importance_ess
         assert not (_quiet(az.ess, out)["x"].values > importance_ess).any()  # NaN: too few draws to tell
 
+    def test_chains(self, data):
+        # K independent weighted runs -> K chains of the smallest chain's ESS draws; ArviZ's R-hat sees them
+        X, y = data
+        m, S = posterior(X, y)
+        g = torch.Generator().manual_seed(3)
+        beta = m + torch.randn(4, 1000, 2, generator=g, dtype=F64) @ torch.linalg.cholesky(S).T
+        lw = 0.3 * torch.randn(4, 1000, generator=g, dtype=F64)  # mild weights: ESS about 0.9
+        out = _quiet(pyro_sde.to_inference_data, ({"beta": beta}, lw), model=regression, model_args=(X, y))
+        ess = [float(diagnostics.effective_sample_size(lw[k])) * 1000 for k in range(4)]
+        assert dict(out.posterior.sizes)["chain"] == 4
+        assert out.posterior.sizes["draw"] == math.floor(min(ess))
+        assert out.log_likelihood["y"].shape == (4, out.posterior.sizes["draw"], 20)
+        expected = dist.Normal(torch.as_tensor(out.posterior["beta"].values[2]) @ X.T, SIGMA).log_prob(y)
+        np.testing.assert_allclose(out.log_likelihood["y"].values[2], expected.numpy(), atol=1e-10)
+        assert (_quiet(az.rhat, out)["beta"].values < 1.01).all()
+        shifted = beta.clone()
+        shifted[3] += 3 * S.diagonal().sqrt()  # one chain off by 3 sd: R-hat must see it
+        bad = _quiet(pyro_sde.to_inference_data, ({"beta": shifted}, lw))
+        assert (_quiet(az.rhat, bad)["beta"].values > 1.1).all()
+        with pytest.raises(ValueError, match=r"shape \(K, N, \*site_shape\)"):
+            pyro_sde.to_inference_data(({"beta": beta[:, :10]}, lw))
+
+    def test_sampler_chains(self):
+        class TwoChains:  # the contract: num_chains and get_weighted_samples(group_by_chain=True)
+            num_chains = 2
+
+            def get_weighted_samples(self, num_samples=None, group_by_chain=False):
+                x, lw = torch.randn(2, 500, dtype=F64), torch.zeros(2, 500, dtype=F64)
+                return ({"x": x}, lw) if group_by_chain else ({"x": x.reshape(-1)}, lw.reshape(-1))
+
+        out = pyro_sde.to_inference_data(TwoChains())
+        assert dict(out.posterior["x"].sizes) == {"chain": 2, "draw": 500}
+
     def test_num_draws_and_num_samples(self, sampler):
         out = pyro_sde.to_inference_data(sampler, 500, num_draws=300, log_likelihood=False)
         assert out.posterior.sizes["draw"] == 300 and out.attrs["num_weighted_samples"] == 500
