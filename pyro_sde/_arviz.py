@@ -162,10 +162,10 @@ class _ModelCall:
         padded = (num_draws,) + (1,) * (self.max_plate_nesting - len(batch_shape)) + shape
         return torch.broadcast_to(value, padded).reshape((num_draws,) + shape)
 
-    def _collect(self, draws: dict, num_draws: int, replicate: bool) -> dict:
+    def _collect(self, draws: dict, num_draws: int, replicate: bool, vectorised: bool) -> dict:
         """Observed site -> ``(S, *pointwise_shape)`` log likelihoods, or ``(S, *value_shape)`` replicas."""
         key = "value" if replicate else "log_prob"
-        if self._vectorised:
+        if vectorised:
             trace = self._trace_plate(draws, num_draws, replicate)
             out = {}
             for name, (value, batch_shape) in self.observed.items():
@@ -182,10 +182,8 @@ class _ModelCall:
         k = min(2, num_draws)
         probe = {n: draws[n][:k] for n in self.latents}
         try:
-            self._vectorised = True
-            batched = self._collect(probe, k, replicate=False)
-            self._vectorised = False
-            exact = self._collect(probe, k, replicate=False)
+            batched = self._collect(probe, k, replicate=False, vectorised=True)
+            exact = self._collect(probe, k, replicate=False, vectorised=False)
             self._vectorised = all(
                 torch.allclose(batched[n], exact[n], rtol=1e-6, atol=1e-6, equal_nan=True) for n in exact
             )
@@ -195,14 +193,15 @@ class _ModelCall:
     def pointwise_log_likelihood(self, draws: dict, num_draws: int) -> dict:
         """Observed site -> ``log p(y_obs | theta_s)`` of shape ``(S, *batch_shape)`` for the ``S`` draws
         (one particle-plate trace when it matches the per-draw traces at two draws, else draw by draw)."""
-        self._check_vectorised(draws, num_draws)
-        return self._collect(draws, num_draws, replicate=False)
+        with torch.no_grad():
+            self._check_vectorised(draws, num_draws)
+            return self._collect(draws, num_draws, replicate=False, vectorised=self._vectorised)
 
     def posterior_predictive(self, draws: dict, num_draws: int) -> dict:
         """Observed site -> replicated data ``y_rep ~ p(y | theta_s)`` of shape ``(S, *observed_shape)``."""
-        self._check_vectorised(draws, num_draws)
         with torch.no_grad():
-            return self._collect(draws, num_draws, replicate=True)
+            self._check_vectorised(draws, num_draws)
+            return self._collect(draws, num_draws, replicate=True, vectorised=self._vectorised)
 
     def constant_data(self) -> dict:
         """The model's tensor arguments by parameter name, except those that are observed values."""

@@ -17,7 +17,7 @@ import torch
 
 import pyro_sde
 from pyro_sde import diagnostics
-from pyro_sde._arviz import FromPyroGuard
+from pyro_sde._arviz import FromPyroGuard, _ModelCall
 from pyro_sde.diagnostics import UnreliableEstimateWarning
 from pyro_sde.infer import DiffusionSampler, SMCSampler
 from pyro_sde.infer.potential import ModelPotential
@@ -152,6 +152,25 @@ class TestGroups:
         np.testing.assert_allclose(out.log_likelihood["y"].values[0], expected.numpy(), atol=1e-10)
         assert out.posterior_predictive["y"].shape == (1, 30, 20)
         assert not hasattr(out, "sample_stats")
+
+    def test_a_plate_path_that_runs_but_mixes_draws_is_not_used(self, data):
+        # beta.sum() sums over all draws under the plate: it runs, gives wrong values, and is rejected
+        X, y = data
+
+        def collapsing(X, y=None):
+            beta = pyro.sample("beta", dist.Normal(torch.zeros(2, dtype=X.dtype), TAU).to_event(1))
+            with pyro.plate("data", X.shape[0]):
+                return pyro.sample("y", dist.Normal(X[:, 0] * beta.sum(), SIGMA), obs=y)
+
+        beta = torch.randn(40, 2, dtype=F64)
+        expected = dist.Normal(X[:, 0] * beta.sum(-1, keepdim=True), SIGMA).log_prob(y)
+        for fn, vectorised in [(collapsing, False), (regression, True)]:
+            call = _ModelCall(fn, (X, y), {}, {"beta": beta})
+            out = call.pointwise_log_likelihood({"beta": beta}, 40)["y"]
+            assert call._vectorised is vectorised
+        collapsed = _ModelCall(collapsing, (X, y), {}, {"beta": beta})
+        torch.testing.assert_close(collapsed.pointwise_log_likelihood({"beta": beta}, 40)["y"], expected)
+        assert out.shape == (40, 20)
 
     def test_no_model_no_likelihood(self, data):
         X, y = data
