@@ -19,7 +19,9 @@ import torch
 from pyro.poutine.subsample_messenger import _Subsample
 
 from ._checks import positive_int
-from .diagnostics import _check_log_weights, _check_samples, _log_ess, log_evidence, systematic_resample
+
+# pyro_sde.diagnostics re-exports to_inference_data: it is imported inside the functions, so that either
+# module can be imported first
 
 __all__ = ["FromPyroGuard", "to_inference_data"]
 
@@ -261,10 +263,12 @@ def _weighted_input(result, num_samples):
 
 def _chains(samples, log_weights) -> list:
     """Checked ``[(samples_k, log_weights_k)]``: one chain for ``(N,)`` log weights, ``K`` for ``(K, N)``."""
+    from . import diagnostics
+
     lw = torch.as_tensor(log_weights)
     if lw.dim() != 2:
-        lw = _check_log_weights(lw, min_samples=2)
-        return [(_check_samples(samples, lw.numel()), lw)]
+        lw = diagnostics._check_log_weights(lw, min_samples=2)
+        return [(diagnostics._check_samples(samples, lw.numel()), lw)]
     if not isinstance(samples, Mapping) or not samples:
         raise ValueError("samples must be a non-empty dict mapping site names to tensors")
     for name, value in samples.items():
@@ -275,8 +279,9 @@ def _chains(samples, log_weights) -> list:
             )
     chains = []
     for k in range(lw.shape[0]):
-        lw_k = _check_log_weights(lw[k], min_samples=2)
-        chains.append((_check_samples({n: v[k] for n, v in samples.items()}, lw_k.numel()), lw_k))
+        lw_k = diagnostics._check_log_weights(lw[k], min_samples=2)
+        chain = {n: v[k] for n, v in samples.items()}
+        chains.append((diagnostics._check_samples(chain, lw_k.numel()), lw_k))
     return chains
 
 
@@ -349,6 +354,8 @@ def to_inference_data(
     :param coords: forwarded to ``arviz.from_dict``.
     :param dims: forwarded to ``arviz.from_dict`` (``site -> [dim names]`` without chain/draw).
     """
+    from . import diagnostics
+
     samples, log_weights, evidence, own_model, args, kwargs, num_dropped = _weighted_input(
         result, num_samples
     )
@@ -364,16 +371,16 @@ def to_inference_data(
     if log_weights is None:
         if num_draws is not None:
             raise ValueError("num_draws only applies to weighted samples (a sampler or a tuple)")
-        draws = {name: value[None] for name, value in _check_samples(samples).items()}  # (1, N, ...)
+        draws = {n: v[None] for n, v in diagnostics._check_samples(samples).items()}  # (1, N, ...)
     else:
         chains = _chains(samples, log_weights)
         all_lw = torch.cat([lw for _, lw in chains])
         if evidence is None:  # the algorithm's own estimator when it has one (SMC: not the final weights')
-            evidence = log_evidence(all_lw)  # warns when the weights' Pareto k exceeds 0.7
-        effective = [float(_log_ess(lw).exp()) * lw.numel() for _, lw in chains]
+            evidence = diagnostics.log_evidence(all_lw)  # warns when the weights' Pareto k exceeds 0.7
+        effective = [float(diagnostics._log_ess(lw).exp()) * lw.numel() for _, lw in chains]
         smallest = min(range(len(chains)), key=effective.__getitem__)
         size = _num_draws(num_draws, effective[smallest], chains[smallest][1].numel(), len(chains))
-        indices = [systematic_resample(lw, size) for _, lw in chains]
+        indices = [diagnostics.systematic_resample(lw, size) for _, lw in chains]
         draws = {
             name: torch.stack([s[name][idx.to(s[name].device)] for (s, _), idx in zip(chains, indices)])
             for name in chains[0][0]
