@@ -1,17 +1,19 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Entry points for a fresh machine: `make demo`, `make test` and `make docs`.
 PYTHON ?= python3
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU-only wheel (PyPI's Linux torch brings CUDA)
+TORCH_INDEX ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test docs lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,bench]'
+	# torch pinned first, from TORCH_INDEX when given (the CPU-only index avoids the CUDA libraries)
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[test,bench,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The Sphinx site (API reference, guides, benchmark tables) into docs/_build/html; warnings are errors.
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -b html -q docs docs/_build/html
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pyro_sde tests examples benchmarks
 
@@ -27,4 +33,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/diffusion_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache docs/_build

@@ -5,12 +5,15 @@ AutoNormal guide on the guided-bridge likelihood (``DiscretelyObservedSDE``), co
 exact-likelihood fit, prints the per-interval bridge diagnostics (ESS, Pareto k) at the fitted values, and
 summarises the approximate posterior with ArviZ.
 
-Run: ``python examples/sde_parameter_inference.py [--steps 300] [--plot posterior.png]``.
+Run: ``python examples/sde_parameter_inference.py [--steps 300] [--plot posterior.png] [--smoke]``
+(``--smoke``: 40 intervals instead of 200, for CI). Prints ``check ...: OK`` lines and exits with status 1
+if a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import arviz as az
 import numpy as np
@@ -56,7 +59,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--intervals", type=int, default=200)
     parser.add_argument("--plot", default=None, help="save an ArviZ posterior plot to this file")
+    parser.add_argument("--smoke", action="store_true", help="small budget (CI): 40 intervals")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.intervals, args.steps = 40, 300
     times, obs = simulate(args.intervals)
     results = {}
     for proposal in ("guided", "exact"):
@@ -89,12 +95,23 @@ def main(argv=None):
     )
     idata = az.from_dict(posterior={k: np.asarray(v)[None] for k, v in results["guided"].items()})
     print(az.summary(idata, kind="stats"))
+    # the guided-bridge likelihood is an unbiased estimate of the exact one: the two fits must agree
+    failures = []
+    for name in ("theta", "sigma"):
+        g, e = results["guided"][name], results["exact"][name]
+        ok = abs(g.mean() - e.mean()) < e.std()
+        print(f"check {name}: guided-bridge fit within one posterior sd of the exact fit: "
+              f"{'OK' if ok else 'FAILED'}")
+        if not ok:
+            failures.append(name)
     if args.plot:
         import matplotlib
 
         matplotlib.use("Agg")
         axes = az.plot_posterior(idata, ref_val={"theta": [{"ref_val": 0.5}], "sigma": [{"ref_val": 1.0}]})
         axes.ravel()[0].figure.savefig(args.plot)
+    if failures:
+        sys.exit(f"failed checks: {failures}")
     return results
 
 

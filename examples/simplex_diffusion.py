@@ -7,14 +7,20 @@ Target: Dirichlet(alpha) on the 2-simplex. Two scores in x-space, one sampler in
    ``grad_x sum_i alpha_i log y_i = alpha_{1:d} - sum(alpha) y_{1:d}`` at all times;
 2. learned: a VP diffusion model trained by denoising score matching on pulled-back Dirichlet samples.
 
-Prints the coordinate means / variances against the Dirichlet's and KS p-values.
-Runs in about a minute on 2 CPU cores:  python examples/simplex_diffusion.py [--steps 3000]
+Prints the relative errors of the coordinate means / variances against the Dirichlet's, and KS p-values
+against its Beta marginals. The KS test checks exact equality of laws: with 5000 samples it detects the
+small bias of the Euler discretisation (800 steps) and of the learned score, so p-values of 1e-3 to 1e-2
+are expected for the learned sampler; the moment errors are the accuracy figures, and they are checked.
+Run: ``python examples/simplex_diffusion.py [--steps 3000] [--smoke]`` (about a minute on an idle 2-core
+machine; ``--smoke``: 400 training steps and 2000 samples, for CI). Prints ``check ...: OK`` lines and
+exits with status 1 if a check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import torch
@@ -115,23 +121,47 @@ def report(y, alpha):
     }
 
 
-def main():
+def _within(result: dict, mean_tol: float, var_tol: float) -> bool:
+    return max(map(abs, result["mean_rel_err"])) < mean_tol and max(map(abs, result["var_rel_err"])) < var_tol
+
+
+def check(name: str, ok: bool, failures: list) -> None:
+    print(f"check {name}: {'OK' if ok else 'FAILED'}")
+    if not ok:
+        failures.append(name)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000, help="DSM training steps")
     parser.add_argument("--samples", type=int, default=5000)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="small budgets (CI): 400 steps, 2000 samples")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.samples = 400, 2000
     torch.manual_seed(0)
     alpha = torch.tensor(ALPHA, dtype=torch.float64)
+    failures = []
     start = time.perf_counter()
     y = sample_exact(alpha, args.samples)
-    print(f"exact x-score, {time.perf_counter() - start:.1f} s:", report(y, alpha))
+    exact = report(y, alpha)
+    print(f"exact x-score, {time.perf_counter() - start:.1f} s:", exact)
+    check("exact score: means within 3 %, variances within 15 %", _within(exact, 0.03, 0.15), failures)
     start = time.perf_counter()
-    net, losses = train_score(alpha, steps=args.steps)
+    net, losses = train_score(alpha, steps=args.steps, progress_bar=not args.smoke)
     print(f"trained in {time.perf_counter() - start:.1f} s, final loss {losses[-100:].mean():.4f}")
     y = sample_learned(net, args.samples)
-    print("learned x-score:", report(y, alpha))
+    learned = report(y, alpha)
+    print("learned x-score:", learned)
     print("mean simplex point:", y.nanmean(0).tolist(), "target", (alpha / alpha.sum()).tolist())
-    assert math.isclose(float(y[torch.isfinite(y).all(-1)].sum(-1).mean()), 1.0, rel_tol=1e-9)
+    print("(KS p-values test exact equality of laws: small ones reflect the discretisation and score-fit "
+          "bias that the moment errors quantify)")
+    check("learned score: means within 5 %, variances within 30 %", _within(learned, 0.05, 0.3), failures)
+    on_simplex = math.isclose(float(y[torch.isfinite(y).all(-1)].sum(-1).mean()), 1.0, rel_tol=1e-9)
+    on_simplex = on_simplex and learned["num_invalid"] == 0
+    check("samples on the simplex (coordinates sum to 1)", on_simplex, failures)
+    if failures:
+        sys.exit(f"failed checks: {failures}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ into the usual numbers:
   ELBO-type lower bound ``mean log w``;
 * :func:`psis`: Pareto-smoothed importance sampling and its ``k-hat`` reliability diagnostic;
 * :func:`systematic_resample`: low-variance unbiased resampling;
-* :func:`to_inference_data`, :func:`weighted_summary`, :func:`print_weighted_summary`: reporting.
+* :func:`weighted_summary`, :func:`print_weighted_summary`: reporting;
+* :func:`to_inference_data`: ArviZ ``InferenceData`` with ``log_likelihood``, ``observed_data`` and
+  ``posterior_predictive`` (defined in ``pyro_sde._arviz``).
 
 Every estimate computed from weights (evidence, summaries, printed tables, ArviZ export) checks the
 PSIS Pareto ``k`` of its weights and warns with :class:`UnreliableEstimateWarning` when
@@ -388,88 +390,7 @@ def print_weighted_summary(summary_dict: dict, log_evidence: LogEvidence | None 
 
 
 # --------------------------------------------------------------------------------------------------
-# ArviZ
+# ArviZ (in its own module, which builds on the functions above)
 # --------------------------------------------------------------------------------------------------
 
-
-def _import_arviz():
-    with warnings.catch_warnings():  # arviz 0.2x warns about its 1.0 refactor on import
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz
-
-    return arviz
-
-
-def _from_dict(groups: dict, attrs: dict, **kwargs):
-    """``arviz.from_dict`` for both ArviZ 0.x (``InferenceData``) and >= 1.0 (``xarray.DataTree``).
-
-    ``groups``: group name -> {variable: array with leading ``(chain, draw)`` axes}; ``attrs`` are
-    set on the root and on the ``posterior`` group. ``kwargs`` (``coords``, ``dims``) are forwarded.
-    """
-    az = _import_arviz()
-    if int(az.__version__.split(".")[0]) >= 1:
-        return az.from_dict(groups, attrs={"/": dict(attrs), "posterior": dict(attrs)}, **kwargs)
-    return az.from_dict(**groups, attrs=dict(attrs), posterior_attrs=dict(attrs), **kwargs)
-
-
-def _to_numpy(x: torch.Tensor):
-    return x.detach().cpu().numpy()
-
-
-def to_inference_data(result, num_samples: int | None = None, *, coords=None, dims=None):
-    """Convert (weighted) samples to ArviZ ``InferenceData`` (ArviZ 0.x) or ``DataTree`` (>= 1.0).
-
-    ``result`` is one of
-
-    * an object with ``get_weighted_samples(num_samples=None) -> (samples, log_weights)``
-      (e.g. a diffusion sampler); ``num_samples`` is forwarded to it;
-    * a tuple ``(samples, log_weights)``; ``num_samples`` is the resample size (default ``N``);
-    * a dict of unweighted samples ``site -> (N, *site_shape)``; ``num_samples`` must be ``None``.
-
-    Weighted samples are systematically resampled (:func:`systematic_resample`) to equal weights so
-    that every ArviZ function applies. The ``posterior`` group has dims ``(chain=1, draw, ...)``;
-    ``sample_stats.log_weight`` holds the raw log weight of each resampled draw; the attributes
-    ``log_evidence``, ``log_evidence_stderr``, ``log_evidence_lower_bound``, ``ess`` (normalised),
-    ``pareto_k`` and ``num_weighted_samples`` (``N``) summarise the weights.
-
-    :param coords: forwarded to ``arviz.from_dict``.
-    :param dims: forwarded to ``arviz.from_dict`` (``site -> [dim names]`` without chain/draw).
-    """
-    if hasattr(result, "get_weighted_samples"):
-        samples, log_weights = result.get_weighted_samples(num_samples=num_samples)
-        num_samples = None
-    elif isinstance(result, tuple) and len(result) == 2:
-        samples, log_weights = result
-    elif isinstance(result, Mapping):
-        if num_samples is not None:
-            raise ValueError("num_samples only applies to weighted results")
-        samples = _check_samples(result)
-        posterior = {k: _to_numpy(v)[None] for k, v in samples.items()}
-        return _from_dict({"posterior": posterior}, {}, coords=coords, dims=dims)
-    else:
-        raise TypeError(
-            "result must have get_weighted_samples(), be a (samples, log_weights) tuple or a dict, "
-            f"got {type(result).__name__}"
-        )
-    lw = _check_log_weights(log_weights, min_samples=2)
-    samples = _check_samples(samples, lw.numel())
-    idx = systematic_resample(lw, num_samples)
-    posterior = {k: _to_numpy(v[idx.to(v.device)])[None] for k, v in samples.items()}
-    sample_stats = {"log_weight": _to_numpy(lw[idx])[None]}
-    if callable(getattr(result, "log_evidence", None)):  # the algorithm's own estimator (SMC: its product
-        evidence = result.log_evidence()  # of incremental means, not the final weights' IS estimate)
-    else:
-        evidence = log_evidence(lw)  # warns when the weights' Pareto k exceeds 0.7
-    k = evidence.pareto_k
-    attrs = {
-        "log_evidence": float(evidence.log_z),
-        "log_evidence_stderr": float(evidence.stderr),
-        "log_evidence_lower_bound": float(evidence.lower_bound),
-        "ess": float(evidence.ess),
-        "pareto_k": float(k),
-        "pareto_k_reliable": int(evidence.reliable),
-        "num_weighted_samples": int(lw.numel()),
-        "num_dropped": int(getattr(result, "num_dropped_paths", 0)),
-    }
-    groups = {"posterior": posterior, "sample_stats": sample_stats}
-    return _from_dict(groups, attrs, coords=coords, dims=dims)
+from ._arviz import to_inference_data  # noqa: E402

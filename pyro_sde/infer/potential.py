@@ -22,6 +22,7 @@ from collections.abc import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
@@ -180,6 +181,63 @@ def _latent_sites(trace):
     ]
 
 
+def _is_masked_out(mask) -> bool:
+    """Whether a site mask (``None``, a bool or a bool tensor) masks out some element."""
+    if mask is None or mask is True:
+        return False
+    return not bool(torch.as_tensor(mask).all())
+
+
+def _masked_latents(latents) -> list[str]:
+    """Latent sites with masked-out elements (``poutine.mask``, ``obs_mask``, ``.mask()``): their density
+    there is missing, an improper flat direction unless the likelihood happens to pin it down."""
+    masked = []
+    for site in latents:
+        fn, mask_out = site["fn"], _is_masked_out(site["mask"])
+        while not mask_out and fn is not None:
+            mask_out = isinstance(fn, MaskedDistribution) and _is_masked_out(fn._mask)
+            fn = getattr(fn, "base_dist", None)
+        if mask_out:
+            masked.append(site["name"])
+    return masked
+
+
+def _refuse_unsupported(trace, latents) -> None:
+    """``ValueError`` for models whose importance weights and evidence would be meaningless here:
+    masked latent sites (``obs_mask`` imputation) and plate subsampling."""
+    subsampled = [
+        f"{s['name']!r} ({s['fn'].subsample_size} of {s['fn'].size})"
+        for s in trace.nodes.values()
+        if s["type"] == "sample"
+        and isinstance(s["fn"], _Subsample)
+        and s["fn"].subsample_size is not None
+        and s["fn"].subsample_size < s["fn"].size
+    ]
+    if subsampled:
+        raise ValueError(
+            f"plate subsampling is not supported: plate {', '.join(subsampled)}. The samplers weight "
+            "every particle by the full-data log density (and estimate the full-data evidence); a "
+            "subsample gives a noisy, rescaled likelihood that biases both. Use the full data (drop "
+            "subsample_size), or subsample outside the model."
+        )
+    masked = _masked_latents(latents)
+    if masked:
+        suffix = "_unobserved"  # obs_mask splits a site into name_observed / name_unobserved
+        imputed = [n for n in masked if n.endswith(suffix) and n[: -len(suffix)] + "_observed" in trace.nodes]
+        how = (
+            f"pyro.sample(..., obs_mask=...) makes the missing values latent ({imputed}) with a density "
+            "that is masked where the data are observed"
+            if imputed
+            else "poutine.mask / .mask() removes their density where the mask is False"
+        )
+        raise ValueError(
+            f"latent sites {masked} are masked: {how}. The masked elements are improper flat directions "
+            "for this sampler, so its importance weights, samples and log evidence are meaningless. "
+            "Sample only the missing entries as their own latent site (e.g. pyro.sample('y_missing', "
+            "dist.Normal(loc[~mask], scale).to_event(1))) and observe the rest, or drop the missing data."
+        )
+
+
 _MODES = ("plate", "vmap", "sequential")
 # errors a model raises at an extreme point (invalid parameter, failed Cholesky, ...): that point gets -inf
 _MODEL_ERRORS = (ValueError, RuntimeError, AssertionError, ArithmeticError)
@@ -312,6 +370,7 @@ class ModelPotential(Potential):
                 "the model has no latent sample sites: there is nothing to sample "
                 "(its evidence is just its likelihood)"
             )
+        _refuse_unsupported(trace, latents)
         discrete = [s["name"] for s in latents if s["fn"].support.is_discrete]
         if discrete:
             raise ValueError(
