@@ -281,6 +281,7 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=20000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/smc.json"))
+    p.add_argument("--also", nargs="*", type=Path, default=[], help="more result files read for --write")
     p.add_argument("--write", action="store_true", help="write docs/benchmarks.md's section and the plot")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -326,6 +327,8 @@ def main(argv=None):
                 save()
 
     if args.write:
+        for extra in args.also:
+            rows = rows + json.loads(extra.read_text())
         path = plots(rows)
         cmd = "python benchmarks/smc.py " + " ".join(argv if argv is not None else sys.argv[1:])
         body = [
