@@ -328,12 +328,8 @@ class TestFromPyro:
 
         assert (WithChains().num_chains, WithChains().num_samples) == (2, 7)
 
-    @pytest.mark.xfail(
-        not (issubclass(DiffusionSampler, FromPyroGuard) and issubclass(SMCSampler, FromPyroGuard)),
-        reason="the samplers are to derive from pyro_sde._arviz.FromPyroGuard (sampler.py, smc.py)",
-        strict=True,
-    )
     def test_samplers_point_at_to_inference_data(self, sampler):
+        assert issubclass(DiffusionSampler, FromPyroGuard) and issubclass(SMCSampler, FromPyroGuard)
         with pytest.raises(AttributeError, match="pyro_sde.to_inference_data"):
             _quiet(az.from_pyro, posterior=sampler)
 

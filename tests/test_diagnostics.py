@@ -316,7 +316,7 @@ def _check_weighted_idata(idata, samples, lw, num_draws):
 def test_to_inference_data_sampler():
     sampler = FakeSampler(seed=13)
     torch.manual_seed(0)
-    idata = to_inference_data(sampler, 1500)
+    idata = to_inference_data(sampler, 1500, num_draws=1500)
     samples, lw = sampler.get_weighted_samples(1500)
     _check_weighted_idata(idata, samples, lw, 1500)
 
@@ -329,11 +329,11 @@ def test_to_inference_data_tuple_and_plot():
 
     samples, lw = FakeSampler(seed=14).get_weighted_samples(2000)
     torch.manual_seed(0)
-    idata = to_inference_data((samples, lw))
+    idata = to_inference_data((samples, lw), num_draws=2000)
     _check_weighted_idata(idata, samples, lw, 2000)
     # a resample of a different size
     assert idata.posterior.sizes["draw"] == 2000
-    assert to_inference_data((samples, lw), 300).posterior.sizes["draw"] == 300
+    assert to_inference_data((samples, lw), num_draws=300).posterior.sizes["draw"] == 300
     az.plot_posterior(idata, var_names=["x"])
     plt.close("all")
 
@@ -363,7 +363,7 @@ def test_cuda():
     smoothed, k = psis(lw_cuda)
     assert smoothed.device.type == "cuda" and k.item() == pytest.approx(psis(lw)[1].item())
     assert systematic_resample(lw_cuda).device.type == "cuda"
-    idata = to_inference_data(({"x": lw_cuda.clone()}, lw_cuda))
+    idata = to_inference_data(({"x": lw_cuda.clone()}, lw_cuda), num_draws=2000)
     assert idata.posterior.sizes["draw"] == 2000
 
 

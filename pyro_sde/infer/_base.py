@@ -19,6 +19,7 @@ import torch
 from pyro.infer import Predictive
 
 from .. import diagnostics
+from .._arviz import FromPyroGuard
 from .._checks import positive_int
 from ._inputs import cast_output, same_call
 from .potential import LogDensityPotential, ModelPotential, Potential
@@ -27,7 +28,7 @@ from .precondition import Preconditioner, as_preconditioner, whiten
 __all__ = ["PosteriorSampler"]
 
 
-class PosteriorSampler:
+class PosteriorSampler(FromPyroGuard):
     """Target binding and the weighted-sample surface (see the module)."""
 
     def _init_target(self, model, *, log_density, dim, score, precondition, precondition_options,
