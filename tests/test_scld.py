@@ -43,10 +43,12 @@ def _random_control(dim, scale=0.3):
     return net
 
 
-def _ais_ula(target, num_particles, betas, h):
+def _ais_ula(target, num_particles, betas, h, control=None):
     """Annealed importance sampling with unadjusted Langevin moves targeting pi_{k+1} and their
-    time reversal as the backward kernel, written out directly: (log weights, final particles)."""
-    dim = target.dim
+    time reversal as the backward kernel, written out directly: (log weights, final particles).
+    With ``control(tau, x, guide)``, the CMCD kernels: the forward drift adds ``u_k(x_k)``, the
+    backward one subtracts ``u_{k+1}(x_{k+1})``, ``u_k(x) = control(k / K, x, grad log pi_k(x))``."""
+    dim, K = target.dim, len(betas) - 1
 
     def log_pi(beta, x):
         log_q = dist.Normal(0.0, 1.0).log_prob(x).sum(-1)
@@ -56,12 +58,17 @@ def _ais_ula(target, num_particles, betas, h):
         x = x.detach().requires_grad_(True)
         return torch.autograd.grad(log_pi(beta, x).sum(), x)[0]
 
+    def u(k, x):
+        if control is None:
+            return torch.zeros_like(x)
+        return control(torch.tensor(k / K, dtype=F64), x, score(betas[k], x)).detach()
+
     x = torch.randn(num_particles, dim, dtype=F64)
     log_w = torch.zeros(num_particles, dtype=F64)
-    for k in range(len(betas) - 1):
-        kernel = dist.Normal(x + h * score(betas[k + 1], x), math.sqrt(2 * h))
+    for k in range(K):
+        kernel = dist.Normal(x + h * (score(betas[k + 1], x) + u(k, x)), math.sqrt(2 * h))
         y = kernel.sample()
-        backward = dist.Normal(y + h * score(betas[k + 1], y), math.sqrt(2 * h))
+        backward = dist.Normal(y + h * (score(betas[k + 1], y) - u(k + 1, y)), math.sqrt(2 * h))
         log_w += log_pi(betas[k + 1], y) - log_pi(betas[k], x)
         log_w += backward.log_prob(x).sum(-1) - kernel.log_prob(y).sum(-1)
         x = y
@@ -97,6 +104,22 @@ def test_zero_control_is_ais_with_langevin_moves(annealing):
     assert torch.allclose(system.particles, x_expected, rtol=0, atol=1e-12)
     assert float(system.log_evidence) == pytest.approx(float(expected.logsumexp(0) - math.log(64)), abs=1e-10)
     assert torch.allclose(system.log_weights, expected - expected.logsumexp(0), rtol=0, atol=1e-10)
+
+
+def test_weights_with_a_control_are_the_cmcd_weights():
+    net = _random_control(2)
+    scld = _sampler(control=net, num_steps=6, num_subtrajectories=2, ess_threshold=1e-9, num_mcmc_steps=0)
+    torch.manual_seed(5)
+    expected, x_expected = _ais_ula(SHIFTED, 32, scld.betas, scld.step_size, control=net)
+    torch.manual_seed(5)
+    assert torch.allclose(scld.path_log_weights(32), expected, rtol=0, atol=1e-10)
+    torch.manual_seed(5)
+    (system,) = scld.sample_particles(32).final_states
+    assert torch.allclose(system.particles, x_expected, rtol=0, atol=1e-12)
+    assert float(system.log_evidence) == pytest.approx(float(expected.logsumexp(0) - math.log(32)), abs=1e-10)
+    # the control matters: zero control gives other weights from the same random numbers
+    torch.manual_seed(5)
+    assert (_ais_ula(SHIFTED, 32, scld.betas, scld.step_size)[0] - expected).abs().max() > 0.1
 
 
 def test_the_loss_recomputes_the_simulated_weights():
