@@ -289,7 +289,9 @@ class _Interrupting:
 
 
 def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
-    options = dict(dim=2, dtype=F64, precondition=None, num_steps=4, num_subtrajectories=2, hidden_dim=8,
+    # a fixed preconditioner: load re-whitens with the saved one, the path must follow
+    gaussian = (torch.tensor([1.0, -0.5], dtype=F64), torch.tensor([[0.5, 0.0], [0.2, 1.0]], dtype=F64))
+    options = dict(dim=2, dtype=F64, precondition=gaussian, num_steps=4, num_subtrajectories=2, hidden_dim=8,
                    num_layers=1, ema_decay=0.9, num_mcmc_steps=1)
     run = dict(num_iterations=6, batch_size=16, until=None, progress_bar=False)
     density = _Interrupting()

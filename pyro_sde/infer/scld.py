@@ -270,7 +270,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self._check_saved_fingerprint()
         self._setup_target()
         target = self._target
-        self._path = GeometricPath(target)
         if self.control is None:
             self.control = ControlNetwork(target.dim, **self._network_options)
         self.control.to(dtype=target.dtype, device=target.device)
@@ -283,6 +282,11 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
 
     def _whitening_source(self):
         return self._counter
+
+    def _setup_target(self):
+        """Whiten the (counted) potential; the annealing path runs in the whitened coordinates."""
+        super()._setup_target()
+        self._path = GeometricPath(self._target)
 
     def setup(self, *args, **kwargs) -> SCLDSampler:
         """Bind the model's arguments (potential, preconditioner, network, optimiser) without training."""
