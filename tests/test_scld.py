@@ -200,14 +200,22 @@ def test_moments_after_a_short_training():
     assert draws.shape == (1000, 2) and draws.dtype == F64
 
 
-def test_target_evaluations_are_counted():
-    K, J, batch = 8, 2, 16
-    scld = _sampler(num_steps=K, num_subtrajectories=J, num_mcmc_steps=2)
+@pytest.mark.parametrize(
+    "kernel, options, per_move", [("mala", {}, 1), ("hmc", {"num_leapfrog_steps": 3}, 3)]
+)
+def test_target_evaluations_are_counted(kernel, options, per_move):
+    K, J, batch = 8, 4, 16
+    scld = _sampler(num_steps=K, num_subtrajectories=J, num_mcmc_steps=2, kernel=kernel, **options)
     assert scld.num_target_evaluations == 0
     scld.step(batch)
-    assert scld.num_target_evaluations == batch * (1 + K + (J - 1) * 2)
-    scld.path_log_weights(10)
-    assert scld.num_target_evaluations == batch * (1 + K + (J - 1) * 2) + 10 * (1 + K)
+    per_particle = 1 + K + (J - 1) * 2 * per_move  # x_0, one per Langevin step, the moves
+    assert scld.num_target_evaluations == batch * per_particle
+    scld.path_log_weights(10)  # no moves
+    assert scld.num_target_evaluations == batch * per_particle + 10 * (1 + K)
+    scld.sample_particles(32)
+    assert scld.num_target_evaluations == (batch + 32) * per_particle + 10 * (1 + K)
+    accepted = [i.acceptance_rate for i in scld.particle_history[0][:-1]]
+    assert len(accepted) == J - 1 and all(0 < a <= 1 for a in accepted)
 
 
 def test_dtype_follows_the_user_and_weights_are_float64():
