@@ -133,6 +133,29 @@ def test_the_loss_recomputes_the_simulated_weights():
     assert path_log_w.std() > 0.1  # the control is far from zero: a real check of its terms
 
 
+def test_a_diverged_path_is_dropped_without_poisoning_the_gradient():
+    scld = _sampler(control=_random_control(2), num_steps=4, num_subtrajectories=2)
+    _, _, trajectories, _ = scld._simulate(16, scld.control, interacting=False, store=True)
+    states = trajectories.states.clone()
+    states[0, 2, 3] = math.inf  # particle 3 left the floats in piece 0
+    trajectories = trajectories._replace(states=states)
+    log_g = scld._piece_log_weights(scld.control, trajectories)
+    assert torch.isnan(log_g[0, 3]) and torch.isfinite(log_g[0, :3]).all()
+    log_g = torch.where(torch.isfinite(log_g), log_g, torch.zeros_like(log_g))
+    log_g.var(1).sum().backward()
+    assert all(torch.isfinite(q.grad).all() for q in scld.control.parameters() if q.grad is not None)
+
+
+def test_a_stiff_target_trains_without_failed_steps():
+    # h = 0.1 on N(0, 0.01^2) in float32: explicit Langevin steps diverge (h * curvature = 1000) and
+    # overflow; the clipped drift keeps the paths finite, their weights negligible, the gradients clean
+    stiff = Gaussian(torch.tensor([0.03, -0.02]), scale=torch.tensor([0.01, 0.01]))
+    scld = SCLDSampler(log_density=stiff.log_prob, dim=2, dtype=torch.float32, precondition=None,
+                       num_steps=16, num_subtrajectories=2, hidden_dim=16, num_layers=1)
+    scld.run(num_iterations=3, batch_size=32, until=None, progress_bar=False)
+    assert scld.num_failed_steps == 0 and all(math.isfinite(loss) for loss in scld.losses)
+
+
 @pytest.mark.parametrize("control", [None, "random"])
 def test_evidence_is_unbiased_with_resampling_and_moves(control):
     # E[Z_hat] = Z for any control: mean of Z_hat / Z over independent runs within 3 standard errors of 1
@@ -263,6 +286,7 @@ def _plus_inf_density(x):
         (lambda: _sampler(num_mcmc_steps=-1), ValueError, "num_mcmc_steps"),
         (lambda: _sampler(num_leapfrog_steps=3), ValueError, "num_leapfrog_steps"),
         (lambda: _sampler(control_clip=0.0), ValueError, "control_clip"),
+        (lambda: _sampler(score_clip=-1.0), ValueError, "score_clip"),
         (lambda: _sampler(control="net"), TypeError, "control"),
         (lambda: SCLDSampler(log_density=SHIFTED.log_prob), ValueError, "dim"),
         (lambda: SCLDSampler(_conjugate_model).get_samples(10), RuntimeError, "run"),

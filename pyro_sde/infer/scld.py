@@ -148,6 +148,10 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     :param float lr: Adam learning rate (5e-3).
     :param float final_lr_fraction: geometric decay of the learning rate over a run (0.1).
     :param float grad_clip: gradient-norm clip (1.0; ``None`` to disable).
+    :param float score_clip: the Langevin drift and the control's guide use ``s_beta`` clamped to
+        ``[-score_clip, score_clip]`` (100): it bounds explicit steps on stiff targets (a diverging path
+        gets a negligible weight instead of overflowing); the weights stay exact (the same clipped drift
+        is in ``F`` and ``B``).
     :param float control_clip: the control is clamped to ``[-control_clip, control_clip]`` (100).
     :param float ema_decay: EMA of the network weights used for sampling (0.999; ``None`` disables).
     :param precondition: the reference Gaussian ``q`` (``beta = 0``, the run is in its whitened
@@ -194,6 +198,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         lr: float = 5e-3,
         final_lr_fraction: float = 0.1,
         grad_clip: float | None = 1.0,
+        score_clip: float = 100.0,
         control_clip: float = 100.0,
         ema_decay: float | None = 0.999,
         precondition="laplace",
@@ -236,6 +241,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             num_layers=positive_int(num_layers, "num_layers"),
             guide_scale_init=0.0,
         )
+        self.score_clip = positive_float(score_clip, "score_clip")
         self.control_clip = positive_float(control_clip, "control_clip")
         device = _check_dtype_device(model, dtype, device)
         self._config = dict(
@@ -244,7 +250,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             resampling=resampling, kernel=self.kernel.name, num_mcmc_steps=num_mcmc_steps,
             num_leapfrog_steps=getattr(self.kernel, "num_leapfrog_steps", None),
             target_acceptance=self.kernel.target_acceptance, hidden_dim=hidden_dim, num_layers=num_layers,
-            lr=lr, final_lr_fraction=final_lr_fraction, grad_clip=grad_clip, control_clip=control_clip,
+            lr=lr, final_lr_fraction=final_lr_fraction, grad_clip=grad_clip, score_clip=score_clip,
+            control_clip=control_clip,
             ema_decay=ema_decay, vectorize=vectorize, dim=dim, dtype=dtype,
         )
         self._init_training(
@@ -317,6 +324,10 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
 
         return fn
 
+    def _drift(self, beta, x, point):
+        """``s_beta(x)`` clipped to ``[-score_clip, score_clip]`` (N, dim): the Langevin drift and guide."""
+        return _clip(self._path.score(beta, x, point), self.score_clip)
+
     def _move(self, j, beta, x, point, log_w):
         """``num_mcmc_steps`` moves of the particles leaving ``pi_beta`` invariant; adapts boundary ``j``'s
         step size. Returns ``(x, point, acceptance rate)``."""
@@ -360,16 +371,16 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         control = self._control_fn(net)
         for j in range(self.num_subtrajectories):
             k0 = j * n
-            guide = path.score(betas[k0], x, point)
+            guide = self._drift(betas[k0], x, point)
             u = control(k0, x, guide)
             states, guides, forward_means, increments = [x], [guide], [], []
             piece_log_g = torch.zeros_like(path_log_w)
             for k in range(k0, k0 + n):
                 beta_next = betas[k + 1]
-                forward_mean = x + h * path.score(beta_next, x, point)
+                forward_mean = x + h * self._drift(beta_next, x, point)
                 y = forward_mean + h * u + noise_std * torch.randn(x.shape, dtype=x.dtype, device=x.device)
                 point_y = path.evaluate(y)
-                guide_y = path.score(beta_next, y, point_y)  # also the backward kernel's drift
+                guide_y = self._drift(beta_next, y, point_y)  # also the backward kernel's drift
                 u_y = control(k + 1, y, guide_y)
                 log_pi = path.log_density(beta_next, point_y).double()
                 log_pi = log_pi - path.log_density(betas[k], point).double()
@@ -412,21 +423,24 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
 
     def _piece_log_weights(self, net, trajectories: _Trajectories) -> torch.Tensor:
         """``sum_k log G_k`` of each piece (J, N), float64, recomputed from the stored states with one
-        batched call of ``net`` (differentiable in its parameters)."""
+        batched call of ``net`` (differentiable in its parameters); NaN for a particle whose piece left
+        the floats (a diverged Langevin path: zeroed before the call, so no NaN reaches the gradient)."""
         J, n1, N, d = trajectories.states.shape
         n = n1 - 1
+        inputs = (trajectories.states, trajectories.guides, trajectories.forward_means)
+        alive = torch.stack([torch.isfinite(t).all(-1).all(1) for t in inputs]).all(0)  # (J, N)
+        mask = alive[:, None, :, None]
+        x, guides, forward_means = (torch.where(mask, t, torch.zeros_like(t)) for t in inputs)
         steps = (torch.arange(J)[:, None] * n + torch.arange(n1)[None, :]).reshape(-1)
-        states = trajectories.states.reshape(J * n1, N, d)
         tau = self._taus[steps].view(-1, 1, 1)
-        u = _clip(net(tau, states, trajectories.guides.reshape(J * n1, N, d)), self.control_clip)
+        u = _clip(net(tau, x.reshape(J * n1, N, d), guides.reshape(J * n1, N, d)), self.control_clip)
         u = u.view(J, n1, N, d)
-        x = trajectories.states
-        backward_means = x[:, 1:] + self.step_size * trajectories.guides[:, 1:]
+        backward_means = x[:, 1:] + self.step_size * guides[:, 1:]
         log_g = _langevin_log_increment(
-            trajectories.log_density_increments, x[:, :-1], x[:, 1:], trajectories.forward_means,
-            backward_means, u[:, :-1], u[:, 1:], self.step_size,
-        )
-        return log_g.sum(1)
+            trajectories.log_density_increments, x[:, :-1], x[:, 1:], forward_means, backward_means,
+            u[:, :-1], u[:, 1:], self.step_size,
+        ).sum(1)
+        return torch.where(alive, log_g, torch.full_like(log_g, math.nan))
 
     @torch.no_grad()
     def sample_particles(self, num_particles: int | None = None, *, num_runs: int | None = None):
