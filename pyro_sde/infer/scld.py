@@ -128,7 +128,10 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         ``num_steps``; 1 gives a learned AIS without resampling.
     :param str annealing: the temperature grid, ``"linear"`` (default) or ``"cosine"``
         (:func:`annealing_schedule`).
-    :param float step_size: the Langevin step ``h`` in whitened coordinates (0.1).
+    :param float step_size: the Langevin step ``h`` in whitened coordinates (0.1, for a target near unit
+        scale there). Explicit steps need ``h`` well below ``2 / curvature``: ManyWell-5 without a
+        Gaussian fit (curvature 32 in its wells) wants 0.02; the weights stay exact for any ``h``, but
+        a too large one makes them useless (see ``score_clip``).
     :param int num_particles: ``N`` per run of the particle systems behind the estimates (4096).
     :param int num_runs: independent particle systems (1); their spread gives the standard error.
     :param float ess_threshold: resample at a boundary when the normalised ESS is below it, in
@@ -162,6 +165,10 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     :param vectorize: how a model is evaluated on a batch (see
         :class:`~pyro_sde.infer.potential.ModelPotential`).
     :param dtype, device: with ``log_density`` only (a model's tensors decide otherwise).
+
+    Before any training the control is exactly zero: the estimates are then those of annealed
+    importance sampling with unadjusted Langevin moves, resampling and MCMC (SMC with Langevin
+    proposals), still unbiased for ``Z``.
 
     Attributes: ``losses`` / ``history`` (:class:`~pyro_sde.infer.StepInfo` per training step),
     ``eval_history``, ``final_states`` (one :class:`~pyro_sde.infer.particles.ParticleSystem` per run,
