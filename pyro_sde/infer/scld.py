@@ -145,7 +145,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     :param float target_acceptance: acceptance rate the moves' step sizes are adapted to (default the
         kernel's: 0.574 MALA, 0.65 HMC).
     :param torch.nn.Module control: a custom control ``control(tau, x, guide) -> u`` (``tau = k / K``,
-        ``guide = s_{beta_k}(x)``); default a :class:`~pyro_sde.nn.ControlNetwork` that is exactly zero
+        ``guide = s_{beta_k}(x)``; ``tau`` 0-d with ``x`` (N, dim), or (M, 1, 1) with ``x`` (M, N, dim));
+        default a :class:`~pyro_sde.nn.ControlNetwork` that is exactly zero
         at initialisation (so that the untrained sampler is AIS with Langevin moves and resampling).
     :param int hidden_dim, num_layers: size of the default network (64, 3).
     :param float lr: Adam learning rate (5e-3).
