@@ -380,7 +380,9 @@ def test_pyro_model_end_to_end_with_predictive():
     scld = SCLDSampler(_conjugate_model, num_steps=8, num_subtrajectories=2, hidden_dim=16, num_layers=1,
                        num_particles=2048)
     torch.manual_seed(0)
-    scld.run(X, y, num_iterations=10, batch_size=64, until=None, progress_bar=False)
+    # the Laplace fit is exact here: the stopping rule sees the converged weights at its first check
+    scld.run(X, y, num_iterations=50, batch_size=64, progress_bar=False)
+    assert len(scld.losses) == 5 and scld.eval_history[0][1] > 0.9
     ev = scld.log_evidence()
     assert abs(float(ev.log_z) - log_z) < max(4 * float(ev.stderr), 0.02)
     samples = scld.get_samples(500)
@@ -391,6 +393,6 @@ def test_pyro_model_end_to_end_with_predictive():
     predictive = Predictive(_conjugate_model, posterior_samples=samples)(X)
     assert predictive["y"].shape == (500, X.shape[0])
     diagnostics = scld.diagnostics()
-    assert diagnostics["num_iterations"] == 10 and diagnostics["num_target_evaluations"] > 10 * 64 * 9
+    assert diagnostics["num_iterations"] == 5 and diagnostics["num_target_evaluations"] > 5 * 64 * 9
     idata = pyro_sde.to_inference_data(scld)
     assert "a" in idata.posterior
