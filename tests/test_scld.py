@@ -209,7 +209,7 @@ def test_training_reduces_the_loss_improves_the_ess_and_keeps_log_z():
     assert (error < 4 * target.marginal_std / math.sqrt(effective)).all()
 
 
-def test_moments_after_a_short_training():
+def test_moments_after_a_short_training(capsys):
     scld = _sampler(num_steps=16, num_subtrajectories=4, num_particles=4096)
     torch.manual_seed(2)
     scld.run(num_iterations=20, batch_size=128, until=None, progress_bar=False)
@@ -221,6 +221,8 @@ def test_moments_after_a_short_training():
     assert torch.allclose(std, SHIFTED.marginal_std, rtol=0.06)
     draws = scld.get_samples(1000)["x"]
     assert draws.shape == (1000, 2) and draws.dtype == F64
+    scld.summary()
+    assert "log Z" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
