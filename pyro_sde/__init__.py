@@ -10,12 +10,13 @@ exact log Z (:mod:`pyro_sde.targets`).
 
 from . import diagnostics, infer, nn, ratio, scores, sde, targets
 from .diagnostics import effective_sample_size, log_evidence, psis, to_inference_data
-from .infer import DiffusionSampler
+from .infer import DiffusionSampler, SCLDSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DiffusionSampler",
+    "SCLDSampler",
     "diagnostics",
     "effective_sample_size",
     "infer",

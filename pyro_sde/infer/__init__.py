@@ -6,6 +6,7 @@ from .diffusion import DiffusionSampler, StepInfo
 from .map import lbfgs_map
 from .potential import LogDensityPotential, ModelPotential, Potential
 from .precondition import Preconditioner, WhitenedPotential, fit_preconditioner
+from .scld import SCLDInfo, SCLDSampler
 from .smc import SMCInfo, SMCSampler, SMCState
 
 __all__ = [
@@ -15,6 +16,8 @@ __all__ = [
     "ModelPotential",
     "Potential",
     "Preconditioner",
+    "SCLDInfo",
+    "SCLDSampler",
     "SMCInfo",
     "SMCSampler",
     "SMCState",

@@ -8,7 +8,8 @@ steps, the progress bar, and checkpoints (save / load / resume). A subclass prov
 * ``_evaluate(num_paths) -> (ess, pareto_k)``: the importance weights of a fresh draw;
 * ``_nets()``: the trained networks; ``_setup_potential(args, kwargs)``; ``_target`` (with ``dim``);
 * ``_config``: the constructor's options (what :meth:`load` rebuilds the sampler from);
-* ``_load_networks(state)`` and ``_checkpoint_extra()`` for what else its checkpoints hold.
+* ``_checkpoint_extra() -> dict`` and ``_load_checkpoint_extra(extra)`` for what else its checkpoints
+  hold (plain values and tensors, e.g. adapted MCMC step sizes).
 """
 
 from __future__ import annotations
@@ -349,6 +350,7 @@ class TrainedSampler:
             history=[tuple(h) for h in self.history],
             rng=_get_rng_state(),
             preconditioner=None if self.preconditioner is None else self.preconditioner.state_dict(),
+            extra=self._checkpoint_extra(),
         )
         save_checkpoint(path, state, kind=type(self).__name__, fingerprint=self._fingerprint())
 
@@ -425,6 +427,15 @@ class TrainedSampler:
             ) from e
         self._ema_updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
+        self._load_checkpoint_extra(state.get("extra") or {})
+
+    def _checkpoint_extra(self) -> dict:
+        """What else a checkpoint holds (plain values and tensors); restored by
+        :meth:`_load_checkpoint_extra`."""
+        return {}
+
+    def _load_checkpoint_extra(self, extra: dict) -> None:
+        """Restore what :meth:`_checkpoint_extra` saved."""
 
 
 def _is_check(iteration: int, eval_every: int) -> bool:

@@ -154,7 +154,7 @@ class ParticleSampler(PosteriorSampler):
 
     def summary(self, prob: float = 0.9) -> None:
         """Print :meth:`get_summary` and the evidence estimate."""
-        super().summary(prob)
+        diagnostics.print_weighted_summary(self.get_summary(prob), self.log_evidence())
 
     def _run_stderr(self) -> float:
         """Delta-method standard error of ``log mean_r Z_r`` from the runs' spread (R >= 2)."""

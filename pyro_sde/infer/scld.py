@@ -1,0 +1,569 @@
+r"""``SCLDSampler``: sequential controlled Langevin diffusion (Chen et al., ICLR 2025) for a Pyro model.
+
+A learned control ``u`` corrects unadjusted Langevin moves along the geometric path
+``log pi_beta = (1 - beta) log N(0, I) + beta log rho`` (:mod:`pyro_sde.infer.annealing`, whitened
+coordinates of the preconditioner), on a grid ``0 = beta_0 < ... < beta_K = 1``. With a constant step
+``h``, ``s_b = grad log pi_b`` and ``u_k(x) = u(k / K, x, guide=s_{beta_k}(x))`` (clipped), the forward and
+backward kernels are those of controlled Monte Carlo diffusions (CMCD):
+
+* ``F_k(x_{k+1} | x_k) = N(x_k + h (s_{beta_{k+1}}(x_k) + u_k(x_k)), 2 h I)``,
+* ``B_k(x_k | x_{k+1}) = N(x_{k+1} + h (s_{beta_{k+1}}(x_{k+1}) - u_{k+1}(x_{k+1})), 2 h I)``,
+* ``log G_k = log pi_{beta_{k+1}}(x_{k+1}) - log pi_{beta_k}(x_k) + log B_k - log F_k`` (float64),
+
+one target evaluation and one network call per state (``u_{k+1}(x_{k+1})`` serves ``B_k`` and
+``F_{k+1}``). ``prod_k G_k`` is an exact importance weight of the path (``E = Z``) for any control; with
+``u = 0`` this is annealed importance sampling with unadjusted Langevin moves and the time-reversed
+Langevin backward kernel. The ``K`` steps are cut into ``J`` sub-trajectories; at each of the ``J - 1``
+inner boundaries the particles are reweighted by the piece's ``prod G`` (the evidence increment),
+resampled when the ESS falls below a threshold, and moved by MALA / HMC steps that leave
+``pi_beta`` invariant (step sizes adapted per boundary from acceptance), i.e. sequential Monte Carlo
+with learned Langevin transitions; the last piece ends with a reweighting only. ``Z_hat`` is the
+product of the increments (:mod:`pyro_sde.infer.particles`: unbiased, with the Lee-Whiteley error bar
+under multinomial resampling).
+
+Training is the bufferless log-variance algorithm of the paper: each step runs a batch through all
+pieces with the current control (no gradients, resampling and moves included), stores the states,
+then recomputes every piece's ``log G`` from the detached states with one batched network call and
+minimises ``mean_j Var_i(log G_j^i) / dim`` (zero exactly when the control is optimal).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from pyro.infer.autoguide.initialization import init_to_uniform
+
+from .. import diagnostics
+from .._checks import positive_float, positive_int
+from ..nn import ControlNetwork
+from ._inputs import check_dtype_device as _check_dtype_device
+from ._inputs import check_target
+from ._training import StepInfo, TrainedSampler
+from .annealing import GeometricPath, PathPoint
+from .diffusion.sampler import _clip
+from .kernels import KernelState, adapt_step_size, get_kernel, population_scale
+from .particles import (
+    RESAMPLING_SCHEMES,
+    ParticleSampler,
+    ParticleSystem,
+    initial_log_weights,
+    maybe_resample,
+    reweight,
+)
+from .potential import Potential
+from .smc import _check_initial_point, _CountingPotential, _non_negative_int, _unit_interval
+
+__all__ = ["SCLDInfo", "SCLDSampler", "annealing_schedule"]
+
+_ANNEALING = ("linear", "cosine")
+
+
+def annealing_schedule(num_steps: int, kind: str = "linear") -> list[float]:
+    """``[beta_0 = 0, ..., beta_K = 1]`` (K + 1 floats): ``k / K`` (``"linear"``) or
+    ``(1 - cos(pi k / K)) / 2`` (``"cosine"``: small steps at both ends)."""
+    positive_int(num_steps, "num_steps")
+    if kind not in _ANNEALING:
+        raise ValueError(f"annealing must be one of {_ANNEALING}, got {kind!r}")
+    if kind == "linear":
+        betas = [k / num_steps for k in range(num_steps + 1)]
+    else:
+        betas = [0.5 * (1 - math.cos(math.pi * k / num_steps)) for k in range(num_steps + 1)]
+    betas[0], betas[-1] = 0.0, 1.0
+    return betas
+
+
+class SCLDInfo(NamedTuple):
+    """What one sub-trajectory boundary did (at ``beta``)."""
+
+    beta: float  #: the boundary's temperature
+    ess: float  #: normalised ESS after reweighting, before resampling
+    resampled: bool  #: whether the particles were resampled
+    acceptance_rate: float  #: mean acceptance probability of the moves (nan without moves)
+    step_size: float  #: the move kernel's step size after adaptation (nan without moves)
+    log_evidence_increment: float  #: ``log sum_i W_i prod_k G_k^i`` over the piece
+
+
+class _Trajectories(NamedTuple):
+    """The detached ingredients of ``J`` pieces of ``n`` steps each (what the loss recomputes from)."""
+
+    states: torch.Tensor  #: ``x_k`` (J, n + 1, N, dim): each piece's start (after the moves) to its end
+    guides: torch.Tensor  #: ``s_{beta_k}(x_k)`` (J, n + 1, N, dim): the control's input
+    forward_means: torch.Tensor  #: ``x_k + h s_{beta_{k+1}}(x_k)`` (J, n, N, dim)
+    log_density_increments: torch.Tensor  #: ``log pi_{k+1}(x_{k+1}) - log pi_k(x_k)`` (J, n, N), float64
+
+
+def _langevin_log_increment(log_density_increment, x, x_next, forward_mean, backward_mean, u, u_next, h):
+    """``log G_k = log pi_{k+1}(x') - log pi_k(x) + log B_k(x | x') - log F_k(x' | x)``, float64 of shape
+    ``x.shape[:-1]``, with ``F_k = N(forward_mean + h u, 2h I)``, ``B_k = N(backward_mean - h u', 2h I)``."""
+    forward_residual = (x_next - forward_mean - h * u).double()
+    backward_residual = (x - backward_mean + h * u_next).double()
+    log_b_minus_log_f = (forward_residual.square().sum(-1) - backward_residual.square().sum(-1)) / (4 * h)
+    return log_density_increment + log_b_minus_log_f
+
+
+class SCLDSampler(ParticleSampler, TrainedSampler):
+    r"""Sequential controlled Langevin diffusion for a Pyro model or an unnormalised log density, with
+    the evidence (see the module for the mathematics).
+
+    Example::
+
+        scld = SCLDSampler(model, num_steps=32, num_subtrajectories=4)
+        scld.run(data, num_iterations=300)             # trains the control (TrainedSampler.run)
+        samples = scld.get_samples(4000)               # from 4096 particles drawn with the trained control
+        log_z, stderr, lower_bound, ess = scld.log_evidence()
+        Predictive(model, posterior_samples=samples)(data)
+
+    :param callable model: a Pyro model with continuous latent sites; its arguments go to :meth:`run`.
+        Exactly one of ``model`` and ``log_density`` must be given.
+    :param callable log_density: instead, a batched unnormalised log density ``(N, dim) -> (N,)``
+        (samples come under the site name ``"x"``).
+    :param int dim: its dimension, with ``log_density``.
+    :param callable score: optional closed-form ``grad log_density`` ``(N, dim) -> (N, dim)``.
+    :param int num_steps: Langevin steps ``K`` from ``beta = 0`` to 1 (32).
+    :param int num_subtrajectories: pieces ``J`` between resampling / move points (4); must divide
+        ``num_steps``; 1 gives a learned AIS without resampling.
+    :param str annealing: the temperature grid, ``"linear"`` (default) or ``"cosine"``
+        (:func:`annealing_schedule`).
+    :param float step_size: the Langevin step ``h`` in whitened coordinates (0.1, for a target near unit
+        scale there). Explicit steps need ``h`` well below ``2 / curvature``: ManyWell-5 without a
+        Gaussian fit (curvature 32 in its wells) wants 0.02; the weights stay exact for any ``h``, but
+        a too large one makes them useless (see ``score_clip``).
+    :param int num_particles: ``N`` per run of the particle systems behind the estimates (4096).
+    :param int num_runs: independent particle systems (1); their spread gives the standard error.
+    :param float ess_threshold: resample at a boundary when the normalised ESS is below it, in
+        ``(0, 1]`` (0.3).
+    :param str resampling: ``"multinomial"`` (default: the single-run standard error is valid) or
+        ``"systematic"``.
+    :param kernel: the moves at the boundaries: ``"mala"`` (default), ``"hmc"`` or a
+        :class:`~pyro_sde.infer.kernels.MoveKernel`.
+    :param int num_mcmc_steps: moves per inner boundary (1; 0: none).
+    :param int num_leapfrog_steps: leapfrog steps of ``kernel="hmc"`` (5).
+    :param float target_acceptance: acceptance rate the moves' step sizes are adapted to (default the
+        kernel's: 0.574 MALA, 0.65 HMC).
+    :param torch.nn.Module control: a custom control ``control(tau, x, guide) -> u`` (``tau = k / K``,
+        ``guide = s_{beta_k}(x)``; ``tau`` 0-d with ``x`` (N, dim), or (M, 1, 1) with ``x`` (M, N, dim));
+        default a :class:`~pyro_sde.nn.ControlNetwork` that is exactly zero
+        at initialisation (so that the untrained sampler is AIS with Langevin moves and resampling).
+    :param int hidden_dim, num_layers: size of the default network (64, 3).
+    :param float lr: Adam learning rate (5e-3).
+    :param float final_lr_fraction: geometric decay of the learning rate over a run (0.1).
+    :param float grad_clip: gradient-norm clip (1.0; ``None`` to disable).
+    :param float score_clip: the Langevin drift and the control's guide use ``s_beta`` clamped to
+        ``[-score_clip, score_clip]`` (100): it bounds explicit steps on stiff targets (a diverging path
+        gets a negligible weight instead of overflowing); the weights stay exact (the same clipped drift
+        is in ``F`` and ``B``).
+    :param float control_clip: the control is clamped to ``[-control_clip, control_clip]`` (100).
+    :param float ema_decay: EMA of the network weights used for sampling (0.999; ``None`` disables).
+    :param precondition: the reference Gaussian ``q`` (``beta = 0``, the run is in its whitened
+        coordinates): ``"laplace"`` (default), ``"svi"``, ``"diagonal"``, ``None``, a
+        ``(loc, scale_tril)`` pair or a :class:`~pyro_sde.infer.Preconditioner`.
+    :param dict precondition_options: keyword arguments of :func:`~pyro_sde.infer.fit_preconditioner`.
+    :param init_strategy: Pyro init strategy (the first start of the preconditioner's MAP search).
+    :param vectorize: how a model is evaluated on a batch (see
+        :class:`~pyro_sde.infer.potential.ModelPotential`).
+    :param dtype, device: with ``log_density`` only (a model's tensors decide otherwise).
+
+    Before any training the control is exactly zero: the estimates are then those of annealed
+    importance sampling with unadjusted Langevin moves, resampling and MCMC (SMC with Langevin
+    proposals), still unbiased for ``Z``.
+
+    Attributes: ``losses`` / ``history`` (:class:`~pyro_sde.infer.StepInfo` per training step),
+    ``eval_history``, ``final_states`` (one :class:`~pyro_sde.infer.particles.ParticleSystem` per run,
+    drawn with the sampling control on first use or by :meth:`sample_particles`), ``particle_history``
+    (:class:`SCLDInfo` per boundary and run), ``mcmc_step_sizes`` (per inner boundary) and
+    ``num_target_evaluations`` (training, checks and particle systems included).
+    """
+
+    method = "scld"
+    _progress_desc = "scld"
+
+    def __init__(
+        self,
+        model: Callable | None = None,
+        *,
+        log_density: Callable | None = None,
+        dim: int | None = None,
+        score: Callable | None = None,
+        num_steps: int = 32,
+        num_subtrajectories: int = 4,
+        annealing: str = "linear",
+        step_size: float = 0.1,
+        num_particles: int = 4096,
+        num_runs: int = 1,
+        ess_threshold: float = 0.3,
+        resampling: str = "multinomial",
+        kernel="mala",
+        num_mcmc_steps: int = 1,
+        num_leapfrog_steps: int | None = None,
+        target_acceptance: float | None = None,
+        control: torch.nn.Module | None = None,
+        hidden_dim: int = 64,
+        num_layers: int = 3,
+        lr: float = 5e-3,
+        final_lr_fraction: float = 0.1,
+        grad_clip: float | None = 1.0,
+        score_clip: float = 100.0,
+        control_clip: float = 100.0,
+        ema_decay: float | None = 0.999,
+        precondition="laplace",
+        precondition_options: dict | None = None,
+        init_strategy=init_to_uniform,
+        vectorize: str | bool = "auto",
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
+        check_target(model, log_density, score)
+        self.num_steps = positive_int(num_steps, "num_steps")
+        self.num_subtrajectories = positive_int(num_subtrajectories, "num_subtrajectories")
+        if num_steps % num_subtrajectories:
+            raise ValueError(
+                f"num_steps ({num_steps}) must be a multiple of num_subtrajectories ({num_subtrajectories})"
+            )
+        self.betas = annealing_schedule(num_steps, annealing)
+        self.annealing = annealing
+        self.step_size = positive_float(step_size, "step_size")
+        self.num_particles = positive_int(num_particles, "num_particles", minimum=2)
+        self.num_runs = positive_int(num_runs, "num_runs")
+        self.ess_threshold = _unit_interval("ess_threshold", ess_threshold, closed_right=True)
+        if resampling not in RESAMPLING_SCHEMES:
+            raise ValueError(f"resampling must be one of {RESAMPLING_SCHEMES}, got {resampling!r}")
+        self.resampling = resampling
+        options = {}
+        if num_leapfrog_steps is not None:
+            if kernel != "hmc":
+                raise ValueError("num_leapfrog_steps goes with kernel='hmc'")
+            options["num_leapfrog_steps"] = num_leapfrog_steps
+        if target_acceptance is not None:
+            options["target_acceptance"] = target_acceptance
+        self.kernel = get_kernel(kernel, **options)
+        self.num_mcmc_steps = _non_negative_int("num_mcmc_steps", num_mcmc_steps)
+        if control is not None and not isinstance(control, torch.nn.Module):
+            raise TypeError("control must be a torch.nn.Module")
+        self.control = control
+        self._network_options = dict(
+            hidden_dim=positive_int(hidden_dim, "hidden_dim"),
+            num_layers=positive_int(num_layers, "num_layers"),
+            guide_scale_init=0.0,
+        )
+        self.score_clip = positive_float(score_clip, "score_clip")
+        self.control_clip = positive_float(control_clip, "control_clip")
+        device = _check_dtype_device(model, dtype, device)
+        self._config = dict(
+            num_steps=num_steps, num_subtrajectories=num_subtrajectories, annealing=annealing,
+            step_size=step_size, num_particles=num_particles, num_runs=num_runs, ess_threshold=ess_threshold,
+            resampling=resampling, kernel=self.kernel.name, num_mcmc_steps=num_mcmc_steps,
+            num_leapfrog_steps=getattr(self.kernel, "num_leapfrog_steps", None),
+            target_acceptance=self.kernel.target_acceptance, hidden_dim=hidden_dim, num_layers=num_layers,
+            lr=lr, final_lr_fraction=final_lr_fraction, grad_clip=grad_clip, score_clip=score_clip,
+            control_clip=control_clip,
+            ema_decay=ema_decay, vectorize=vectorize, dim=dim, dtype=dtype,
+        )
+        self._init_training(
+            lr=lr, grad_clip=grad_clip, final_lr_fraction=final_lr_fraction, ema_decay=ema_decay
+        )
+        self._counter: _CountingPotential | None = None
+        self._path: GeometricPath | None = None
+        self.mcmc_step_sizes: list[float] | None = None
+        self._final_states: list[ParticleSystem] | None = None
+        self.particle_history: list[list[SCLDInfo]] = []
+        self._init_target(
+            model, log_density=log_density, dim=dim, score=score, precondition=precondition,
+            precondition_options=precondition_options, init_strategy=init_strategy, vectorize=vectorize,
+            dtype=dtype, device=device,
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # set-up
+    def _bind_potential(self, potential: Potential):
+        super()._bind_potential(potential)
+        self._counter = _CountingPotential(potential)
+        self._final_states = None
+        self._check_saved_fingerprint()
+        self._setup_target()
+        target = self._target
+        if self.control is None:
+            self.control = ControlNetwork(target.dim, **self._network_options)
+        self.control.to(dtype=target.dtype, device=target.device)
+        self._taus = torch.arange(self.num_steps + 1, dtype=torch.float64) / self.num_steps
+        self._taus = self._taus.to(dtype=target.dtype, device=target.device)
+        if self.mcmc_step_sizes is None:
+            initial = self.kernel.initial_step_size(target.dim)
+            self.mcmc_step_sizes = [initial] * (self.num_subtrajectories - 1)
+        self._setup_optimizer()
+
+    def _whitening_source(self):
+        return self._counter
+
+    def _setup_target(self):
+        """Whiten the (counted) potential; the annealing path runs in the whitened coordinates."""
+        super()._setup_target()
+        self._path = GeometricPath(self._target)
+
+    def setup(self, *args, **kwargs) -> SCLDSampler:
+        """Bind the model's arguments (potential, preconditioner, network, optimiser) without training."""
+        self._setup_potential(args, kwargs)
+        return self
+
+    def _nets(self) -> list[torch.nn.Module]:
+        return [self.control]
+
+    def _checkpoint_extra(self) -> dict:
+        return {"mcmc_step_sizes": list(self.mcmc_step_sizes)}
+
+    def _load_checkpoint_extra(self, extra: dict) -> None:
+        if "mcmc_step_sizes" in extra:
+            self.mcmc_step_sizes = list(extra["mcmc_step_sizes"])
+
+    # ----------------------------------------------------------------------------------------
+    # the particle systems
+    def _control_fn(self, net):
+        """``fn(k, x, guide) -> u_k(x)`` (N, dim), clipped, for the states of one simulation (the time
+        branch of a :class:`~pyro_sde.nn.ControlNetwork` evaluated once for the whole grid)."""
+        if not hasattr(net, "time_features"):
+            return lambda k, x, guide: _clip(net(self._taus[k], x, guide), self.control_clip)
+        hidden, scale = net.time_features(self._taus)
+
+        def fn(k, x, guide):
+            return _clip(net.forward_with_time_features((hidden[k], scale[k]), x, guide), self.control_clip)
+
+        return fn
+
+    def _drift(self, beta, x, point):
+        """``s_beta(x)`` clipped to ``[-score_clip, score_clip]`` (N, dim): the Langevin drift and guide."""
+        return _clip(self._path.score(beta, x, point), self.score_clip)
+
+    def _move(self, j, beta, x, point, log_w):
+        """``num_mcmc_steps`` moves of the particles leaving ``pi_beta`` invariant; adapts boundary ``j``'s
+        step size. Returns ``(x, point, acceptance rate)``."""
+        path = self._path
+        fn = path.log_density_and_score_fn(beta)
+        state = KernelState(x, path.log_density(beta, point), path.score(beta, x, point), point)
+        scale = population_scale(x, log_w, "diagonal")
+        acceptance = []
+        for _ in range(self.num_mcmc_steps):
+            state, probs = self.kernel.step(fn, state, self.mcmc_step_sizes[j], scale=scale)
+            acceptance.append(float(probs.mean()))
+            self.mcmc_step_sizes[j] = adapt_step_size(
+                self.mcmc_step_sizes[j], acceptance[-1], self.kernel.target_acceptance
+            )
+        return state.position, state.extras, sum(acceptance) / len(acceptance)
+
+    @torch.no_grad()
+    def _simulate(self, num_particles: int, net, *, interacting: bool = True, store: bool = False):
+        """Run ``num_particles`` through the ``J`` pieces with the control ``net``.
+
+        ``interacting``: reweight, resample and move at the boundaries (the particle system); else
+        plain paths (importance sampling of whole paths). Returns ``(system, infos, trajectories,
+        path_log_weights)``: the final :class:`ParticleSystem` (``interacting``), the boundaries'
+        :class:`SCLDInfo`, the stored :class:`_Trajectories` (``store``) and ``sum_k log G_k`` (N,)
+        of each path (float64; not interacting)."""
+        path, h, betas = self._path, self.step_size, self.betas
+        n = self.num_steps // self.num_subtrajectories
+        x = path.sample_reference(num_particles)
+        point = path.evaluate(x)
+        _check_initial_point(point, 0)
+        system = ParticleSystem(
+            particles=x,
+            log_weights=initial_log_weights(num_particles, x.device),
+            log_evidence=torch.zeros((), dtype=torch.float64, device=x.device),
+            ancestors=torch.arange(num_particles, device=x.device),
+            num_resampling_steps=0,
+        )
+        path_log_w = torch.zeros(num_particles, dtype=torch.float64, device=x.device)
+        infos, stored = [], []
+        noise_std = math.sqrt(2 * h)
+        control = self._control_fn(net)
+        for j in range(self.num_subtrajectories):
+            k0 = j * n
+            guide = self._drift(betas[k0], x, point)
+            u = control(k0, x, guide)
+            states, guides, forward_means, increments = [x], [guide], [], []
+            piece_log_g = torch.zeros_like(path_log_w)
+            for k in range(k0, k0 + n):
+                beta_next = betas[k + 1]
+                forward_mean = x + h * self._drift(beta_next, x, point)
+                y = forward_mean + h * u + noise_std * torch.randn(x.shape, dtype=x.dtype, device=x.device)
+                point_y = path.evaluate(y)
+                guide_y = self._drift(beta_next, y, point_y)  # also the backward kernel's drift
+                u_y = control(k + 1, y, guide_y)
+                log_pi = path.log_density(beta_next, point_y).double()
+                log_pi = log_pi - path.log_density(betas[k], point).double()
+                piece_log_g += _langevin_log_increment(log_pi, x, y, forward_mean, y + h * guide_y, u, u_y, h)
+                if store:
+                    states.append(y)
+                    guides.append(guide_y)
+                    forward_means.append(forward_mean)
+                    increments.append(log_pi)
+                x, point, u = y, point_y, u_y
+            if store:
+                stored.append((torch.stack(states), torch.stack(guides), torch.stack(forward_means),
+                               torch.stack(increments)))
+            if not interacting:
+                path_log_w += piece_log_g
+                continue
+            beta = betas[k0 + n]
+            try:
+                log_w, increment = reweight(system.log_weights, piece_log_g)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"at beta = {beta:.4g}: {e}") from e
+            system = system._replace(
+                particles=x, log_weights=log_w, log_evidence=system.log_evidence + increment
+            )
+            ess = float(diagnostics._log_ess(log_w).exp())
+            resampled, acceptance, step_size = False, math.nan, math.nan
+            if j < self.num_subtrajectories - 1:
+                system, idx, ess = maybe_resample(system, self.ess_threshold, self.resampling)
+                resampled = idx is not None
+                x = system.particles
+                if resampled:
+                    point = PathPoint(*(t[idx] for t in point))
+                if self.num_mcmc_steps:
+                    x, point, acceptance = self._move(j, beta, x, point, system.log_weights)
+                    system = system._replace(particles=x)
+                    step_size = self.mcmc_step_sizes[j]
+            infos.append(SCLDInfo(beta, ess, resampled, acceptance, step_size, float(increment)))
+        trajectories = _Trajectories(*(torch.stack(t) for t in zip(*stored))) if store else None
+        return (system if interacting else None), infos, trajectories, (None if interacting else path_log_w)
+
+    def _piece_log_weights(self, net, trajectories: _Trajectories) -> torch.Tensor:
+        """``sum_k log G_k`` of each piece (J, N), float64, recomputed from the stored states with one
+        batched call of ``net`` (differentiable in its parameters); NaN for a particle whose piece left
+        the floats (a diverged Langevin path: zeroed before the call, so no NaN reaches the gradient)."""
+        J, n1, N, d = trajectories.states.shape
+        n = n1 - 1
+        inputs = (trajectories.states, trajectories.guides, trajectories.forward_means)
+        alive = torch.stack([torch.isfinite(t).all(-1).all(1) for t in inputs]).all(0)  # (J, N)
+        mask = alive[:, None, :, None]
+        x, guides, forward_means = (torch.where(mask, t, torch.zeros_like(t)) for t in inputs)
+        steps = (torch.arange(J)[:, None] * n + torch.arange(n1)[None, :]).reshape(-1)
+        tau = self._taus[steps].view(-1, 1, 1)
+        u = _clip(net(tau, x.reshape(J * n1, N, d), guides.reshape(J * n1, N, d)), self.control_clip)
+        u = u.view(J, n1, N, d)
+        backward_means = x[:, 1:] + self.step_size * guides[:, 1:]
+        log_g = _langevin_log_increment(
+            trajectories.log_density_increments, x[:, :-1], x[:, 1:], forward_means, backward_means,
+            u[:, :-1], u[:, 1:], self.step_size,
+        ).sum(1)
+        return torch.where(alive, log_g, torch.full_like(log_g, math.nan))
+
+    @torch.no_grad()
+    def sample_particles(self, num_particles: int | None = None, *, num_runs: int | None = None):
+        """Draw ``num_runs`` independent particle systems of ``num_particles`` (default the constructor's;
+        given values become the new defaults) with the sampling (EMA) control, resampling and moves;
+        they replace ``final_states`` and are what the estimates use. Returns ``self``."""
+        self._require_potential()
+        if num_particles is not None:
+            self.num_particles = positive_int(num_particles, "num_particles", minimum=2)
+        if num_runs is not None:
+            self.num_runs = positive_int(num_runs, "num_runs")
+        net = self._sampling_networks()[0]
+        num_nan = self._path.num_nan
+        states, history = [], []
+        for _ in range(self.num_runs):
+            system, infos, _, _ = self._simulate(self.num_particles, net)
+            states.append(system)
+            history.append(infos)
+        if self._path.num_nan > num_nan:
+            warnings.warn(
+                f"the log density was NaN at {self._path.num_nan - num_nan} points (taken as -inf: zero "
+                "weight, rejected moves)", RuntimeWarning, stacklevel=2,
+            )
+        self._final_states, self.particle_history = states, history
+        return self
+
+    @property
+    def final_states(self) -> list[ParticleSystem]:
+        """The particle systems behind the estimates (one per run); drawn by :meth:`sample_particles`
+        on first use after training."""
+        if self._final_states is None:
+            self.sample_particles()
+        return self._final_states
+
+    @property
+    def run_log_evidence(self) -> torch.Tensor:
+        """``log Z_r`` of each run (R,), float64."""
+        return torch.stack([s.log_evidence for s in self.final_states])
+
+    @property
+    def num_target_evaluations(self) -> int:
+        """Rows at which the target's log density (or score) was evaluated: preconditioning, training,
+        the stopping rule's checks and the particle systems."""
+        return 0 if self._counter is None else self._counter.num_evaluations
+
+    # ----------------------------------------------------------------------------------------
+    # training
+    def compute_loss(self, batch_size: int = 256):
+        """``(loss, log_z_hat, mean_ess, num_dropped)`` on a fresh batch: the particle system of
+        ``batch_size`` is run with the live control (no gradients); the loss ``mean_j Var_i(log G_j^i)
+        / dim`` over the pieces' finite rows is recomputed differentiably from the stored states."""
+        self._require_potential()
+        positive_int(batch_size, "batch_size", minimum=2)
+        system, infos, trajectories, _ = self._simulate(batch_size, self.control, store=True)
+        log_g = self._piece_log_weights(self.control, trajectories)
+        finite = torch.isfinite(log_g)
+        if int(finite.sum(1).min()) < 2:
+            raise FloatingPointError("fewer than 2 particles with a finite log weight in a sub-trajectory")
+        variances = torch.stack([g[ok].var() for g, ok in zip(log_g, finite)])
+        loss = variances.mean() / self._target.dim
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
+        mean_ess = sum(i.ess for i in infos) / len(infos)
+        return loss, float(system.log_evidence), mean_ess, int((~finite).sum())
+
+    def step(self, batch_size: int = 256) -> StepInfo:
+        """One optimisation step on a fresh batch of ``batch_size`` particles. ``StepInfo.log_z_lower_bound``
+        is the batch's ``log Z_hat`` (a lower bound in expectation), ``ess`` the mean over boundaries."""
+        self._require_potential()
+        self._final_states = None  # the control changes: the particle systems are redrawn
+        self.control.train()
+        loss, log_z, ess, dropped = self.compute_loss(batch_size)
+        self._optimizer_step(loss)
+        info = StepInfo(float(loss.detach()), log_z, ess, dropped)
+        self.losses.append(info.loss)
+        self.history.append(info)
+        return info
+
+    def path_log_weights(self, num_paths: int) -> torch.Tensor:
+        """``sum_k log G_k`` (num_paths,) float64 of independent paths drawn with the sampling control
+        without resampling or moves (exact importance weights, ``E[exp] = Z``)."""
+        self._require_potential()
+        positive_int(num_paths, "num_paths")
+        return self._simulate(num_paths, self._sampling_networks()[0], interacting=False)[3]
+
+    def _evaluate(self, num_paths: int):
+        """``(ess, pareto_k)`` of whole-path importance weights (no resampling or moves)."""
+        log_w = self.path_log_weights(num_paths)
+        log_w = log_w[torch.isfinite(log_w)]
+        if log_w.numel() < 2:
+            return 0.0, math.inf
+        ess = float(diagnostics.effective_sample_size(log_w)) * log_w.numel() / num_paths
+        return ess, float(diagnostics.psis(log_w)[1])
+
+    # ----------------------------------------------------------------------------------------
+    # estimates (the weighted-sample surface is ParticleSampler's)
+    def diagnostics(self) -> dict:
+        """Evidence with both standard errors, ESS, Pareto k, resampling, acceptance and cost."""
+        evidence = self._evidence_diagnostics()
+        acceptance = [
+            i.acceptance_rate for h in self.particle_history for i in h if math.isfinite(i.acceptance_rate)
+        ]
+        return {
+            **evidence,
+            "num_particles": self.num_particles,
+            "num_steps": self.num_steps,
+            "num_subtrajectories": self.num_subtrajectories,
+            "mean_acceptance_rate": sum(acceptance) / len(acceptance) if acceptance else math.nan,
+            "mcmc_step_sizes": list(self.mcmc_step_sizes),
+            "num_iterations": len(self.losses),
+            "num_target_evaluations": self.num_target_evaluations,
+        }
+
+    def __repr__(self):
+        return (
+            f"SCLDSampler(num_steps={self.num_steps}, num_subtrajectories={self.num_subtrajectories}, "
+            f"step_size={self.step_size}, kernel={self.kernel!r}, iterations={len(self.losses)})"
+        )
