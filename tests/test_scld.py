@@ -151,7 +151,7 @@ def test_a_stiff_target_trains_without_failed_steps():
     # overflow; the clipped drift keeps the paths finite, their weights negligible, the gradients clean
     stiff = Gaussian(torch.tensor([0.03, -0.02]), scale=torch.tensor([0.01, 0.01]))
     scld = SCLDSampler(log_density=stiff.log_prob, dim=2, dtype=torch.float32, precondition=None,
-                       num_steps=16, num_subtrajectories=2, hidden_dim=16, num_layers=1)
+                       num_steps=16, num_subtrajectories=2, hidden_dim=16, num_layers=1, step_size=0.1)
     scld.run(num_iterations=3, batch_size=32, until=None, progress_bar=False)
     assert scld.num_failed_steps == 0 and all(math.isfinite(loss) for loss in scld.losses)
 
@@ -189,8 +189,10 @@ def test_lee_whiteley_error_bar_of_one_run_is_consistent():
 
 def test_training_reduces_the_loss_improves_the_ess_and_keeps_log_z():
     target = Gaussian(torch.linspace(-1.5, 1.5, 5), scale=torch.linspace(0.3, 1.3, 5), log_Z=0.3)
+    # a fixed h = 0.1 (``"auto"`` takes a smaller step for this unwhitened scale-0.3 target, and the
+    # control then has to carry the transport alone: h u per step)
     scld = _sampler(target, num_steps=16, num_subtrajectories=4, hidden_dim=32, num_layers=2,
-                    lr=1e-2, num_particles=2048, ema_decay=None)
+                    lr=1e-2, num_particles=2048, ema_decay=None, step_size=0.1)
     torch.manual_seed(0)
     ess_before, _ = scld._evaluate(1024)
     scld.run(num_iterations=60, batch_size=128, until=None, progress_bar=False)
@@ -231,14 +233,15 @@ def test_moments_after_a_short_training(capsys):
 def test_target_evaluations_are_counted(kernel, options, per_move):
     K, J, batch = 8, 4, 16
     scld = _sampler(num_steps=K, num_subtrajectories=J, num_mcmc_steps=2, kernel=kernel, **options)
-    assert scld.num_target_evaluations == 0
+    tuning = scld.num_target_evaluations  # the pilot paths of step_size="auto"
+    assert tuning > 0 and tuning % 256 == 0  # 256 pilot paths, each stopped at its first failing step
     scld.step(batch)
     per_particle = 1 + K + (J - 1) * 2 * per_move  # x_0, one per Langevin step, the moves
-    assert scld.num_target_evaluations == batch * per_particle
+    assert scld.num_target_evaluations - tuning == batch * per_particle
     scld.path_log_weights(10)  # no moves
-    assert scld.num_target_evaluations == batch * per_particle + 10 * (1 + K)
+    assert scld.num_target_evaluations - tuning == batch * per_particle + 10 * (1 + K)
     scld.sample_particles(32)
-    assert scld.num_target_evaluations == (batch + 32) * per_particle + 10 * (1 + K)
+    assert scld.num_target_evaluations - tuning == (batch + 32) * per_particle + 10 * (1 + K)
     accepted = [i.acceptance_rate for i in scld.particle_history[0][:-1]]
     assert len(accepted) == J - 1 and all(0 < a <= 1 for a in accepted)
 
@@ -398,3 +401,26 @@ def test_pyro_model_end_to_end_with_predictive():
     assert diagnostics["num_iterations"] == 5 and diagnostics["num_target_evaluations"] > 5 * 64 * 9
     idata = pyro_sde.to_inference_data(scld)
     assert "a" in idata.posterior
+
+
+def test_auto_step_size_follows_the_targets_curvature():
+    """step_size="auto" picks the largest Langevin step that keeps the untrained steps' acceptance >= 0.8:
+    large on a unit Gaussian, small in ManyWell-5's stiff wells, where a fixed h = 0.1 loses tens of nats."""
+    from pyro_sde.targets import Gaussian, ManyWell
+
+    torch.manual_seed(0)
+    unit = SCLDSampler(log_density=Gaussian(torch.zeros(3), torch.ones(3)).log_prob, dim=3,
+                       precondition=None, num_steps=8, num_subtrajectories=2)
+    assert unit.step_size >= 0.1 and unit.step_size_acceptance >= unit.min_step_acceptance
+    wells = ManyWell(dim=5, num_wells=5, delta=4.0)
+    errors = {}
+    for h in ("auto", 0.1):
+        torch.manual_seed(1)
+        scld = SCLDSampler(log_density=lambda x: wells.log_prob(x.double()), dim=5, step_size=h,
+                           precondition=None, num_particles=2048, dtype=F64)
+        errors[h] = abs(float(scld.log_evidence().log_z) - wells.log_Z)
+        if h == "auto":
+            assert scld.step_size <= 0.025
+    assert errors["auto"] < 3.0 and errors[0.1] > 20.0
+    with pytest.raises(ValueError, match="step_size"):
+        _sampler(step_size="large")
