@@ -1,8 +1,10 @@
-"""Argument checks shared by the package's public entry points (one message format everywhere)."""
+"""Argument checks shared by the public entry points (one message format everywhere); the clamp of drifts."""
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def positive_int(value, name: str, minimum: int = 1) -> int:
@@ -29,3 +31,24 @@ def nonnegative_float(value, name: str, positive: bool = False) -> float:
 def positive_float(value, name: str) -> float:
     """``value`` as a float if it is a finite number ``> 0``."""
     return nonnegative_float(value, name, positive=True)
+
+
+def nonnegative_int(value, name: str) -> int:
+    """``value`` if it is an int ``>= 0`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def unit_interval(value, name: str, *, closed_right: bool) -> float:
+    """``value`` as a float if it is in ``(0, 1]`` (``closed_right``) or ``(0, 1)``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and 0 < value and (value <= 1 if closed_right else value < 1)
+    if not ok:
+        raise ValueError(f"{name} must be in (0, 1{']' if closed_right else ')'}, got {value!r}")
+    return float(value)
+
+
+def clamp_finite(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """``x`` with NaN replaced by 0, clamped to ``[-bound, bound]`` (a bounded drift for explicit steps)."""
+    return torch.nan_to_num(x, nan=0.0, posinf=bound, neginf=-bound).clamp(-bound, bound)

@@ -14,6 +14,7 @@ the largest ``delta`` with ``CESS(delta) >= target``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -141,3 +142,22 @@ def next_temperature(
     # lo = 0 only when any step loses the target (zero-weight particles): the smallest tried step then
     delta = lo if lo > 0 else hi
     return min(beta + delta, 1.0) if beta + delta > beta else math.nextafter(beta, 2.0)
+
+
+def check_initial_point(point: PathPoint, num_nan: int) -> None:
+    """Refuse initial particles where ``log rho`` is ``+inf`` anywhere or finite nowhere; warn of NaN ones."""
+    if (point.log_target == math.inf).any():
+        raise ValueError("the log density is +inf at a particle drawn from the reference: it must be finite")
+    finite = int(torch.isfinite(point.log_target).sum())
+    n = point.log_target.numel()
+    if finite == 0:
+        raise ValueError(
+            f"the log density is not finite (NaN or -inf) at any of the {n} particles drawn from the "
+            "reference Gaussian: check the log density (or the model) near its initial point"
+        )
+    if num_nan:
+        warnings.warn(
+            f"the log density is NaN at {num_nan} of {n} initial particles: they are given zero weight",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -598,3 +598,31 @@ class ModelPotential(Potential):
         warnings.warn(message, UserWarning, stacklevel=3)
         _logger.info("ModelPotential: sequential evaluation (%s)", reasons)
         return "sequential"
+
+
+class CountingPotential(Potential):
+    """A potential that counts the rows at which it is evaluated (``num_evaluations``)."""
+
+    def __init__(self, base: Potential):
+        self.base = base
+        self.dim, self.dtype, self.device = base.dim, base.dtype, base.device
+        self.site_shapes, self.initial_params = base.site_shapes, base.initial_params
+        self.num_evaluations = 0
+
+    def _count(self, z):
+        self.num_evaluations += math.prod(z.shape[:-1])
+
+    def log_density(self, z):
+        self._count(z)
+        return self.base.log_density(z)
+
+    def log_density_and_score(self, z, *, create_graph: bool = False):
+        self._count(z)
+        return self.base.log_density_and_score(z, create_graph=create_graph)
+
+    def score(self, z, *, create_graph: bool = False):
+        self._count(z)
+        return self.base.score(z, create_graph=create_graph)
+
+    def constrain(self, z):
+        return self.base.constrain(z)

@@ -38,13 +38,13 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
 
 from .. import diagnostics
-from .._checks import positive_float, positive_int
+from .._checks import clamp_finite as _clip
+from .._checks import nonnegative_int, positive_float, positive_int, unit_interval
 from ..nn import ControlNetwork
 from ._inputs import check_dtype_device as _check_dtype_device
 from ._inputs import check_target
 from ._training import StepInfo, TrainedSampler
-from .annealing import GeometricPath, PathPoint
-from .diffusion.sampler import _clip
+from .annealing import GeometricPath, PathPoint, check_initial_point
 from .kernels import KernelState, adapt_step_size, get_kernel, population_scale
 from .particles import (
     RESAMPLING_SCHEMES,
@@ -54,8 +54,7 @@ from .particles import (
     maybe_resample,
     reweight,
 )
-from .potential import Potential
-from .smc import _check_initial_point, _CountingPotential, _non_negative_int, _unit_interval
+from .potential import CountingPotential, Potential
 
 __all__ = ["SCLDInfo", "SCLDSampler", "annealing_schedule"]
 
@@ -233,7 +232,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self.step_size_acceptance: float | None = None  #: the "auto" tuning's lowest mean acceptance
         self.num_particles = positive_int(num_particles, "num_particles", minimum=2)
         self.num_runs = positive_int(num_runs, "num_runs")
-        self.ess_threshold = _unit_interval("ess_threshold", ess_threshold, closed_right=True)
+        self.ess_threshold = unit_interval(ess_threshold, "ess_threshold", closed_right=True)
         if resampling not in RESAMPLING_SCHEMES:
             raise ValueError(f"resampling must be one of {RESAMPLING_SCHEMES}, got {resampling!r}")
         self.resampling = resampling
@@ -245,7 +244,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         if target_acceptance is not None:
             options["target_acceptance"] = target_acceptance
         self.kernel = get_kernel(kernel, **options)
-        self.num_mcmc_steps = _non_negative_int("num_mcmc_steps", num_mcmc_steps)
+        self.num_mcmc_steps = nonnegative_int(num_mcmc_steps, "num_mcmc_steps")
         if control is not None and not isinstance(control, torch.nn.Module):
             raise TypeError("control must be a torch.nn.Module")
         self.control = control
@@ -270,7 +269,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self._init_training(
             lr=lr, grad_clip=grad_clip, final_lr_fraction=final_lr_fraction, ema_decay=ema_decay
         )
-        self._counter: _CountingPotential | None = None
+        self._counter: CountingPotential | None = None
         self._path: GeometricPath | None = None
         self.mcmc_step_sizes: list[float] | None = None
         self._final_states: list[ParticleSystem] | None = None
@@ -285,7 +284,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     # set-up
     def _bind_potential(self, potential: Potential):
         super()._bind_potential(potential)
-        self._counter = _CountingPotential(potential)
+        self._counter = CountingPotential(potential)
         self._final_states = None
         self._check_saved_fingerprint()
         self._setup_target()
@@ -415,7 +414,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         n = self.num_steps // self.num_subtrajectories
         x = path.sample_reference(num_particles)
         point = path.evaluate(x)
-        _check_initial_point(point, 0)
+        check_initial_point(point, 0)
         system = ParticleSystem(
             particles=x,
             log_weights=initial_log_weights(num_particles, x.device),

@@ -41,11 +41,11 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
 
 from .. import diagnostics
-from .._checks import positive_int
+from .._checks import nonnegative_int, positive_int, unit_interval
 from .._progress import progress_bar as _progress_bar
 from ._inputs import check_dtype_device as _check_dtype_device
 from ._inputs import check_target
-from .annealing import GeometricPath, PathPoint, next_temperature
+from .annealing import GeometricPath, PathPoint, check_initial_point, next_temperature
 from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, population_scale
 from .particles import (
     RESAMPLING_SCHEMES,
@@ -55,7 +55,7 @@ from .particles import (
     resample,
     reweight,
 )
-from .potential import Potential
+from .potential import CountingPotential, Potential
 
 __all__ = ["SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_step", "lee_whiteley_relative_variance"]
 
@@ -88,24 +88,6 @@ class SMCInfo(NamedTuple):
     num_target_evaluations: int  #: target evaluations of this step (rows)
 
 
-def _check_initial_point(point: PathPoint, num_nan: int):
-    if (point.log_target == math.inf).any():
-        raise ValueError("the log density is +inf at a particle drawn from the reference: it must be finite")
-    finite = int(torch.isfinite(point.log_target).sum())
-    n = point.log_target.numel()
-    if finite == 0:
-        raise ValueError(
-            f"the log density is not finite (NaN or -inf) at any of the {n} particles drawn from the "
-            "reference Gaussian: check the log density (or the model) near its initial point"
-        )
-    if num_nan:
-        warnings.warn(
-            f"the log density is NaN at {num_nan} of {n} initial particles: they are given zero weight",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
 def smc_init(path: GeometricPath, num_particles: int, kernel: MoveKernel, *, step_size=None) -> SMCState:
     """``N`` particles from ``q`` with equal weights at ``beta = 0`` (``num_particles`` target evaluations).
 
@@ -114,7 +96,7 @@ def smc_init(path: GeometricPath, num_particles: int, kernel: MoveKernel, *, ste
     x = path.sample_reference(num_particles)
     num_nan = path.num_nan
     point = path.evaluate(x)
-    _check_initial_point(point, path.num_nan - num_nan)
+    check_initial_point(point, path.num_nan - num_nan)
     log_w = initial_log_weights(num_particles, x.device)
     return SMCState(
         particles=x,
@@ -188,48 +170,6 @@ def smc_step(
         num_target_evaluations=evaluations,
     )
     return new_state, info
-
-
-class _CountingPotential(Potential):
-    """A potential that counts the rows at which it is evaluated (``num_evaluations``)."""
-
-    def __init__(self, base: Potential):
-        self.base = base
-        self.dim, self.dtype, self.device = base.dim, base.dtype, base.device
-        self.site_shapes, self.initial_params = base.site_shapes, base.initial_params
-        self.num_evaluations = 0
-
-    def _count(self, z):
-        self.num_evaluations += math.prod(z.shape[:-1])
-
-    def log_density(self, z):
-        self._count(z)
-        return self.base.log_density(z)
-
-    def log_density_and_score(self, z, *, create_graph: bool = False):
-        self._count(z)
-        return self.base.log_density_and_score(z, create_graph=create_graph)
-
-    def score(self, z, *, create_graph: bool = False):
-        self._count(z)
-        return self.base.score(z, create_graph=create_graph)
-
-    def constrain(self, z):
-        return self.base.constrain(z)
-
-
-def _unit_interval(name, value, *, closed_right):
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and 0 < value and (value <= 1 if closed_right else value < 1)
-    if not ok:
-        raise ValueError(f"{name} must be in (0, 1{']' if closed_right else ')'}, got {value!r}")
-    return float(value)
-
-
-def _non_negative_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return value
 
 
 def _smc_precondition_options(options):
@@ -324,9 +264,9 @@ class SMCSampler(ParticleSampler):
         check_target(model, log_density, score)
         positive_int(num_particles, "num_particles", minimum=2)
         self.num_particles = num_particles
-        self.ess_threshold = _unit_interval("ess_threshold", ess_threshold, closed_right=True)
-        self.target_conditional_ess = _unit_interval(
-            "target_conditional_ess", target_conditional_ess, closed_right=False
+        self.ess_threshold = unit_interval(ess_threshold, "ess_threshold", closed_right=True)
+        self.target_conditional_ess = unit_interval(
+            target_conditional_ess, "target_conditional_ess", closed_right=False
         )
         options = {}
         if num_leapfrog_steps is not None:
@@ -336,7 +276,7 @@ class SMCSampler(ParticleSampler):
         if target_acceptance is not None:
             options["target_acceptance"] = target_acceptance
         self.kernel = get_kernel(kernel, **options)
-        self.num_mcmc_steps = _non_negative_int("num_mcmc_steps", num_mcmc_steps)
+        self.num_mcmc_steps = nonnegative_int(num_mcmc_steps, "num_mcmc_steps")
         if step_size is not None and not (
             not isinstance(step_size, bool) and isinstance(step_size, (int, float))
             and 0 < step_size < math.inf
@@ -352,7 +292,7 @@ class SMCSampler(ParticleSampler):
         self.num_runs = positive_int(num_runs, "num_runs")
         self.max_num_temperatures = positive_int(max_num_temperatures, "max_num_temperatures")
         device = _check_dtype_device(model, dtype, device)
-        self._counter: _CountingPotential | None = None
+        self._counter: CountingPotential | None = None
         self._init_target(
             model, log_density=log_density, dim=dim, score=score, precondition=precondition,
             precondition_options=_smc_precondition_options(precondition_options),
@@ -372,7 +312,7 @@ class SMCSampler(ParticleSampler):
     # set-up
     def _bind_potential(self, potential: Potential):
         super()._bind_potential(potential)
-        self._counter = _CountingPotential(potential)
+        self._counter = CountingPotential(potential)
         self._target = None
 
     def _whitening_source(self):

@@ -17,6 +17,7 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
 
 from ... import diagnostics
+from ..._checks import clamp_finite as _clip
 from ..._checks import positive_float, positive_int
 from ...nn import ControlNetwork
 from ...sde import (
@@ -40,11 +41,6 @@ _METHODS = ("pis", "dis", "dds", "bridge")
 #: coarsest acceptable spacing of representable log density values (``|log rho| * eps``)
 _MAX_LOG_DENSITY_RESOLUTION = 1e-2
 _BACKENDS = ("euler", "torchsde")
-
-
-def _clip(x: torch.Tensor, bound: float) -> torch.Tensor:
-    """Replace NaN by 0 and clamp to ``[-bound, bound]``."""
-    return torch.nan_to_num(x, nan=0.0, posinf=bound, neginf=-bound).clamp(-bound, bound)
 
 
 def _resolution(log_rho: torch.Tensor) -> float:
