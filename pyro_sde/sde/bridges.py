@@ -157,9 +157,9 @@ def _log_aux_density(u, nu0, P0, diag, aux, dt):
     return log_n - dt * trace
 
 
-def _guided_G(b, x, r, L: DiffusionFactor, nu_P, diag, aux):
-    """``G = (b - b~)^T r~ - 1/2 tr[(a - a~) H~] + 1/2 r~^T (a - a~) r~`` at ``x`` (``H~ = P^{-1}``)."""
-    P = nu_P
+def _guided_G(b, x, r, L: DiffusionFactor, P, diag, aux):
+    """``G = (b - b~)^T r~ - 1/2 tr[(a - a~) H~] + 1/2 r~^T (a - a~) r~`` at ``x`` (``H~ = P^{-1}``;
+    ``P`` the variances if ``diag`` else the Cholesky factor of ``P``), shape ``x.shape[:-1]``."""
     if diag and L.diagonal:  # everything elementwise
         b_aux = aux.drift_matrix * x + aux.drift_offset
         a_minus = L.tril * L.tril - aux.diffusion
@@ -168,11 +168,7 @@ def _guided_G(b, x, r, L: DiffusionFactor, nu_P, diag, aux):
     b_aux = (B_aux @ x.unsqueeze(-1)).squeeze(-1) + aux.drift_offset
     chol = torch.diag_embed(P.sqrt()) if diag else P  # P = C C^T
     Lmat = torch.diag_embed(L.tril) if L.diagonal else L.tril
-    batch = torch.broadcast_shapes(chol.shape[:-2], Lmat.shape[:-2])
-    # tr[a P^{-1}] = |C^{-1} L|_F^2; tr[a~ P^{-1}] by a Cholesky solve
-    CinvL = torch.linalg.solve_triangular(
-        chol.expand(batch + chol.shape[-2:]), Lmat.expand(batch + Lmat.shape[-2:]), upper=False
-    )
+    CinvL = torch.linalg.solve_triangular(chol, Lmat, upper=False)
     tr_a = CinvL.pow(2).sum((-2, -1))
     tr_aux = torch.cholesky_solve(a_aux.expand(chol.shape[:-2] + a_aux.shape[-2:]), chol)
     tr_aux = tr_aux.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -277,10 +273,8 @@ def _guided_step(y, nu, P, diag, L: DiffusionFactor, delta):
     Pmat = torch.diag_embed(P) if diag else P @ P.transpose(-1, -2)  # P is a Cholesky factor if full
     a = L.matrix()
     a = torch.diag_embed(a) if L.diagonal else a
-    S = Pmat + delta.unsqueeze(-1) * a
-    batch = torch.broadcast_shapes(S.shape[:-2], y.shape[:-1])
-    S = torch.linalg.cholesky(S.expand(batch + S.shape[-2:]))
-    w = torch.cholesky_solve((y - nu).expand(batch + y.shape[-1:]).unsqueeze(-1), S)
+    S = torch.linalg.cholesky(Pmat + delta.unsqueeze(-1) * a)  # per interval if a is state-independent
+    w = torch.cholesky_solve((y - nu).unsqueeze(-1), S)  # broadcasts over the particles
     return nu + (Pmat @ w).squeeze(-1)
 
 
