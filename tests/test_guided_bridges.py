@@ -285,3 +285,63 @@ def test_guided_parameter_batch_shares_the_noise_and_is_differentiable(grid):
     eps = 1e-5
     numeric = (lp(kappas.detach() + eps) - lp(kappas.detach() - eps)) / (2 * eps)
     assert torch.allclose(grad, numeric, rtol=1e-5, atol=1e-6)
+
+
+class TestLongGapRecovery:
+    """200 OU intervals, theta = 1.5, sigma = 0.8, irregular gaps in [0.3, 1.3] (theta x gap up to 2): the
+    L-BFGS MAP under the M = 20 likelihood is within 0.2 SE of the exact MLE (flat priors)."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def problem(cls):
+        gen = torch.Generator().manual_seed(1)
+        gaps = 0.3 + torch.rand(200, generator=gen, dtype=D64)
+        times = torch.cat([torch.zeros(1, dtype=D64), gaps.cumsum(0)])
+        x = torch.zeros(201, 1, dtype=D64)
+        for i in range(200):
+            a = math.exp(-1.5 * gaps[i].item())
+            x[i + 1] = a * x[i] + 0.8 * math.sqrt((1 - a * a) / 3.0) * torch.randn(
+                1, generator=gen, dtype=D64
+            )
+
+        def nll(p):
+            sde = OrnsteinUhlenbeck(theta=p[0], mean=0.0, sigma=p[1])
+            return -DiscretelyObservedSDE(sde, times, proposal="exact").log_prob(x)
+
+        log_p = torch.zeros(2, dtype=D64, requires_grad=True)
+        opt = torch.optim.LBFGS([log_p], max_iter=100, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = nll(log_p.exp())
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        mle = log_p.detach().exp()
+        se = torch.linalg.cholesky(torch.autograd.functional.hessian(nll, mle)).cholesky_inverse()
+        return times, x, mle, se.diagonal().sqrt()
+
+    @pytest.mark.parametrize("proposal, N, richardson", [("guided", 16, False), ("mdb", 64, True)])
+    def test_map_within_0p2_se(self, problem, proposal, N, richardson):
+        import pyro
+        import pyro.distributions as dist
+        from torch.distributions import constraints
+
+        from pyro_sde.infer import lbfgs_map
+
+        times, x, mle, se = problem
+        flat = dist.ImproperUniform(constraints.positive, (), ())
+
+        def model():
+            sde = OrnsteinUhlenbeck(
+                theta=pyro.sample("theta", flat), mean=0.0, sigma=pyro.sample("sigma", flat)
+            )
+            obs = DiscretelyObservedSDE(
+                sde, times, proposal=proposal, num_particles=N, num_substeps=20, richardson=richardson, seed=0
+            )
+            pyro.sample("obs", obs, obs=x)
+
+        point = lbfgs_map(model, init_values={"theta": t64(1.0), "sigma": t64(1.0)})
+        z = (torch.stack([point["theta"], point["sigma"]]) - mle) / se
+        assert (z.abs() < 0.2).all(), z
