@@ -58,6 +58,7 @@ __all__ = [
     "SUBSTEP_GRIDS",
     "bridge_log_prob",
     "bridge_log_weights",
+    "check_noise",
     "coarsen_noise",
     "guided_moments",
     "substep_fractions",
@@ -232,8 +233,7 @@ def bridge_log_weights(
         return _guided_log_weights(sde, times, deltas, u, v, x, noise, L)
     log_w = u.new_zeros(x.shape[:-1])
     if proposal == "guided_euler" and M > 1:
-        remaining = (1 - frac[:-2]).view((M - 1,) + pad) * dt
-        nu, P, diag, _ = _guided_backward(sde, times[-1], v, remaining)
+        nu, P, diag = guided_moments(sde, times[-1], dt, v, M, substep_grid=substep_grid)
     if M > 1 and proposal != "forward":
         # the xi-only parts of the log ratio, for all steps at once: sum_m |xi_m|^2 / 2 + (d / 2) log rho_m
         rho = (1 - frac[1:-1]) / (1 - frac[:-2])  # (T - t_{m+1}) / (T - t_m), m < M - 1
