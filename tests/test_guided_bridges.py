@@ -189,7 +189,7 @@ class TestNonlinearModels:
             ("CIR short", "mdb"),
             ("CIR long", "mdb"),
             ("CIR Feller 1.07", "guided"),
-        ],  # near the Feller boundary Euler-ratio paths leave (0, inf)
+        ],  # near the Feller boundary mdb's weights are heavy-tailed
     )
     def test_richardson_at_m20(self, name, proposal):
         sde, u, v, T = NONLINEAR[name]
