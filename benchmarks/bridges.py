@@ -478,7 +478,8 @@ E[w], is not). Plot: `docs/img/bridges_bias_vs_M.png`.
 OU: theta=2, sigma=1, u=v=1; GBM mu=0.1, sigma=0.4, 1 -> 1.1; CIR kappa=theta=1, sigma=0.5, 1 -> 1.2;
 landmarks: 20 landmarks x 2 (d=40), fixed Gaussian kernel (alpha=1, gamma=0.02), sigma=0.2, exact Gaussian.
 RMSE and bias of log p-hat against the exact (continuous-time) log-density; they include the O(1/M) Euler
-bias that every Euler-ratio estimator shares (the estimators are unbiased for the M-step Euler density).
+bias that every Euler-ratio estimator shares (forward, mdb, guided_euler: unbiased for the M-step Euler
+density); `guided` (continuous-time weight) is exact on the linear models (OU, landmarks).
 `fit s`: training time of the learned bridge.
 
 {markdown_table(["problem", "proposal", "ESS %", "RMSE", "bias", "fit s"], acc)}"""
