@@ -124,7 +124,9 @@ def factor_from_g(g: torch.Tensor, diagonal: bool) -> DiffusionFactor:
         return DiffusionFactor(g, True)
     if g.shape[-1] < g.shape[-2]:
         raise ValueError(f"g of shape {tuple(g.shape)} gives a singular diffusion matrix (m < d)")
-    r = torch.linalg.qr(g.transpose(-1, -2), mode="r")[1]
+    # mode "r" has no derivative: compute Q too where a gradient may flow through g
+    mode = "reduced" if torch.is_grad_enabled() and g.requires_grad else "r"
+    r = torch.linalg.qr(g.transpose(-1, -2), mode=mode)[1]
     return DiffusionFactor(r.transpose(-1, -2), False)
 
 
