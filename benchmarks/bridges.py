@@ -120,13 +120,14 @@ def bias_problems():
     ]
 
 
-BIAS_ESTIMATORS = (  # (label, proposal, richardson)
-    ("forward", "forward", False),
-    ("mdb", "mdb", False),
-    ("guided_euler", "guided_euler", False),
-    ("guided", "guided", False),
-    ("mdb + Richardson", "mdb", True),
-    ("guided + Richardson", "guided", True),
+BIAS_ESTIMATORS = (  # (label, proposal, richardson, substep grid)
+    ("forward", "forward", False, "uniform"),
+    ("mdb", "mdb", False, "uniform"),
+    ("guided_euler", "guided_euler", False, "uniform"),
+    ("guided", "guided", False, "uniform"),
+    ("mdb + Richardson", "mdb", True, "uniform"),
+    ("guided + Richardson", "guided", True, "uniform"),
+    ("guided + Richardson, time change", "guided", True, "time_change"),
 )
 
 
@@ -134,7 +135,7 @@ def bias_curves(Ms, N, R):
     """Mean error and standard error of ``R`` estimates of ``log p(v | u)`` per problem, estimator, M."""
     out = {}
     for name, sde, u, v, gap, exact in bias_problems():
-        for label, proposal, rich in BIAS_ESTIMATORS:
+        for label, proposal, rich, grid in BIAS_ESTIMATORS:
             for M in Ms:
                 errs = []
                 for r in range(0, R, 50):  # bounded memory for the noise
@@ -150,6 +151,7 @@ def bias_curves(Ms, N, R):
                             num_particles=N,
                             num_substeps=M,
                             richardson=rich,
+                            substep_grid=grid,
                         )
                     errs.append(est - exact)
                 err = torch.cat(errs)
@@ -172,7 +174,7 @@ def plot_bias(curves, Ms, path):
     axes = axes.ravel()
     floor = 1e-6
     for ax, name in zip(axes, names):
-        for i, (label, _, _) in enumerate(BIAS_ESTIMATORS):
+        for i, (label, *_) in enumerate(BIAS_ESTIMATORS):
             b = [abs(curves[name, label, M][0]) for M in Ms]
             se = [curves[name, label, M][1] for M in Ms]
             color = f"C{i}"
@@ -449,7 +451,7 @@ def main():
         plot_bias(curves, Ms, IMG)
         rows = []
         for name, *_ in bias_problems():
-            for label, _, _ in BIAS_ESTIMATORS:
+            for label, *_ in BIAS_ESTIMATORS:
                 rows.append(
                     [name, label]
                     + [f"{curves[name, label, m][0]:+.4f} ({curves[name, label, m][1]:.4f})" for m in Ms]
