@@ -158,13 +158,14 @@ def _log_aux_density(u, nu0, P0, diag, aux, dt):
     return log_n - dt * trace
 
 
-def _guided_G(b, x, r, L: DiffusionFactor, P, diag, aux):
+def _guided_G(b, x, r, L: DiffusionFactor, P, diag, aux, inv_P=None):
     """``G = (b - b~)^T r~ - 1/2 tr[(a - a~) H~] + 1/2 r~^T (a - a~) r~`` at ``x`` (``H~ = P^{-1}``;
-    ``P`` the variances if ``diag`` else the Cholesky factor of ``P``), shape ``x.shape[:-1]``."""
+    ``P`` the variances if ``diag`` (``inv_P = 1 / P``) else the Cholesky factor of ``P``), shape
+    ``x.shape[:-1]``."""
     if diag and L.diagonal:  # everything elementwise
         b_aux = aux.drift_matrix * x + aux.drift_offset
         a_minus = L.tril * L.tril - aux.diffusion
-        return ((b - b_aux) * r - 0.5 * a_minus / P + 0.5 * a_minus * r * r).sum(-1)
+        return ((b - b_aux) * r + 0.5 * a_minus * (r * r - inv_P)).sum(-1)
     B_aux, a_aux = _full_aux(aux)
     b_aux = (B_aux @ x.unsqueeze(-1)).squeeze(-1) + aux.drift_offset
     chol = torch.diag_embed(P.sqrt()) if diag else P  # P = C C^T
@@ -285,19 +286,27 @@ def _guided_log_weights(sde, times, deltas, u, v, x, noise, L):
     remaining = times[-1] - times[:-1]  # (M, *B)
     nu, P, diag, aux = _guided_backward(sde, times[-1], v, remaining)
     log_w = _log_aux_density(u, nu[0], P[0], diag, aux, remaining[0]).to(torch.float64)
-    log_w = log_w.expand(x.shape[:-1])
+    inv_P = 1 / P if diag else None
+    constant = diag and L is not None and L.diagonal  # constant diagonal diffusion: precompute the steps
+    if constant and M > 1:
+        step = deltas[:-1].unsqueeze(-1)  # (M - 1, *B, 1)
+        gain = P[1:] / (P[1:] + step * L.tril * L.tril)  # x' = nu + gain (y - nu), see _guided_step
+        kicks = (step.sqrt() * L.tril).unsqueeze(1) * noise  # sqrt(delta) L xi, (M - 1, N, *B, d)
+    terms = []
     for m in range(M):
         t, delta = times[m], deltas[m].unsqueeze(-1)
         b = sde.f(t, x)
         Lm = L if L is not None else sde.diffusion_factor(t, x)
         r = nu[m] - x
-        r = r / P[m] if diag else torch.cholesky_solve(r.unsqueeze(-1), P[m]).squeeze(-1)
-        log_w = log_w + (_guided_G(b, x, r, Lm, P[m], diag, aux) * deltas[m]).to(torch.float64)
+        r = r * inv_P[m] if diag else torch.cholesky_solve(r.unsqueeze(-1), P[m]).squeeze(-1)
+        terms.append(_guided_G(b, x, r, Lm, P[m], diag, aux, inv_P[m] if diag else None) * deltas[m])
         if m < M - 1:
-            sqrt_delta = delta.sqrt()
-            y = x + delta * b + sqrt_delta * Lm.matvec(noise[m])
-            x = _guided_step(y, nu[m + 1], P[m + 1], diag, Lm, delta)
-    return log_w.to(u.dtype)
+            if constant:
+                x = nu[m + 1] + gain[m] * (x + delta * b + kicks[m] - nu[m + 1])
+            else:
+                y = x + delta * b + delta.sqrt() * Lm.matvec(noise[m])
+                x = _guided_step(y, nu[m + 1], P[m + 1], diag, Lm, delta)
+    return (log_w + torch.stack(terms).to(torch.float64).sum(0)).to(u.dtype)
 
 
 def _log_mean_exp(log_w):
