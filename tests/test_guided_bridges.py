@@ -366,3 +366,44 @@ def test_state_dependent_general_noise_is_differentiable(proposal):
     (grad,) = torch.autograd.grad(est(sigma), sigma)
     numeric = (est(t64(0.3 + 1e-6)) - est(t64(0.3 - 1e-6))) / 2e-6
     assert torch.isfinite(grad) and abs(grad.item() - numeric.item()) < 1e-5 * (1 + abs(numeric.item()))
+
+
+class TestCIRTransitionDensity:
+    """``CIR.transition_log_prob`` (Bessel series in log space) against ``scipy.stats.ncx2``."""
+
+    @pytest.mark.parametrize(
+        "kappa, theta, sigma, u, v, gap",
+        [
+            (1.0, 1.0, 0.5, 1.0, 1.2, 1.0),
+            (1.0, 1.0, 0.5, 1.0, 2.0, 1.0),
+            (2.0, 1.0, 0.5, 1.0, 1.2, 1.0),  # kappa x gap = 2
+            (1.5, 0.6, 1.3, 0.6, 0.4, 1.5),  # Feller ratio 1.07
+            (0.5, 0.1, 1.0, 0.05, 0.01, 2.0),  # Feller ratio 0.1
+            (5.0, 2.0, 0.3, 2.0, 2.1, 0.05),  # short gap: Bessel argument ~ 4000
+        ],
+    )
+    def test_matches_scipy(self, kappa, theta, sigma, u, v, gap):
+        sde = CIR(t64(kappa), t64(theta), t64(sigma))
+        got = sde.transition_log_prob(0.0, t64([u]), gap, t64([v])).item()
+        assert got == pytest.approx(cir_log_prob(kappa, theta, sigma, u, v, gap), abs=1e-9)
+
+    def test_batch_gradient_support_and_distribution(self):
+        kappa = t64([0.5, 2.0]).requires_grad_()
+        sde = CIR(kappa, t64(1.0), t64(0.5))
+        x0, x1 = t64([[1.0], [0.8]]), t64([[1.2], [0.9]])
+        lp = sde.transition_log_prob(0.0, x0, 1.5, x1)
+        assert lp.shape == (2,)
+        (grad,) = torch.autograd.grad(lp.sum(), kappa)
+        eps = 1e-6
+        for i, k in enumerate((0.5, 2.0)):
+            fd = (
+                cir_log_prob(k + eps, 1, 0.5, x0[i, 0].item(), x1[i, 0].item(), 1.5)
+                - cir_log_prob(k - eps, 1, 0.5, x0[i, 0].item(), x1[i, 0].item(), 1.5)
+            ) / (2 * eps)
+            assert grad[i].item() == pytest.approx(fd, abs=1e-6)
+        assert sde.transition_log_prob(0.0, x0, 1.0, -x1).eq(-math.inf).all()
+        times, x = t64([0.0, 0.5, 2.0]), t64([[1.0], [1.2], [0.7]])
+        one = CIR(t64(2.0), t64(1.0), t64(0.5))
+        lp = DiscretelyObservedSDE(one, times, proposal="exact").log_prob(x)
+        ref = cir_log_prob(2, 1, 0.5, 1.0, 1.2, 0.5) + cir_log_prob(2, 1, 0.5, 1.2, 0.7, 1.5)
+        assert lp.item() == pytest.approx(ref, abs=1e-9)

@@ -483,8 +483,10 @@ class CIR(SDE):
 
     :param kappa: mean-reversion rate (> 0). :param theta: long-run mean (> 0). :param sigma: (> 0).
     All of shape ``batch_shape``. ``sqrt`` is taken of ``max(X, eps)`` so that Euler paths that step
-    below zero get a vanishing (finite) weight rather than NaN. The exact transition is a scaled
-    non-central chi-square (``scipy.stats.ncx2``; not differentiable in torch, so not provided here).
+    below zero get a vanishing (finite) weight rather than NaN. Exact transition: ``2 c X_t`` is
+    non-central chi-square with ``4 kappa theta / sigma^2`` degrees of freedom and non-centrality
+    ``2 c x0 e^{-kappa t}``, ``c = 2 kappa / (sigma^2 (1 - e^{-kappa t}))`` (:meth:`transition_log_prob`,
+    differentiable).
     """
 
     def __init__(self, kappa=1.0, theta=1.0, sigma=1.0, *, dim: int = 1):
@@ -506,6 +508,33 @@ class CIR(SDE):
         B = (-k).expand(v.shape)
         a = self.sigma.unsqueeze(-1) ** 2 * v.clamp(min=torch.finfo(v.dtype).eps)
         return LinearAuxiliary(B, (k * self.theta.unsqueeze(-1)).expand(v.shape), a, True)
+
+    def transition_log_prob(self, t0, x0, t1, x1):
+        """``log p = log c - u - w + (q / 2) log(w / u) + log I_q(2 sqrt(u w))``, ``u = c x0 e^{-kappa t}``,
+        ``w = c x1``, ``q = 2 kappa theta / sigma^2 - 1`` (``-inf`` for ``x1 <= 0``), summed over the
+        coordinates."""
+        tau = (torch.as_tensor(t1, dtype=x1.dtype, device=x1.device) - t0).unsqueeze(-1)
+        k, s2 = self.kappa.unsqueeze(-1), self.sigma.unsqueeze(-1) ** 2
+        c = 2 * k / (s2 * -torch.expm1(-k * tau))
+        tiny = torch.finfo(x1.dtype).tiny
+        u, w = c * x0 * torch.exp(-k * tau), c * x1.clamp(min=tiny)
+        q = 2 * k * self.theta.unsqueeze(-1) / s2 - 1
+        log_p = c.log() - u - w + 0.5 * q * (w.log() - u.log()) + _log_bessel_i(q, 2 * (u * w).sqrt())
+        return torch.where(x1 > 0, log_p, torch.full_like(log_p, -math.inf)).sum(-1)
+
+
+def _log_bessel_i(order, z):
+    """``log I_order(z)`` for ``order > -1``, ``z > 0`` (broadcast), by its power series in log space:
+    ``logsumexp_k [(2k + order) log(z / 2) - lgamma(k + 1) - lgamma(k + order + 1)]`` with enough terms
+    to pass the largest one (``k ~ z / 2``)."""
+    order, z = torch.broadcast_tensors(order, z)
+    z_max = float(z.detach().max()) if z.numel() else 0.0
+    K = int(z_max / 2 + 12 * math.sqrt(z_max) + 40)
+    k = torch.arange(K, dtype=z.dtype, device=z.device)
+    shape = (K,) + (1,) * z.dim()
+    k = k.view(shape)
+    terms = (2 * k + order) * (z / 2).log() - torch.lgamma(k + 1) - torch.lgamma(k + order + 1)
+    return terms.logsumexp(0)
 
 
 # --------------------------------------------------------------------------------------------------
