@@ -387,6 +387,19 @@ class TestCIRTransitionDensity:
         got = sde.transition_log_prob(0.0, t64([u]), gap, t64([v])).item()
         assert got == pytest.approx(cir_log_prob(kappa, theta, sigma, u, v, gap), abs=1e-9)
 
+    def test_short_gap_uses_the_large_argument_expansion(self):
+        # sigma 0.1, gap 1e-3: c ~ 2e5, Bessel argument ~ 4e5 (Hankel branch); reference from scipy's ive
+        from scipy import special
+
+        kappa, theta, sigma, u, v, gap = 1.0, 1.0, 0.1, 1.0, 1.003, 1e-3
+        c = 2 * kappa / (sigma**2 * -math.expm1(-kappa * gap))
+        uu, ww, q = c * u * math.exp(-kappa * gap), c * v, 2 * kappa * theta / sigma**2 - 1
+        z = 2 * math.sqrt(uu * ww)
+        ref = math.log(c) - uu - ww + 0.5 * q * math.log(ww / uu) + math.log(special.ive(q, z)) + z
+        sde = CIR(t64(kappa), t64(theta), t64(sigma))
+        got = sde.transition_log_prob(0.0, t64([u]), gap, t64([v])).item()
+        assert got == pytest.approx(ref, abs=1e-8)
+
     def test_batch_gradient_support_and_distribution(self):
         kappa = t64([0.5, 2.0]).requires_grad_()
         sde = CIR(kappa, t64(1.0), t64(0.5))
