@@ -1,5 +1,6 @@
-"""SDE objects, reference processes and the integrator."""
+"""SDE objects, reference processes, the integrator and bridge proposals."""
 
+from .bridges import PROPOSALS, SUBSTEP_GRIDS, bridge_log_prob, bridge_log_weights
 from .distributions import DiscretelyObservedSDE, EulerMaruyama, SDEPath
 from .integrate import (
     PathSample,
@@ -26,6 +27,10 @@ from .models import (
 from .reference import BrownianReference, OUReference, ReferenceProcess, StepCoefficients, VPReference
 
 __all__ = [
+    "PROPOSALS",
+    "SUBSTEP_GRIDS",
+    "bridge_log_prob",
+    "bridge_log_weights",
     "CIR",
     "SDE",
     "DiffusionFactor",
