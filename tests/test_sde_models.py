@@ -248,4 +248,4 @@ class TestSDEPath:
         with pytest.raises(ValueError, match="unknown proposal"):
             DiscretelyObservedSDE(sde, t64([0.0, 1.0]), proposal="nope")
         with pytest.raises(ValueError, match="closed-form"):
-            DiscretelyObservedSDE(CIR(1.0, 1.0, 0.5), t64([0.0, 1.0]), proposal="exact")
+            DiscretelyObservedSDE(KunitaFlow(2, t64(0.5), gamma=0.3), t64([0.0, 1.0]), proposal="exact")
