@@ -103,6 +103,15 @@ def lee_whiteley_relative_variance(state) -> float:
     return 1.0 - math.exp(log_factor) * (1.0 - same)
 
 
+def particle_precondition_options(options):
+    """The preconditioner options of the particle samplers: several modes give their moment-matched
+    mixture by default (a reference wide enough to hold them all: Langevin and MCMC moves cannot move
+    mass between modes that the reference under-covers)."""
+    if options is None:
+        return {"multimodal": "mixture"}
+    return {"multimodal": "mixture", **options} if isinstance(options, dict) else options  # else refused
+
+
 class ParticleSampler(PosteriorSampler):
     """The weighted-sample surface of runs of particle systems (``final_states``: one per run, each
     with ``particles`` in the whitened coordinates, ``log_weights``, ``log_evidence``, ``ancestors``,

@@ -52,6 +52,7 @@ from .particles import (
     ParticleSystem,
     initial_log_weights,
     maybe_resample,
+    particle_precondition_options,
     reweight,
 )
 from .potential import CountingPotential, Potential
@@ -163,6 +164,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         coordinates): ``"laplace"`` (default), ``"svi"``, ``"diagonal"``, ``None``, a
         ``(loc, scale_tril)`` pair or a :class:`~pyro_sde.infer.Preconditioner`.
     :param dict precondition_options: keyword arguments of :func:`~pyro_sde.infer.fit_preconditioner`.
+        The default is ``multimodal="mixture"``, as for :class:`~pyro_sde.infer.SMCSampler`.
     :param init_strategy: Pyro init strategy (the first start of the preconditioner's MAP search).
     :param vectorize: how a model is evaluated on a batch (see
         :class:`~pyro_sde.infer.potential.ModelPotential`).
@@ -276,7 +278,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self.particle_history: list[list[SCLDInfo]] = []
         self._init_target(
             model, log_density=log_density, dim=dim, score=score, precondition=precondition,
-            precondition_options=precondition_options, init_strategy=init_strategy, vectorize=vectorize,
+            precondition_options=particle_precondition_options(precondition_options),
+            init_strategy=init_strategy, vectorize=vectorize,
             dtype=dtype, device=device,
         )
 

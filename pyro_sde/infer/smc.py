@@ -52,6 +52,7 @@ from .particles import (
     ParticleSampler,
     initial_log_weights,
     lee_whiteley_relative_variance,
+    particle_precondition_options,
     resample,
     reweight,
 )
@@ -172,13 +173,6 @@ def smc_step(
     return new_state, info
 
 
-def _smc_precondition_options(options):
-    """SMC's preconditioner options: several modes give their moment-matched mixture by default."""
-    if options is None:
-        return {"multimodal": "mixture"}
-    return {"multimodal": "mixture", **options} if isinstance(options, dict) else options  # else refused
-
-
 class SMCSampler(ParticleSampler):
     r"""Adaptive tempered SMC for a Pyro model or an unnormalised log density, with the evidence.
 
@@ -295,7 +289,7 @@ class SMCSampler(ParticleSampler):
         self._counter: CountingPotential | None = None
         self._init_target(
             model, log_density=log_density, dim=dim, score=score, precondition=precondition,
-            precondition_options=_smc_precondition_options(precondition_options),
+            precondition_options=particle_precondition_options(precondition_options),
             init_strategy=init_strategy, vectorize=vectorize,
             dtype=dtype, device=device,
         )
