@@ -10,13 +10,15 @@ exact log Z (:mod:`pyro_sde.targets`).
 
 from . import diagnostics, infer, nn, ratio, scores, sde, targets
 from .diagnostics import effective_sample_size, log_evidence, psis, to_inference_data
-from .infer import DiffusionSampler, SCLDSampler
+from .infer import Chains, DiffusionSampler, SCLDSampler, SMCSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Chains",
     "DiffusionSampler",
     "SCLDSampler",
+    "SMCSampler",
     "diagnostics",
     "effective_sample_size",
     "infer",

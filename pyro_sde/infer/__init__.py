@@ -2,6 +2,7 @@
 
 from . import annealing, bridge, kernels
 from .bridge import LearnedBridge, bridge_log_weights
+from .chains import Chains
 from .diffusion import DiffusionSampler, StepInfo
 from .map import lbfgs_map
 from .potential import LogDensityPotential, ModelPotential, Potential
@@ -10,6 +11,7 @@ from .scld import SCLDInfo, SCLDSampler
 from .smc import SMCInfo, SMCSampler, SMCState
 
 __all__ = [
+    "Chains",
     "DiffusionSampler",
     "LearnedBridge",
     "LogDensityPotential",
