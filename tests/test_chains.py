@@ -80,6 +80,8 @@ def test_arviz_gets_the_chains(smc_chains):
     assert "y" in idata.log_likelihood
     summary = smc_chains.get_summary()
     assert "r_hat" in summary["a"] and float(summary["a"]["r_hat"]) < 1.05
+    importance = sum(c.ess() * c.get_weighted_samples()[1].numel() for c in smc_chains.chains)
+    assert 100 < float(summary["a"]["n_eff"]) <= importance + 1e-9
     assert smc_chains.diagnostics()["num_chains"] == 4
 
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 
 import torch
-from pyro.ops.stats import split_gelman_rubin
+from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 from .. import diagnostics
 from .._checks import positive_int
@@ -121,13 +121,27 @@ class Chains:
         draws = self.get_samples(num_samples, group_by_chain=True)
         return {n: split_gelman_rubin(v.double(), chain_dim=0, sample_dim=1) for n, v in draws.items()}
 
+    def effective_sample_size(self) -> dict:
+        """Per-site ESS of the chains' draws, never above the importance ESS: each chain's draws are
+        resampled to about its own importance ESS ``N_k ESS_k`` and Pyro's ``effective_sample_size``
+        (autocorrelation across the chains' draws) is capped by ``sum_k N_k ESS_k``."""
+        effective = [chain.ess() * chain.get_weighted_samples()[1].numel() for chain in self.chains]
+        size = max(int(min(effective)), 4)
+        draws = self.get_samples(size, group_by_chain=True, new=True)
+        cap = torch.tensor(sum(effective), dtype=torch.float64)
+        return {n: effective_sample_size(v.double(), chain_dim=0, sample_dim=1).clamp(max=cap)
+                for n, v in draws.items()}
+
     def get_summary(self, prob: float = 0.9) -> dict:
-        """Weighted summary of all the chains' draws, with ``"r_hat"`` per site element."""
+        """Weighted summary of all the chains' draws, with ``"n_eff"`` (:meth:`effective_sample_size`)
+        and ``"r_hat"`` per site element."""
         samples, log_w = self.get_weighted_samples()
         summary = diagnostics.weighted_summary(samples, log_w, prob=prob)
-        for name, r_hat in self.r_hat().items():
-            if name in summary:
-                summary[name]["r_hat"] = r_hat
+        n_eff, r_hat = self.effective_sample_size(), self.r_hat()
+        for name in summary:
+            if name in r_hat:
+                summary[name]["n_eff"] = n_eff[name]
+                summary[name]["r_hat"] = r_hat[name]
         return summary
 
     def summary(self, prob: float = 0.9) -> None:
