@@ -5,12 +5,15 @@ Estimators share one interface (:class:`RatioEstimator`: ``fit``, ``log_ratio(x,
 :class:`TelescopingRatioEstimator` (TRE), the time-score :class:`TangentRatioEstimator` (DRE-infinity /
 CTSM, quadrature) and :class:`SecantRatioEstimator` (ISA-DRE, Secant Alignment Identity, any-step).
 :func:`mutual_information` estimates MI with a bootstrap error; :class:`RatioTilted` and
-:class:`RatioLikelihood` bring ratios into Pyro models. :class:`FlowGuidedGenerator` (FDRL) is a generative
+:class:`RatioLikelihood` bring ratios into Pyro models; simulation-based inference (likelihood from
+simulations, :class:`RatioPosterior`) lives in :mod:`.sbi`, its calibration diagnostics in
+:mod:`.calibration`. :class:`FlowGuidedGenerator` (FDRL) is a generative
 model driven by a learned ratio; :class:`FDRLDistribution` makes it a Pyro sample site.
 """
 
-from .base import MLP, QuadraticTimeScore, RatioEstimator, TimeScoreNetwork, check_samples
-from .classifier import ClassifierRatioEstimator
+from ..nn.ratio_networks import MLP, QuadraticTimeScore, SBIRatioNetwork, TimeScoreNetwork
+from .base import RatioEstimator, check_samples
+from .classifier import ClassifierRatioEstimator, ContrastiveRatioEstimator, contrastive_ratio_loss
 from .fdrl import FlowGuidedGenerator, energy_distance, fit_gaussian
 from .fdrl_distribution import FDRLDistribution
 from .mutual_information import MutualInformation, mutual_information
@@ -24,13 +27,16 @@ from .paths import (
     VPPath,
     get_path,
 )
-from .pyro import RatioLikelihood, RatioTilted
+from .pyro import RatioTilted
+from .sbi import ESTIMATORS, RatioLikelihood, RatioPosterior, make_sbi_estimator
 from .secant import SecantRatioEstimator, sai_target
 from .tangent import TangentRatioEstimator, gauss_legendre
 from .telescoping import TelescopingRatioEstimator
 
 __all__ = [
     "ClassifierRatioEstimator",
+    "ContrastiveRatioEstimator",
+    "ESTIMATORS",
     "CosinePath",
     "DREInfinityPath",
     "FDRLDistribution",
@@ -43,7 +49,9 @@ __all__ = [
     "QuadraticTimeScore",
     "RatioEstimator",
     "RatioLikelihood",
+    "RatioPosterior",
     "RatioTilted",
+    "SBIRatioNetwork",
     "SecantRatioEstimator",
     "TangentRatioEstimator",
     "TelescopingRatioEstimator",
@@ -51,10 +59,12 @@ __all__ = [
     "TrigonometricPath",
     "VPPath",
     "check_samples",
+    "contrastive_ratio_loss",
     "energy_distance",
     "fit_gaussian",
     "gauss_legendre",
     "get_path",
+    "make_sbi_estimator",
     "mutual_information",
     "sai_target",
 ]
