@@ -13,6 +13,16 @@ model driven by a learned ratio; :class:`FDRLDistribution` makes it a Pyro sampl
 
 from ..nn.ratio_networks import MLP, QuadraticTimeScore, SBIRatioNetwork, TimeScoreNetwork
 from .base import RatioEstimator, check_samples
+from .calibration import (
+    CoverageResult,
+    SBCResult,
+    expected_coverage,
+    plot_coverage,
+    plot_sbc_ranks,
+    sbc_ranks,
+    simulation_based_calibration,
+    tarp_coverage,
+)
 from .classifier import ClassifierRatioEstimator, ContrastiveRatioEstimator, contrastive_ratio_loss
 from .fdrl import FlowGuidedGenerator, energy_distance, fit_gaussian
 from .fdrl_distribution import FDRLDistribution
@@ -36,6 +46,7 @@ from .telescoping import TelescopingRatioEstimator
 __all__ = [
     "ClassifierRatioEstimator",
     "ContrastiveRatioEstimator",
+    "CoverageResult",
     "ESTIMATORS",
     "CosinePath",
     "DREInfinityPath",
@@ -51,6 +62,7 @@ __all__ = [
     "RatioLikelihood",
     "RatioPosterior",
     "RatioTilted",
+    "SBCResult",
     "SBIRatioNetwork",
     "SecantRatioEstimator",
     "TangentRatioEstimator",
@@ -61,10 +73,16 @@ __all__ = [
     "check_samples",
     "contrastive_ratio_loss",
     "energy_distance",
+    "expected_coverage",
     "fit_gaussian",
     "gauss_legendre",
     "get_path",
     "make_sbi_estimator",
     "mutual_information",
+    "plot_coverage",
+    "plot_sbc_ranks",
     "sai_target",
+    "sbc_ranks",
+    "simulation_based_calibration",
+    "tarp_coverage",
 ]

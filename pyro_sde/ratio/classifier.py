@@ -180,6 +180,7 @@ class ContrastiveRatioEstimator(ClassifierRatioEstimator):
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
             raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
         self.theta_dim, self.num_contrasts, self.gamma = theta_dim, num_contrasts, float(gamma)
+        del self._config["quadratic"]
         self._config.update(theta_dim=theta_dim, num_contrasts=num_contrasts, gamma=self.gamma)
 
     def contrast_logits(self, z: torch.Tensor, contrasts: torch.Tensor) -> torch.Tensor:

@@ -194,7 +194,10 @@ class RatioLikelihood:
         return lik.fit_simulations(theta, x, **fit_options)
 
     def _record_sites(self, *args, **kwargs):
-        trace = poutine.trace(self.prior).get_trace(*args, **kwargs)
+        """Site shapes (and a one-site prior's distribution) from one prior trace, leaving the RNG as it was
+        (so that given simulations and the simulator's own give the same fit under one seed)."""
+        with torch.random.fork_rng(devices=[]):
+            trace = poutine.trace(self.prior).get_trace(*args, **kwargs)
         sites = {name: site for name, site in trace.nodes.items()
                  if site["type"] == "sample" and not site["is_observed"]}
         if not sites:
