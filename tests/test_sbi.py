@@ -185,6 +185,16 @@ class TestLikelihood:
         assert lik.log_ratio(theta[:7], x[:7]).shape == (7,)
         assert lik.log_ratio(theta[:7, None], x[None, :3]).shape == (7, 3)
 
+    @pytest.mark.parametrize("estimator", ["balanced", "telescoping", "tangent", "secant"])
+    def test_other_estimators_as_likelihoods(self, estimator):
+        torch.manual_seed(0)
+        theta, x = simulate(400)
+        lik = RatioLikelihood.from_simulations(theta, x, prior=PRIOR, estimator=estimator, num_iterations=30,
+                                               estimator_options=dict(hidden_dim=16, num_layers=1))
+        assert len(lik.estimator.losses) <= 30
+        assert lik.log_ratio(theta[:5], x[:5]).shape == (5,)
+        assert lik.posterior(X_OBS).sample((10,)).shape == (10, 2)
+
     def test_estimators_register_themselves(self, tmp_path):
         assert "from ." not in inspect.getsource(ratio_base._registry)
         assert "ContrastiveRatioEstimator" in ratio_base._registry()
@@ -339,6 +349,17 @@ class TestCalibration:
         assert biased.p_values.max() < 1e-6
         axes = plot_sbc_ranks(exact)
         assert len(axes) == 2
+
+    def test_chi_square_matches_scipy(self):
+        stats = pytest.importorskip("scipy.stats")
+        torch.manual_seed(0)
+        theta, x = simulate(300)
+        result = simulation_based_calibration(theta, analytic_draws(x, 39, scale=0.8), num_bins=8)
+        for k in range(2):
+            counts = torch.bincount(result.ranks[:, k] * 8 // 40, minlength=8).numpy()
+            ref = stats.chisquare(counts)  # 40 rank values in 8 bins of 5: equal expected counts
+            assert abs(result.chi2[k].item() - ref.statistic) < 1e-9
+            assert abs(result.p_values[k].item() - ref.pvalue) < 1e-9
 
     def test_fitted_likelihood_sbc(self, fitted_classifier):
         """The amortised fitted posterior passes SBC on fresh simulations."""
