@@ -1,7 +1,8 @@
 """Simulation-based inference on sbibm tasks: our ratio likelihoods against sbi's NRE-A / NRE-C.
 
-Writes section "sbi" of docs/benchmarks.md and ``benchmarks/results/sbi.json``. Run (needs the ``bench``
-extra: ``pip install sbi`` and ``pip install --no-deps sbibm`` plus ``future`` and ``autograd``)::
+Writes section "sbi" of docs/benchmarks.md and ``benchmarks/results/sbi.jsonl`` (a row per line, as it
+goes). Run (needs the ``bench`` extra: ``pip install sbi`` and ``pip install --no-deps sbibm`` plus
+``future`` and ``autograd``)::
 
     OMP_NUM_THREADS=1 python benchmarks/sbi.py [--tasks two_moons slcp] [--budgets 1000 10000]
                                                [--observations 1 2 3 4 5] [--estimators classifier ...]
@@ -37,7 +38,7 @@ from pyro_sde.ratio import ClassifierRatioEstimator, RatioLikelihood  # noqa: E4
 TASKS = ("two_moons", "gaussian_linear", "gaussian_mixture", "slcp")
 OURS = ("classifier", "contrastive", "balanced")
 SBI = ("sbi NRE-A", "sbi NRE-C")
-RESULTS = Path(__file__).resolve().parent / "results" / "sbi.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "sbi.jsonl"
 
 
 class _SBIRatio(torch.nn.Module):
@@ -71,7 +72,7 @@ def sbi_likelihood(method: str, prior, theta, x) -> RatioLikelihood:
     return lik
 
 
-def run_task(task_name: str, budget: int, observations, estimators, num_c2st: int, seed: int):
+def run_task(task_name: str, budget: int, observations, estimators, num_c2st: int, seed: int, log=None):
     import sbibm
     from sbibm.metrics import c2st
 
@@ -103,6 +104,9 @@ def run_task(task_name: str, budget: int, observations, estimators, num_c2st: in
                        train_cpu=train_cpu, sample_cpu=sample_cpu, steps=steps)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
     return rows
 
 
@@ -147,21 +151,28 @@ def main(argv=None):
     ap.add_argument("--budgets", nargs="+", type=int, default=[1000, 10000])
     ap.add_argument("--observations", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     ap.add_argument("--estimators", nargs="+", default=list(OURS) + list(SBI))
-    ap.add_argument("--num-c2st", type=int, default=5000)
+    ap.add_argument("--num-c2st", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="print only (no docs/results)")
+    ap.add_argument("--from-results", action="store_true",
+                    help="only write the docs section from the rows in benchmarks/results/sbi.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    rows = []
-    for task in args.tasks:
-        for budget in args.budgets:
-            rows += run_task(task, budget, args.observations, args.estimators, args.num_c2st, args.seed)
-    wall = time.perf_counter() - start
+    if args.from_results:
+        rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        wall = float("nan")
+    else:
+        RESULTS.parent.mkdir(exist_ok=True)
+        rows = []
+        with open(os.devnull if args.no_write else RESULTS, "w") as log:  # one JSON row per line, as it goes
+            for budget in args.budgets:
+                for task in args.tasks:
+                    rows += run_task(task, budget, args.observations, args.estimators, args.num_c2st,
+                                     args.seed, log)
+        wall = time.perf_counter() - start
     if args.no_write:
         return rows
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=1))
     import sbi
 
     load = os.getloadavg()
@@ -172,11 +183,11 @@ def main(argv=None):
 Regenerate (needs `sbi`, `sbibm`): `OMP_NUM_THREADS=1 python benchmarks/sbi.py --tasks {' '.join(args.tasks)}
 --budgets {' '.join(map(str, args.budgets))} --observations {' '.join(map(str, args.observations))}`.
 Machine: {machine()}; load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (2 cores,
-shared); sbi {sbi.__version__}; total wall {wall / 60:.1f} min.
+shared); sbi {sbi.__version__}; total wall {wall / 60:.1f} min; {len(rows)} rows.
 
 Per task and budget one set of simulations is shared by every method; each trains once and is evaluated on
 every observation. Ours: `RatioLikelihood.from_simulations(theta, x, prior=prior, estimator=...)` with its
-defaults (2x64 MLP, batch 256, lr 1e-3, early stopping on 10 % held out, patience 20 epochs); sbi: `NRE_A` /
+defaults (2x64 MLP, batch 256, lr 3e-3, early stopping on 10 % held out, patience 20 epochs); sbi: `NRE_A` /
 `NRE_C` with their defaults (residual net, batch 200, lr 5e-4, stop after 20 epochs). Every ratio is sampled
 by the same `RatioPosterior` (tempered SMC from the prior, 2048 particles), so C2ST compares the ratios.
 C2ST: sbibm's (accuracy of a 5-fold MLP classifier, 0.5 perfect) on {args.num_c2st} draws against as many

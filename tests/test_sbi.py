@@ -159,6 +159,7 @@ class TestLikelihood:
         assert fitted.estimator.losses == given.estimator.losses
         for (k, v), w in zip(fitted.estimator.state_dict().items(), given.estimator.state_dict().values()):
             assert torch.equal(v, w), k
+        assert fitted.posterior(X_OBS).sample((5,)).shape == (5, 2)  # a Pyro-model prior with one site
 
     def test_early_stopping_scales_with_the_data(self):
         torch.manual_seed(0)
@@ -267,7 +268,7 @@ class TestPosterior:
         draws = lik.posterior(X_OBS).sample((4000,))
         assert draws.shape == (4000, 2)
         assert (draws.mean(0) - post_mean(X_OBS)).abs().max() < 0.06
-        assert (torch.cov(draws.T) - POST_COV).abs().max() < 0.035
+        assert (torch.cov(draws.T) - POST_COV).abs().max() < 0.02
         batch = lik.sample_posteriors(torch.stack([X_OBS, -X_OBS]), 2000)  # amortised, importance
         assert batch.shape == (2000, 2, 2)
         assert (batch.mean(0) - post_mean(torch.stack([X_OBS, -X_OBS]))).abs().max() < 0.08

@@ -89,6 +89,8 @@ class _FlatPrior:
         if tuple(self.transform.inverse_shape(self.shape)) != tuple(self.shape):
             raise NotImplementedError("posterior() needs a prior whose unconstrained space has its shape")
         self._reduce = len(self.shape) - len(distribution.event_shape)  # batch dims of the site to sum
+        with torch.random.fork_rng(devices=[]):
+            self._inside = distribution.sample()  # a point of the support, to evaluate in place of others
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         return t.sum(tuple(range(-self._reduce, 0))) if self._reduce else t
@@ -104,8 +106,10 @@ class _FlatPrior:
         lp = self._sum(self.distribution.log_prob(safe)).to(theta.dtype)
         return torch.where(inside, lp, torch.full_like(lp, -math.inf))
 
-    def sample_like(self, value):
-        return self.distribution.sample().expand_as(value).to(value)
+    def sample_like(self, value, flat: bool = False):
+        """A fixed point of the support, broadcast to ``value`` (site-shaped, or rows ``(..., D)``)."""
+        point = self._inside.reshape(-1) if flat else self._inside
+        return point.to(value).expand_as(value)
 
     def sample(self, n: int) -> torch.Tensor:
         return self.distribution.sample((n,)).reshape(n, self.dim)
@@ -240,14 +244,15 @@ class RatioLikelihood:
         return self.fit_simulations(theta, x, **fit_options)
 
     def fit_simulations(self, theta: torch.Tensor, x: torch.Tensor, *, validation_fraction: float = 0.1,
-                        patience: int = 20, batch_size: int = 256, lr: float = 1e-3,
-                        max_num_iterations: int = 20_000, **fit_kwargs) -> RatioLikelihood:
+                        patience: int = 20, batch_size: int = 256, lr: float = 3e-3,
+                        max_num_iterations: int | None = None, **fit_kwargs) -> RatioLikelihood:
         """Fit ``r`` on joint pairs against re-paired ones (``theta_i`` with ``x_j`` at random ``i, j``).
 
         Estimators with early stopping (the classifiers) hold out ``validation_fraction`` of the pairs,
         check the validation loss once per epoch (``ceil(N_train / batch_size)`` steps) at a constant
         learning rate, and stop after ``patience`` epochs without improvement (keeping the best weights), or
-        at ``max_num_iterations``. Others train for ``num_iterations`` (2000) with a cosine schedule.
+        at ``max_num_iterations`` steps (default ``max(2000, 50 epochs)``). Others train for
+        ``num_iterations`` (2000) with a cosine schedule.
 
         :param theta: ``(N, d_theta)``. :param x: ``(N, d_x)`` or ``(N, *shape)``.
         :param fit_kwargs: overrides of :meth:`RatioEstimator.fit`'s options (e.g. ``ema_decay``,
@@ -286,8 +291,10 @@ class RatioLikelihood:
             validation = (torch.cat([theta_val, x_val], -1), torch.cat([theta_val[shifted], x_val], -1))
             theta, x = theta[train], x[train]
             batch_size = min(batch_size, theta.shape[0])
-            options.update(num_iterations=max_num_iterations, validation=validation, patience=patience,
-                           validation_interval=math.ceil(theta.shape[0] / batch_size), lr_schedule="constant")
+            epoch = math.ceil(theta.shape[0] / batch_size)
+            cap = max(2000, 50 * epoch) if max_num_iterations is None else max_num_iterations
+            options.update(num_iterations=cap, validation=validation, patience=patience,
+                           validation_interval=epoch, lr_schedule="constant")
         else:
             batch_size = min(batch_size, n)
             options.update(num_iterations=2000)
@@ -409,7 +416,7 @@ class RatioPosterior:
         theta = torch.as_tensor(theta, dtype=self.dtype, device=self.device)
         lp = self.prior.log_prob(theta)
         inside = torch.isfinite(lp)
-        safe = torch.where(inside[..., None], theta, self.prior.sample_like(theta))
+        safe = torch.where(inside[..., None], theta, self.prior.sample_like(theta, flat=True))
         return torch.where(inside, lp + self.likelihood.log_ratio(safe, self.x_obs), lp)
 
     def _log_density_unconstrained(self, u: torch.Tensor) -> torch.Tensor:
