@@ -21,6 +21,7 @@ from pyro_sde.ratio import (
     contrastive_ratio_loss,
     expected_coverage,
     plot_sbc_ranks,
+    posterior_predictive_pvalues,
     simulation_based_calibration,
     tarp_coverage,
 )
@@ -383,3 +384,20 @@ class TestCalibration:
                 error = (res.coverage - levels).abs().max()
                 assert (error < 0.05) if calibrated else (error > 0.15), (scale, res.coverage)
         assert (hpd.coverage < levels).all()  # over-confident: regions too small
+
+    def test_posterior_predictive_pvalues(self):
+        """Against the closed form: x_rep | x ~ N(A m(x), A C A^T + sigma^2 I), so the two-sided p-value of
+        coordinate k is 2 Phi(-|x_k - (A m(x))_k| / sd_k)."""
+        torch.manual_seed(0)
+        _, x = simulate(300)
+        draws = analytic_draws(x, 2000)  # (L, N, 2)
+        x_rep = draws @ A.T + SIGMA * torch.randn_like(draws)
+        sampled = torch.stack([posterior_predictive_pvalues(x[i], x_rep[:, i]) for i in range(300)])
+        sd = torch.diagonal(A @ POST_COV @ A.T + SIGMA**2 * torch.eye(2)).sqrt()
+        z = (x - post_mean(x) @ A.T).abs() / sd
+        exact = 2 * torch.distributions.Normal(0.0, 1.0).cdf(-z)
+        error = (sampled - exact).abs()  # Monte Carlo sd about 0.02 per value
+        assert sampled.shape == (300, 2) and error.mean() < 0.025 and error.max() < 0.1
+        assert exact.mean() > 0.6  # not uniform: the data are used twice (conservative)
+        with pytest.raises(ValueError, match="x_predictive"):
+            posterior_predictive_pvalues(x[0], x_rep[:, 0, :1])
