@@ -66,10 +66,7 @@ def sbi_likelihood(method: str, prior, theta, x) -> RatioLikelihood:
         p.requires_grad_(False)
     est = ClassifierRatioEstimator(theta.shape[1] + x.shape[1], network=_SBIRatio(net, theta.shape[1]))
     est.fitted.fill_(True)  # sbi z-scores inside its network: our standardisation stays the identity
-    lik = RatioLikelihood(prior, None, est)
-    lik._record_sites()  # a likelihood around an already fitted estimator (benchmark only)
-    lik.x_dim = x.shape[1]
-    return lik
+    return RatioLikelihood.from_fitted(est, prior=prior)
 
 
 def run_task(task_name: str, budget: int, observations, estimators, num_c2st: int, seed: int, log=None):

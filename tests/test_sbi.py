@@ -71,13 +71,7 @@ def exact_likelihood(fn, prior, theta_dim, x_dim):
     """A fitted likelihood around an exact log ratio (standardisation the identity)."""
     est = ClassifierRatioEstimator(theta_dim + x_dim, network=ExactLogRatio(fn, theta_dim))
     est.fitted.fill_(True)
-    theta, x = prior.sample((16,)).reshape(16, -1), torch.randn(16, x_dim)
-    lik = RatioLikelihood.from_simulations(theta, x, prior=prior, estimator=est, num_iterations=1,
-                                           validation_fraction=0.0)
-    with torch.no_grad():
-        est.shift.zero_()
-        est.scale.fill_(1.0)
-    return lik
+    return RatioLikelihood.from_fitted(est, prior=prior)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,6 +230,10 @@ class TestLikelihood:
         lik = exact_likelihood(exact_log_ratio, PRIOR, 2, 2)
         with pytest.raises(ValueError, match="x_obs must have 2 values"):
             lik.posterior(torch.zeros(3))
+        with pytest.raises(ValueError, match="no x columns"):
+            RatioLikelihood.from_fitted(lik.estimator, prior=dist.Normal(torch.zeros(4), 1.0).to_event(1))
+        with pytest.raises(ValueError, match="fitted"):
+            RatioLikelihood.from_fitted(ClassifierRatioEstimator(4), prior=PRIOR)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -197,6 +197,19 @@ class RatioLikelihood:
         lik._record_sites()
         return lik.fit_simulations(theta, x, **fit_options)
 
+    @classmethod
+    def from_fitted(cls, estimator: RatioEstimator, *, prior) -> RatioLikelihood:
+        """A likelihood around an already fitted estimator over rows ``[theta, x]`` (e.g. a saved one, or
+        another library's network wrapped as a :class:`RatioEstimator`); ``prior`` as in the constructor."""
+        check_fitted(estimator)
+        lik = cls(prior, None, estimator)
+        lik._record_sites()
+        lik.x_dim = estimator.dim - lik.theta_dim
+        if lik.x_dim < 1:
+            raise ValueError(f"estimator.dim = {estimator.dim} leaves no x columns after {lik.theta_dim} "
+                             "parameters")
+        return lik
+
     def _record_sites(self, *args, **kwargs):
         """Site shapes (and a one-site prior's distribution) from one prior trace, leaving the RNG as it was
         (so that given simulations and the simulator's own give the same fit under one seed)."""
