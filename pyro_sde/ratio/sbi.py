@@ -194,7 +194,6 @@ class RatioLikelihood:
         :param fit_options: as :meth:`fit_simulations`.
         """
         lik = cls(prior, None, estimator, estimator_options=estimator_options)
-        lik._record_sites()
         return lik.fit_simulations(theta, x, **fit_options)
 
     @classmethod
@@ -272,7 +271,9 @@ class RatioLikelihood:
             ``progress_bar``, ``num_iterations``).
         :returns: ``self``.
         """
-        theta = check_samples(theta, "theta", None if self.sites is None else self.theta_dim, 2)
+        if self.sites is None:
+            self._record_sites()
+        theta = check_samples(theta, "theta", self.theta_dim, 2)
         x = torch.as_tensor(x)
         if x.dim() < 2 or x.shape[0] != theta.shape[0]:
             raise ValueError(f"x must have shape (N, ...) with N = {theta.shape[0]} (theta's), "
