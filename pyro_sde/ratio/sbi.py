@@ -256,15 +256,15 @@ class RatioLikelihood:
         return self.fit_simulations(theta, x, **fit_options)
 
     def fit_simulations(self, theta: torch.Tensor, x: torch.Tensor, *, validation_fraction: float = 0.1,
-                        patience: int = 20, batch_size: int = 256, lr: float = 3e-3,
+                        patience: int = 20, batch_size: int = 256, lr: float | None = None,
                         max_num_iterations: int | None = None, **fit_kwargs) -> RatioLikelihood:
         """Fit ``r`` on joint pairs against re-paired ones (``theta_i`` with ``x_j`` at random ``i, j``).
 
         Estimators with early stopping (the classifiers) hold out ``validation_fraction`` of the pairs,
         check the validation loss once per epoch (``ceil(N_train / batch_size)`` steps) at a constant
         learning rate, and stop after ``patience`` epochs without improvement (keeping the best weights), or
-        at ``max_num_iterations`` steps (default ``max(2000, 50 epochs)``). Others train for
-        ``num_iterations`` (2000) with a cosine schedule.
+        at ``max_num_iterations`` steps (default ``max(2000, 50 epochs)``); ``lr`` defaults to 3e-3. Others
+        train for ``num_iterations`` (2000) with a cosine schedule from ``lr`` (default 1e-3).
 
         :param theta: ``(N, d_theta)``. :param x: ``(N, d_x)`` or ``(N, *shape)``.
         :param fit_kwargs: overrides of :meth:`RatioEstimator.fit`'s options (e.g. ``ema_decay``,
@@ -308,11 +308,11 @@ class RatioLikelihood:
             epoch = math.ceil(theta.shape[0] / batch_size)
             cap = max(2000, 50 * epoch) if max_num_iterations is None else max_num_iterations
             options.update(num_iterations=cap, validation=validation, patience=patience,
-                           validation_interval=epoch, lr_schedule="constant")
+                           validation_interval=epoch, lr_schedule="constant", lr=3e-3 if lr is None else lr)
         else:
             batch_size = min(batch_size, n)
-            options.update(num_iterations=2000)
-        options.update(batch_size=batch_size, lr=lr)
+            options.update(num_iterations=2000, lr=1e-3 if lr is None else lr)
+        options.update(batch_size=batch_size)
         options.update(fit_kwargs)
         m = theta.shape[0]
 
