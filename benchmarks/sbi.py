@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,10 +58,12 @@ class _SBIRatio(torch.nn.Module):
 def sbi_likelihood(method: str, prior, theta, x) -> RatioLikelihood:
     """Train sbi's NRE-A or NRE-C with its defaults; wrap the network as a fitted likelihood of ours."""
     from sbi.inference import NRE_A, NRE_C
+    from torch.utils.tensorboard import SummaryWriter
 
     klass = NRE_A if method == "sbi NRE-A" else NRE_C
-    inference = klass(prior=prior, show_progress_bars=False)
-    net = inference.append_simulations(theta, x).train()
+    with tempfile.TemporaryDirectory() as logs:  # sbi logs to ./sbi-logs by default
+        inference = klass(prior=prior, show_progress_bars=False, summary_writer=SummaryWriter(logs))
+        net = inference.append_simulations(theta, x).train()
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -127,13 +130,15 @@ def _select(rows, key: str, task: str, budget: int, method: str) -> list[float]:
 def goals(rows):
     """Per budget: tasks where our best mean C2ST is <= sbi's best (+0.01), and per task the training CPU of
     our best estimator over that of sbi's best."""
-    methods = {r["method"] for r in rows}
-    ours, theirs = [m for m in OURS if m in methods], [m for m in SBI if m in methods]
     out = []
     for budget in sorted({r["budget"] for r in rows}):
-        tasks = [t for t in TASKS if all(_select(rows, "c2st", t, budget, m) for m in ours + theirs)]
-        wins, ratios = 0, []
-        for task in tasks:
+        tasks, wins, ratios = [], 0, []
+        for task in TASKS:
+            ours = [m for m in OURS if _select(rows, "c2st", task, budget, m)]
+            theirs = [m for m in SBI if _select(rows, "c2st", task, budget, m)]
+            if not (ours and theirs):
+                continue
+            tasks.append(task)
             c2st = {m: float(np.mean(_select(rows, "c2st", task, budget, m))) for m in ours + theirs}
             best_sbi, best_ours = min(theirs, key=c2st.get), min(ours, key=c2st.get)
             wins += c2st[best_ours] <= c2st[best_sbi] + 0.01
@@ -156,22 +161,26 @@ def main(argv=None):
     ap.add_argument("--no-write", action="store_true", help="print only (no docs/results)")
     ap.add_argument("--from-results", action="store_true",
                     help="only write the docs section from the rows in benchmarks/results/sbi.jsonl")
+    ap.add_argument("--append", action="store_true", help="add the rows to the results file (docs untouched)")
+    ap.add_argument("--wall-minutes", type=float, default=float("nan"),
+                    help="with --from-results: the runs' total wall")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     if args.from_results:
         rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-        wall = float("nan")
+        wall = 60 * args.wall_minutes
     else:
         RESULTS.parent.mkdir(exist_ok=True)
         rows = []
-        with open(os.devnull if args.no_write else RESULTS, "w") as log:  # one JSON row per line, as it goes
+        mode = "a" if args.append else "w"
+        with open(os.devnull if args.no_write else RESULTS, mode) as log:  # one JSON row per line, as it goes
             for budget in args.budgets:
                 for task in args.tasks:
                     rows += run_task(task, budget, args.observations, args.estimators, args.num_c2st,
                                      args.seed, log)
         wall = time.perf_counter() - start
-    if args.no_write:
+    if args.no_write or args.append:
         return rows
     import sbi
 
