@@ -1,4 +1,4 @@
-"""The common density-ratio estimator interface and the networks it trains.
+"""The common density-ratio estimator interface (its networks: :mod:`pyro_sde.nn.ratio_networks`).
 
 Every estimator estimates ``log r(x) = log p_num(x) - log p_den(x)``::
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MLP, RatioEstimator
+from ..nn.ratio_networks import MLP
+from .base import RatioEstimator
 
 __all__ = ["ClassifierRatioEstimator", "ContrastiveRatioEstimator", "contrastive_ratio_loss"]
 
