@@ -159,7 +159,7 @@ class TestLikelihood:
     def test_early_stopping_scales_with_the_data(self):
         torch.manual_seed(0)
         theta, x = simulate(1000)
-        lik = RatioLikelihood.from_simulations(theta, x, prior=PRIOR, patience=3)
+        lik = RatioLikelihood.from_simulations(theta, x, prior=PRIOR, estimator="classifier", patience=3)
         est = lik.estimator
         steps = len(est.losses)
         checks = est.validation_losses
@@ -224,7 +224,8 @@ class TestLikelihood:
             ClassifierRatioEstimator(2, balance=-1.0)
         with pytest.raises(ValueError, match="theta_dim"):
             ContrastiveRatioEstimator(4, theta_dim=4)
-        lik = RatioLikelihood(PRIOR, None, "classifier")
+        lik = RatioLikelihood(PRIOR, None)
+        assert lik.estimator == "contrastive"  # the default
         with pytest.raises(ValueError, match="fitted"):
             lik.posterior(torch.zeros(2))
         lik = exact_likelihood(exact_log_ratio, PRIOR, 2, 2)
@@ -250,7 +251,7 @@ def gaussian_simulations():
 @pytest.fixture(scope="module")
 def fitted_classifier(gaussian_simulations):
     torch.manual_seed(1)
-    return RatioLikelihood.from_simulations(*gaussian_simulations, prior=PRIOR)
+    return RatioLikelihood.from_simulations(*gaussian_simulations, prior=PRIOR, estimator="classifier")
 
 
 X_OBS = torch.tensor([0.7, -0.4])
