@@ -13,9 +13,9 @@ pairs ``(theta_i, x_i)`` against re-paired ones, then ``p(theta | x_obs) ∝ p(t
 
 Estimators (``estimator=``): ``"contrastive"`` (NRE-C, the default), ``"classifier"`` (NRE-A, binary
 cross-entropy), ``"balanced"`` (BNRE), ``"telescoping"``, ``"tangent"``, ``"secant"`` (time-score
-estimators, fixed training length), or a :class:`~pyro_sde.ratio.RatioEstimator` over ``d_theta + d_x`` dims. The classifiers
-train with early stopping on a validation split, so training time grows with the data. Calibration
-diagnostics are in :mod:`pyro_sde.ratio.calibration`.
+estimators, fixed training length), or a :class:`~pyro_sde.ratio.RatioEstimator` over ``d_theta + d_x``
+dims. The classifiers train with early stopping on a validation split, so training time grows with the
+data. Calibration diagnostics are in :mod:`pyro_sde.ratio.calibration`.
 """
 
 from __future__ import annotations
