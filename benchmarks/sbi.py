@@ -187,12 +187,19 @@ def main(argv=None):
     load = os.getloadavg()
     header = ["task", "simulations", "method", "observations", "C2ST mean", "C2ST max", "train CPU s",
               "sample CPU s / obs", "steps"]
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    budgets = sorted({r["budget"] for r in rows})
+    observations = sorted({r["observation"] for r in rows})
     body = f"""## Simulation-based inference (`benchmarks/sbi.py`)
 
-Regenerate (needs `sbi`, `sbibm`): `OMP_NUM_THREADS=1 python benchmarks/sbi.py --tasks {' '.join(args.tasks)}
---budgets {' '.join(map(str, args.budgets))} --observations {' '.join(map(str, args.observations))}`.
-Machine: {machine()}; load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (2 cores,
-shared); sbi {sbi.__version__}; total wall {wall / 60:.1f} min; {len(rows)} rows.
+Regenerate (needs `sbi`, `sbibm`): `OMP_NUM_THREADS=1 python benchmarks/sbi.py --tasks ... --budgets ...
+--observations ...` writes one JSON row per (task, budget, method, observation) to
+`benchmarks/results/sbi.jsonl`; `--append` adds rows (here: the time-score estimators on slcp and
+two_moons at 100,000 simulations), `--from-results` rewrites this section from that file. Rows here:
+tasks {", ".join(tasks)}; simulations {", ".join(map(str, budgets))}; observations
+{", ".join(map(str, observations))}; {len(rows)} rows. Machine: {machine()}; load average when written
+{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (2 cores shared with other jobs, load 4-6 during the runs);
+sbi {sbi.__version__}; total wall {wall / 60:.0f} min.
 
 Per task and budget one set of simulations is shared by every method; each trains once and is evaluated on
 every observation. Ours: `RatioLikelihood.from_simulations(theta, x, prior=prior, estimator=...)` with its
