@@ -13,6 +13,14 @@ Two options regularise it on small samples in many dimensions:
   for two Gaussians.
 * ``fit(..., validation=(x_num_val, x_den_val))``: early stopping on the held-out cross-entropy
   (:meth:`RatioEstimator.fit`).
+
+For simulation-based inference (rows ``[theta, x]``, numerator the joint ``p(theta, x)``, denominator
+``p(theta) p(x)``) two variants of sbi's NRE family:
+
+* ``balance=lambda`` (BNRE, Delaunoy et al. 2022): adds ``lambda (E_num sigmoid(f) + E_den sigmoid(f) - 1)^2``
+  to the cross-entropy, which pushes the classifier towards conservative (not over-confident) posteriors.
+* :class:`ContrastiveRatioEstimator` (NRE-C, Miller et al. 2022): a ``K + 1``-way classification of which of
+  ``K`` candidate ``theta`` (or none) goes with ``x``; its optimum is ``log r`` exactly, with no constant.
 """
 
 from __future__ import annotations
@@ -23,13 +31,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MLP, RatioEstimator
+from ..nn.ratio_networks import MLP
+from .base import RatioEstimator
 
-__all__ = ["ClassifierRatioEstimator"]
+__all__ = ["ClassifierRatioEstimator", "ContrastiveRatioEstimator", "contrastive_ratio_loss"]
 
 
 def _bce(logit_num: torch.Tensor, logit_den: torch.Tensor) -> torch.Tensor:
     return F.softplus(-logit_num).mean() + F.softplus(logit_den).mean()
+
+
+def contrastive_ratio_loss(logits: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """NRE-C loss (Miller et al. 2022, eq. 8) from logits ``(B, K + 1)``: column 0 ``f(theta_i, x_i)`` of the
+    joint pair, columns ``1..K`` ``f(theta_j, x_i)`` of contrasts ``j != i``.
+
+    With ``p_0 = 1 / (1 + gamma)``, ``p_K = gamma / (1 + gamma)``, ``g = log gamma`` and the marginal set
+    ``M = columns 1..K`` and the joint set ``J = columns 0..K-1`` (the joint pair first)::
+
+        loss = -p_0 E[log K - logsumexp(g + f_M, log K)] - p_K E[g + f_0 - logsumexp(g + f_J, log K)]
+
+    ``K = 1, gamma = 1`` gives half the balanced binary cross-entropy of :class:`ClassifierRatioEstimator`.
+    """
+    num_contrasts = logits.shape[-1] - 1
+    if num_contrasts < 1:
+        raise ValueError(f"logits must have shape (B, K + 1) with K >= 1, got {tuple(logits.shape)}")
+    log_gamma = math.log(gamma)
+    log_k = logits.new_full(logits.shape[:-1] + (1,), math.log(num_contrasts))
+    marginal = torch.cat([log_gamma + logits[..., 1:], log_k], -1).logsumexp(-1)
+    joint = torch.cat([log_gamma + logits[..., :-1], log_k], -1).logsumexp(-1)
+    log_p_marginal = log_k[..., 0] - marginal
+    log_p_joint = log_gamma + logits[..., 0] - joint
+    return -(log_p_marginal.mean() + gamma * log_p_joint.mean()) / (1 + gamma)
 
 
 class ClassifierRatioEstimator(RatioEstimator):
@@ -40,15 +72,19 @@ class ClassifierRatioEstimator(RatioEstimator):
     :param nn.Module network: a custom logit network ``(N, d) -> (N,)`` instead of the MLP.
     :param bool quadratic: add a closed-form Gaussian log ratio (module docstring) to the network's
         logit; the MLP's last layer then starts at zero.
+    :param float balance: BNRE's ``lambda`` (0: plain cross-entropy; Delaunoy et al. use 100).
     """
 
     supports_validation = True
 
     def __init__(self, dim: int, *, hidden_dim: int = 256, num_layers: int = 3,
-                 network: nn.Module | None = None, quadratic: bool = False):
+                 network: nn.Module | None = None, quadratic: bool = False, balance: float = 0.0):
         super().__init__(dim)
         if not isinstance(quadratic, bool):
             raise TypeError(f"quadratic must be a bool, got {quadratic!r}")
+        if isinstance(balance, bool) or not isinstance(balance, (int, float)) or not 0 <= balance < math.inf:
+            raise ValueError(f"balance must be a finite number >= 0, got {balance!r}")
+        self.balance = float(balance)
         if network is None:
             network = MLP(dim, 1, hidden_dim=hidden_dim, num_layers=num_layers)
             if quadratic:
@@ -64,6 +100,8 @@ class ClassifierRatioEstimator(RatioEstimator):
         if isinstance(network, MLP):
             self._config.update(hidden_dim=hidden_dim, num_layers=num_layers)
         self._config.update(quadratic=quadratic)
+        if balance:
+            self._config.update(balance=self.balance)
 
     # quadratic term ------------------------------------------------------------------------------
     def _quadratic(self, z: torch.Tensor) -> torch.Tensor:
@@ -108,9 +146,68 @@ class ClassifierRatioEstimator(RatioEstimator):
 
     # training ------------------------------------------------------------------------------------
     def _loss(self, x_num, x_den, progress=None):
-        return _bce(self._logit(x_num), self._logit(x_den))
+        logit_num, logit_den = self._logit(x_num), self._logit(x_den)
+        loss = _bce(logit_num, logit_den)
+        if self.balance:
+            gap = torch.sigmoid(logit_num).mean() + torch.sigmoid(logit_den).mean() - 1
+            loss = loss + self.balance * gap.square()
+        return loss
 
     _validation_loss = _loss
 
     def _log_ratio(self, z, num_steps=None):
         return self._logit(z)
+
+
+class ContrastiveRatioEstimator(ClassifierRatioEstimator):
+    """NRE-C on rows ``[theta, x]`` (``theta`` the first ``theta_dim`` columns): ``log r = f``, ``f``
+    minimising :func:`contrastive_ratio_loss`; row i's ``K`` contrasts are ``theta`` of other rows.
+
+    Only numerator (joint) rows enter the loss: ``fit``'s denominator sets the standardisation (give the
+    product of marginals, which has the same per-coordinate moments) and is otherwise unused.
+
+    :param int dim: ``d_theta + d_x``. :param int theta_dim: ``d_theta``.
+    :param int num_contrasts: ``K`` (5). :param float gamma: odds of "a candidate is the joint one" against
+        "none is" (1.0). Other options as :class:`ClassifierRatioEstimator`.
+    """
+
+    def __init__(self, dim: int, *, theta_dim: int, num_contrasts: int = 5, gamma: float = 1.0,
+                 hidden_dim: int = 256, num_layers: int = 3, network: nn.Module | None = None):
+        super().__init__(dim, hidden_dim=hidden_dim, num_layers=num_layers, network=network)
+        if isinstance(theta_dim, bool) or not isinstance(theta_dim, int) or not 1 <= theta_dim < dim:
+            raise ValueError(f"theta_dim must be an int in [1, dim), got {theta_dim!r}")
+        if isinstance(num_contrasts, bool) or not isinstance(num_contrasts, int) or num_contrasts < 1:
+            raise ValueError(f"num_contrasts must be a positive int, got {num_contrasts!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+            raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
+        self.theta_dim, self.num_contrasts, self.gamma = theta_dim, num_contrasts, float(gamma)
+        del self._config["quadratic"]
+        self._config.update(theta_dim=theta_dim, num_contrasts=num_contrasts, gamma=self.gamma)
+
+    def contrast_logits(self, z: torch.Tensor, contrasts: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K + 1)`` of standardised joint rows ``z`` ``(B, d)``: column 0 ``f(z_i)``, column
+        ``k`` ``f(theta_{contrasts[i, k - 1]}, x_i)`` for indices ``contrasts`` ``(B, K)``."""
+        theta, x = z[:, : self.theta_dim], z[:, self.theta_dim :]
+        candidates = torch.cat([theta[:, None], theta[contrasts]], 1)  # (B, K + 1, d_theta)
+        rows = torch.cat([candidates, x[:, None].expand(-1, candidates.shape[1], -1)], -1)
+        return self._logit(rows)
+
+    def _check_batch(self, n: int) -> None:
+        if n <= self.num_contrasts:
+            raise ValueError(f"NRE-C needs more than num_contrasts={self.num_contrasts} rows per batch, "
+                             f"got {n}")
+
+    def _loss(self, x_num, x_den=None, progress=None):
+        b = x_num.shape[0]
+        self._check_batch(b)
+        offsets = torch.randint(1, b, (b, self.num_contrasts), device=x_num.device)  # never the row itself
+        contrasts = (torch.arange(b, device=x_num.device)[:, None] + offsets) % b
+        return contrastive_ratio_loss(self.contrast_logits(x_num, contrasts), self.gamma)
+
+    def _validation_loss(self, z_num, z_den=None):
+        """The loss with fixed contrasts: row ``i`` against rows ``i + 1, ..., i + K`` (cyclically)."""
+        n = z_num.shape[0]
+        self._check_batch(n)
+        idx = torch.arange(n, device=z_num.device)
+        contrasts = (idx[:, None] + torch.arange(1, self.num_contrasts + 1, device=z_num.device)) % n
+        return contrastive_ratio_loss(self.contrast_logits(z_num, contrasts), self.gamma)

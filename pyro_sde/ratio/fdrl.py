@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from .._checkpoint import load_checkpoint
 from .._checks import nonnegative_float as _nonnegative_float
 from .._checks import positive_int as _positive_int
+from ..nn.ratio_networks import MLP, gelu_derivatives
 from ..sde.integrate import euler_maruyama_step
-from .base import MIN_SAMPLES, MLP, RatioEstimator, check_samples, gelu_derivatives, optimizer_step
+from .base import MIN_SAMPLES, RatioEstimator, check_samples, optimizer_step
 
 __all__ = ["FlowGuidedGenerator", "FourierMLP", "energy_distance", "fit_gaussian", "LOSSES", "DIVERGENCES"]
 

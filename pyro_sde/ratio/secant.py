@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import time_jets
+from ..nn.ratio_networks import time_jets
 from .paths import time_derivative
 from .tangent import _TimeScoreEstimator
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import RatioEstimator, make_time_score_network, time_jets
+from ..nn.ratio_networks import make_time_score_network, time_jets
+from .base import RatioEstimator
 from .paths import get_path
 
 __all__ = ["TangentRatioEstimator", "gauss_legendre"]

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MLP, RatioEstimator
+from ..nn.ratio_networks import MLP
+from .base import RatioEstimator
 from .paths import get_path
 
 __all__ = ["TelescopingRatioEstimator"]

@@ -1,0 +1,522 @@
+r"""Simulation-based inference with density ratios: a likelihood from simulations and its posterior.
+
+Neural ratio estimation fits ``r(theta, x) = p(theta, x) / (p(theta) p(x)) = p(x | theta) / p(x)`` on joint
+pairs ``(theta_i, x_i)`` against re-paired ones, then ``p(theta | x_obs) ∝ p(theta) r(theta, x_obs)`` for any
+``x_obs`` without retraining (amortised)::
+
+    lik = RatioLikelihood.from_simulations(theta, x, prior=prior, estimator="contrastive")  # (N, d), (N, d_x)
+    posterior = lik.posterior(x_obs)          # tempered SMC from the prior: copes with several modes
+    posterior.sample((1000,))                 # (1000, d)
+    posterior.log_prob(theta)                 # normalised with the SMC evidence estimate
+    posterior.map()                           # (d,)
+    pyro_sde.to_inference_data(posterior)     # ArviZ
+
+Estimators (``estimator=``): ``"contrastive"`` (NRE-C, the default), ``"classifier"`` (NRE-A, binary
+cross-entropy), ``"balanced"`` (BNRE), ``"telescoping"``, ``"tangent"``, ``"secant"`` (time-score
+estimators, fixed training length), or a :class:`~pyro_sde.ratio.RatioEstimator` over ``d_theta + d_x``
+dims. The classifiers train with early stopping on a validation split, so training time grows with the
+data. Calibration diagnostics are in :mod:`pyro_sde.ratio.calibration`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.distributions import Distribution
+from pyro.infer import Predictive
+from torch.distributions import biject_to
+
+from .. import diagnostics
+from ..nn.ratio_networks import SBIRatioNetwork
+from .base import RatioEstimator, check_fitted, check_samples
+from .classifier import ClassifierRatioEstimator, ContrastiveRatioEstimator
+
+__all__ = ["ESTIMATORS", "RatioLikelihood", "RatioPosterior", "make_sbi_estimator"]
+
+#: names accepted by ``estimator=`` (sbi's names as aliases)
+ESTIMATORS = ("classifier", "nre_a", "balanced", "bnre", "contrastive", "nre_c", "telescoping", "tangent",
+              "secant")
+
+
+def make_sbi_estimator(name: str, theta_dim: int, x_dim: int, *, embedding: torch.nn.Module | None = None,
+                       hidden_dim: int = 64, num_layers: int = 2, **options) -> RatioEstimator:
+    """An unfitted estimator over rows ``[theta, x]`` of ``theta_dim + x_dim`` columns.
+
+    :param str name: one of :data:`ESTIMATORS`.
+    :param nn.Module embedding: for the classifiers, an embedding network ``(..., d_x) -> (..., d_e)`` for
+        ``x`` (:class:`~pyro_sde.nn.ratio_networks.SBIRatioNetwork`).
+    :param int hidden_dim: network width (64). :param int num_layers: hidden layers (2).
+    :param options: estimator options: ``num_contrasts`` / ``gamma`` (contrastive, 5 / 1.0), ``balance``
+        (balanced, 100), ``network`` / ``network_options`` (time-score estimators) and so on.
+    """
+    if name not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS} or a RatioEstimator, got {name!r}")
+    dim = theta_dim + x_dim
+    if name in ("classifier", "nre_a", "balanced", "bnre", "contrastive", "nre_c"):
+        network = options.pop("network", None) or SBIRatioNetwork(
+            theta_dim, x_dim, embedding=embedding, hidden_dim=hidden_dim, num_layers=num_layers)
+        if name in ("contrastive", "nre_c"):
+            return ContrastiveRatioEstimator(dim, theta_dim=theta_dim, network=network, **options)
+        if name in ("balanced", "bnre"):
+            options.setdefault("balance", 100.0)
+        return ClassifierRatioEstimator(dim, network=network, **options)
+    if embedding is not None:
+        raise ValueError(f"embedding= goes with the classifier estimators, not {name!r}")
+    from .secant import SecantRatioEstimator
+    from .tangent import TangentRatioEstimator
+    from .telescoping import TelescopingRatioEstimator
+
+    if name == "telescoping":
+        return TelescopingRatioEstimator(dim, hidden_dim=hidden_dim, num_layers=num_layers, **options)
+    klass = TangentRatioEstimator if name == "tangent" else SecantRatioEstimator
+    if options.get("network", "mlp") == "mlp":
+        options.setdefault("network_options", {"hidden_dim": hidden_dim, "num_layers": num_layers})
+    return klass(dim, **options)
+
+
+class _FlatPrior:
+    """A prior distribution over one site of shape ``shape``, seen on flattened rows ``(..., D)``, with the
+    bijection ``theta = T(u)`` from unconstrained ``u`` (``biject_to(support)``)."""
+
+    def __init__(self, distribution: Distribution, shape):
+        self.distribution, self.shape = distribution, torch.Size(shape)
+        self.dim = self.shape.numel()
+        self.transform = biject_to(distribution.support)
+        if tuple(self.transform.inverse_shape(self.shape)) != tuple(self.shape):
+            raise NotImplementedError("posterior() needs a prior whose unconstrained space has its shape")
+        self._reduce = len(self.shape) - len(distribution.event_shape)  # batch dims of the site to sum
+        with torch.random.fork_rng(devices=[]):
+            self._inside = distribution.sample()  # a point of the support, to evaluate in place of others
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t.sum(tuple(range(-self._reduce, 0))) if self._reduce else t
+
+    def unflatten(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta.reshape(theta.shape[:-1] + self.shape)
+
+    def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
+        """``log p(theta)`` of rows ``(..., D) -> (...)``; ``-inf`` outside the support."""
+        value = self.unflatten(theta)
+        inside = self._sum((~self.distribution.support.check(value)).to(theta.dtype)) == 0
+        safe = torch.where(self.unflatten(inside[..., None].expand_as(theta)), value, self.sample_like(value))
+        lp = self._sum(self.distribution.log_prob(safe)).to(theta.dtype)
+        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
+
+    def sample_like(self, value, flat: bool = False):
+        """A fixed point of the support, broadcast to ``value`` (site-shaped, or rows ``(..., D)``)."""
+        point = self._inside.reshape(-1) if flat else self._inside
+        return point.to(value).expand_as(value)
+
+    def sample(self, n: int) -> torch.Tensor:
+        return self.distribution.sample((n,)).reshape(n, self.dim)
+
+    def constrain(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta, log |det dT/du|)`` for unconstrained rows ``u`` ``(..., D)``."""
+        uu = self.unflatten(u)
+        value = self.transform(uu)
+        log_det = self.transform.log_abs_det_jacobian(uu, value)
+        event = self.transform.codomain.event_dim
+        if len(self.shape) > event:
+            log_det = log_det.sum(tuple(range(event - len(self.shape), 0)))
+        return value.reshape(u.shape), log_det
+
+    def unconstrain(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.transform.inv(self.unflatten(theta)).reshape(theta.shape)
+
+
+def _prior_model(distribution: Distribution) -> Callable:
+    def prior():
+        pyro.sample("theta", distribution)
+
+    return prior
+
+
+class RatioLikelihood:
+    """Neural ratio estimation of a simulator's likelihood ``r(theta, x) = p(x | theta) / p(x)``.
+
+    Example (from a simulator; :meth:`from_simulations` for given pairs)::
+
+        def prior():
+            pyro.sample("theta", dist.Normal(torch.zeros(2), 1.).to_event(1))
+        def simulator(params):                      # batched: dict of (N, ...) -> (N, d_x)
+            return params["theta"] + 0.5 * torch.randn_like(params["theta"])
+        lik = RatioLikelihood(prior, simulator, "contrastive").fit(num_simulations=10_000)
+        lik.posterior(x_obs).sample((1000,))        # or NUTS on lik.posterior_model(x_obs)
+
+    :param prior: a Pyro model (no observed sites) sampling the parameters, or a distribution over one
+        parameter (``batch_shape ()``; its site is called ``"theta"``).
+    :param callable simulator: ``dict site -> (N, *shape)`` tensors ``-> (N, d_x)`` simulated data (it may
+        solve an SDE: only samples are needed, never its likelihood); None with given simulations.
+    :param estimator: a name from :data:`ESTIMATORS` (default ``"contrastive"``, NRE-C: the most accurate on
+        sbibm's tasks; built at the first fit) or a
+        :class:`RatioEstimator` over ``d_theta + d_x`` dims (parameters flattened in site order, then ``x``).
+    :param dict estimator_options: options of :func:`make_sbi_estimator` with a name.
+    """
+
+    def __init__(self, prior, simulator: Callable | None = None, estimator="contrastive", *,
+                 estimator_options: dict | None = None):
+        if isinstance(estimator, str):
+            if estimator not in ESTIMATORS:
+                raise ValueError(f"estimator must be one of {ESTIMATORS} or a RatioEstimator, "
+                                 f"got {estimator!r}")
+        elif not isinstance(estimator, RatioEstimator):
+            raise TypeError(f"estimator must be a RatioEstimator or a name, got {type(estimator).__name__}")
+        elif estimator_options:
+            raise ValueError("estimator_options go with an estimator name, not an estimator object")
+        self._flat_prior: _FlatPrior | None = None
+        if isinstance(prior, Distribution):
+            if tuple(prior.batch_shape) != ():
+                raise ValueError("a prior distribution must have batch_shape () (use .to_event()), got "
+                                 f"{tuple(prior.batch_shape)}")
+            self._flat_prior = _FlatPrior(prior, prior.event_shape)
+            prior = _prior_model(prior)
+        elif not callable(prior):
+            raise TypeError(f"prior must be a Pyro model or a distribution, got {type(prior).__name__}")
+        if simulator is not None and not callable(simulator):
+            raise TypeError(f"simulator must be callable, got {type(simulator).__name__}")
+        self.prior, self.simulator = prior, simulator
+        self.estimator = estimator
+        self.estimator_options = dict(estimator_options or {})
+        self.sites: dict[str, torch.Size] | None = None
+        self.x_dim: int | None = None
+
+    # construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_simulations(cls, theta: torch.Tensor, x: torch.Tensor, *, prior, estimator="contrastive",
+                         estimator_options: dict | None = None, **fit_options) -> RatioLikelihood:
+        """A likelihood fitted on given pairs: ``theta`` ``(N, d_theta)`` (sites flattened in order) drawn
+        from ``prior``, ``x`` ``(N, d_x)`` (or ``(N, *shape)``, flattened) simulated at them.
+
+        :param prior: as in the constructor (the posterior needs it; it is not sampled here).
+        :param fit_options: as :meth:`fit_simulations`.
+        """
+        lik = cls(prior, None, estimator, estimator_options=estimator_options)
+        return lik.fit_simulations(theta, x, **fit_options)
+
+    @classmethod
+    def from_fitted(cls, estimator: RatioEstimator, *, prior) -> RatioLikelihood:
+        """A likelihood around an already fitted estimator over rows ``[theta, x]`` (e.g. a saved one, or
+        another library's network wrapped as a :class:`RatioEstimator`); ``prior`` as in the constructor."""
+        check_fitted(estimator)
+        lik = cls(prior, None, estimator)
+        lik._record_sites()
+        lik.x_dim = estimator.dim - lik.theta_dim
+        if lik.x_dim < 1:
+            raise ValueError(f"estimator.dim = {estimator.dim} leaves no x columns after {lik.theta_dim} "
+                             "parameters")
+        return lik
+
+    def _record_sites(self, *args, **kwargs):
+        """Site shapes (and a one-site prior's distribution) from one prior trace, leaving the RNG as it was
+        (so that given simulations and the simulator's own give the same fit under one seed)."""
+        with torch.random.fork_rng(devices=[]):
+            trace = poutine.trace(self.prior).get_trace(*args, **kwargs)
+        sites = {name: site for name, site in trace.nodes.items()
+                 if site["type"] == "sample" and not site["is_observed"]}
+        if not sites:
+            raise ValueError("the prior has no latent sample sites")
+        if self.sites is None:
+            self.sites = {name: site["value"].shape for name, site in sites.items()}
+            if self._flat_prior is None and len(sites) == 1:
+                (site,) = sites.values()
+                try:
+                    self._flat_prior = _FlatPrior(site["fn"], site["value"].shape)
+                except NotImplementedError:
+                    pass
+        return trace
+
+    @property
+    def theta_dim(self) -> int:
+        if self.sites is None:
+            raise RuntimeError("call fit or from_simulations first")
+        return sum(int(torch.Size(s).numel()) for s in self.sites.values())
+
+    def _flatten(self, params: dict, n: int) -> torch.Tensor:
+        return torch.cat([params[k].reshape(n, -1) for k in self.sites], -1)
+
+    def simulate(self, num_simulations: int, *args, **kwargs):
+        """``(theta, x)``: ``(N, d_theta)`` flattened prior draws and ``(N, d_x)`` simulations."""
+        if self.simulator is None:
+            raise RuntimeError("this likelihood has no simulator (built from given simulations)")
+        if isinstance(num_simulations, bool) or not isinstance(num_simulations, int) or num_simulations < 1:
+            raise ValueError(f"num_simulations must be a positive int, got {num_simulations!r}")
+        params = Predictive(self.prior, num_samples=num_simulations)(*args, **kwargs)
+        self._record_sites(*args, **kwargs)
+        theta = self._flatten({k: params[k] for k in self.sites}, num_simulations)
+        x = self.simulator({k: params[k] for k in self.sites})
+        x = check_samples(x.reshape(num_simulations, -1), "simulator output")
+        return theta, x
+
+    def fit(self, num_simulations: int = 10_000, *args, **fit_options) -> RatioLikelihood:
+        """Simulate ``num_simulations`` pairs (``args`` go to the prior), then :meth:`fit_simulations`."""
+        theta, x = self.simulate(num_simulations, *args)
+        return self.fit_simulations(theta, x, **fit_options)
+
+    def fit_simulations(self, theta: torch.Tensor, x: torch.Tensor, *, validation_fraction: float = 0.1,
+                        patience: int = 20, batch_size: int = 256, lr: float | None = None,
+                        max_num_iterations: int | None = None, **fit_kwargs) -> RatioLikelihood:
+        """Fit ``r`` on joint pairs against re-paired ones (``theta_i`` with ``x_j`` at random ``i, j``).
+
+        Estimators with early stopping (the classifiers) hold out ``validation_fraction`` of the pairs,
+        check the validation loss once per epoch (``ceil(N_train / batch_size)`` steps) at a constant
+        learning rate, and stop after ``patience`` epochs without improvement (keeping the best weights), or
+        at ``max_num_iterations`` steps (default ``max(2000, 50 epochs)``); ``lr`` defaults to 3e-3. Others
+        train for ``num_iterations`` (2000) with a cosine schedule from ``lr`` (default 1e-3).
+
+        :param theta: ``(N, d_theta)``. :param x: ``(N, d_x)`` or ``(N, *shape)``.
+        :param fit_kwargs: overrides of :meth:`RatioEstimator.fit`'s options (e.g. ``ema_decay``,
+            ``progress_bar``, ``num_iterations``).
+        :returns: ``self``.
+        """
+        if self.sites is None:
+            self._record_sites()
+        theta = check_samples(theta, "theta", self.theta_dim, 2)
+        x = torch.as_tensor(x)
+        if x.dim() < 2 or x.shape[0] != theta.shape[0]:
+            raise ValueError(f"x must have shape (N, ...) with N = {theta.shape[0]} (theta's), "
+                             f"got {tuple(x.shape)}")
+        x = check_samples(x.reshape(x.shape[0], -1), "x")
+        if x.dtype != theta.dtype or x.device != theta.device:
+            raise ValueError("theta and x must share dtype and device")
+        if self.x_dim is not None and x.shape[-1] != self.x_dim:
+            raise ValueError(f"x has {x.shape[-1]} dims; this likelihood was fitted with {self.x_dim}")
+        if not 0 <= validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+        if isinstance(self.estimator, str):
+            self.estimator = make_sbi_estimator(self.estimator, theta.shape[-1], x.shape[-1],
+                                                **self.estimator_options)
+        if theta.shape[-1] + x.shape[-1] != self.estimator.dim:
+            raise ValueError(f"estimator.dim is {self.estimator.dim}, but theta and x have "
+                             f"{theta.shape[-1]} + {x.shape[-1]} dims")
+        self.x_dim = x.shape[-1]
+        n = theta.shape[0]
+        options = dict(progress_bar=False)
+        if self.estimator.supports_validation and validation_fraction > 0:
+            n_val = max(math.ceil(validation_fraction * n), 2 + getattr(self.estimator, "num_contrasts", 0))
+            if n - n_val < 8:
+                raise ValueError(f"{n} simulations are too few for a validation split of {n_val}")
+            perm = torch.randperm(n, device=theta.device)
+            val, train = perm[:n_val], perm[n_val:]
+            theta_val, x_val = theta[val], x[val]
+            shifted = torch.roll(torch.arange(n_val, device=theta.device), 1)  # theta_{i-1} with x_i
+            validation = (torch.cat([theta_val, x_val], -1), torch.cat([theta_val[shifted], x_val], -1))
+            theta, x = theta[train], x[train]
+            batch_size = min(batch_size, theta.shape[0])
+            epoch = math.ceil(theta.shape[0] / batch_size)
+            cap = max(2000, 50 * epoch) if max_num_iterations is None else max_num_iterations
+            options.update(num_iterations=cap, validation=validation, patience=patience,
+                           validation_interval=epoch, lr_schedule="constant", lr=3e-3 if lr is None else lr)
+        else:
+            batch_size = min(batch_size, n)
+            options.update(num_iterations=2000, lr=1e-3 if lr is None else lr)
+        options.update(batch_size=batch_size)
+        options.update(fit_kwargs)
+        m = theta.shape[0]
+
+        def repaired(k):
+            return torch.cat([theta[torch.randint(m, (k,), device=theta.device)],
+                              x[torch.randint(m, (k,), device=theta.device)]], -1)
+
+        self.estimator.fit(torch.cat([theta, x], -1), repaired, **options)
+        return self
+
+    # evaluation ----------------------------------------------------------------------------------
+    def log_ratio(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``log r(theta, x)`` for flattened ``theta`` ``(..., d_theta)`` and ``x`` ``(..., d_x)`` (leading
+        dimensions broadcast) ``-> (...)``."""
+        check_fitted(self.estimator)
+        x = torch.as_tensor(x, dtype=theta.dtype, device=theta.device)
+        if theta.shape[-1] != self.theta_dim or x.shape[-1] != self.x_dim:
+            raise ValueError(f"theta must be (..., {self.theta_dim}) and x (..., {self.x_dim}), got "
+                             f"{tuple(theta.shape)} and {tuple(x.shape)}")
+        shape = torch.broadcast_shapes(theta.shape[:-1], x.shape[:-1])
+        rows = torch.cat([theta.expand(shape + theta.shape[-1:]), x.expand(shape + x.shape[-1:])], -1)
+        return self.estimator.log_ratio(rows)
+
+    def log_likelihood(self, params: dict, x_obs: torch.Tensor) -> torch.Tensor:
+        """``log r(theta, x_obs) = log p(x_obs | theta) - log p(x_obs)`` for ``params`` of batch
+        shape ``(N,)`` (or unbatched) -> ``(N,)`` (or scalar)."""
+        check_fitted(self.estimator)
+        first = next(iter(self.sites))
+        batch = params[first].shape[: params[first].dim() - len(self.sites[first])]
+        n = int(torch.Size(batch).numel())
+        theta = self._flatten(params, n)
+        x = torch.as_tensor(x_obs, dtype=theta.dtype, device=theta.device).reshape(1, -1).expand(n, -1)
+        return self.estimator.log_ratio(torch.cat([theta, x], -1)).reshape(batch)
+
+    def posterior_model(self, x_obs: torch.Tensor) -> Callable:
+        """A Pyro model ``prior`` + ``pyro.factor(log r(theta, x_obs))`` whose posterior is
+        ``p(theta | x_obs)`` (for NUTS, SVI or DiffusionSampler)."""
+        if self.sites is None or not self.estimator_is_fitted:
+            raise RuntimeError("call fit first")
+
+        def model(*args, **kwargs):
+            trace = poutine.trace(self.prior).get_trace(*args, **kwargs)
+            params = {k: trace.nodes[k]["value"] for k in self.sites}
+            pyro.factor("ratio_likelihood", self.log_likelihood(params, x_obs))
+
+        return model
+
+    @property
+    def estimator_is_fitted(self) -> bool:
+        return isinstance(self.estimator, RatioEstimator) and self.estimator.is_fitted
+
+    def _prior(self) -> _FlatPrior:
+        if self._flat_prior is None:
+            raise NotImplementedError(
+                "posterior() needs a prior over one site (a distribution, or a model with one latent site "
+                "whose support maps to its own shape); use posterior_model(x_obs) with NUTS instead")
+        return self._flat_prior
+
+    def posterior(self, x_obs: torch.Tensor, **options) -> RatioPosterior:
+        """The posterior ``p(theta | x_obs) ∝ p(theta) r(theta, x_obs)`` (:class:`RatioPosterior`; ``options``
+        go to it). Cheap: nothing is trained, and sampling starts at the first call that needs it."""
+        return RatioPosterior(self, x_obs, **options)
+
+    @torch.no_grad()
+    def sample_posteriors(self, x: torch.Tensor, num_samples: int, *, num_proposals: int = 4096):
+        """Approximate posterior draws ``(num_samples, N, d_theta)`` for ``N`` observations ``x``
+        ``(N, d_x)`` at once: sampling-importance-resampling of ``num_proposals`` shared prior draws
+        weighted by ``r`` (fast, for calibration; good while the posterior is not much narrower than the
+        prior)."""
+        check_fitted(self.estimator)
+        prior = self._prior()
+        x = torch.as_tensor(x).reshape(-1, self.x_dim)
+        proposals = prior.sample(num_proposals).to(x)  # (M, D)
+        log_r = self.log_ratio(proposals[None], x[:, None])  # (N, M)
+        idx = torch.distributions.Categorical(logits=log_r.double()).sample((num_samples,))  # (L, N)
+        return proposals[idx]
+
+
+class RatioPosterior:
+    """``p(theta | x_obs) ∝ p(theta) r(theta, x_obs)`` of a fitted :class:`RatioLikelihood`, sampled by
+    tempered SMC (:class:`~pyro_sde.infer.SMCSampler`) from the prior to the posterior, in the prior's
+    unconstrained coordinates, with a Gaussian reference moment-matched to prior draws: the particles start
+    spread over the whole prior, so separated modes are found and weighted by their mass.
+
+    :param likelihood: fitted, with a one-site prior. :param x_obs: the observation (``d_x`` values).
+    :param int num_particles: SMC particles per run (2048). :param int num_runs: independent runs (1).
+    :param dict smc_options: further :class:`~pyro_sde.infer.SMCSampler` options.
+    """
+
+    def __init__(self, likelihood: RatioLikelihood, x_obs, *, num_particles: int = 2048, num_runs: int = 1,
+                 smc_options: dict | None = None):
+        if not isinstance(likelihood, RatioLikelihood):
+            raise TypeError(f"likelihood must be a RatioLikelihood, got {type(likelihood).__name__}")
+        if not likelihood.estimator_is_fitted:
+            raise ValueError("the likelihood must be fitted first")
+        self.likelihood, self.prior = likelihood, likelihood._prior()
+        est = likelihood.estimator
+        self.dtype, self.device = est.shift.dtype, est.shift.device
+        x_obs = torch.as_tensor(x_obs, dtype=self.dtype, device=self.device)
+        if x_obs.numel() != likelihood.x_dim:
+            raise ValueError(f"x_obs must have {likelihood.x_dim} values, got shape {tuple(x_obs.shape)}")
+        if not bool(torch.isfinite(x_obs).all()):
+            raise ValueError("x_obs contains NaN or infinite values")
+        self.x_obs = x_obs.reshape(-1)
+        self.num_particles, self.num_runs = num_particles, num_runs
+        self.smc_options = dict(smc_options or {})
+        self._smc = None
+
+    @property
+    def dim(self) -> int:
+        return self.prior.dim
+
+    def unnormalized_log_prob(self, theta: torch.Tensor) -> torch.Tensor:
+        """``log p(theta) + log r(theta, x_obs)``, rows ``(..., d) -> (...)``; ``-inf`` off the support."""
+        theta = torch.as_tensor(theta, dtype=self.dtype, device=self.device)
+        lp = self.prior.log_prob(theta)
+        inside = torch.isfinite(lp)
+        safe = torch.where(inside[..., None], theta, self.prior.sample_like(theta, flat=True))
+        return torch.where(inside, lp + self.likelihood.log_ratio(safe, self.x_obs), lp)
+
+    def _log_density_unconstrained(self, u: torch.Tensor) -> torch.Tensor:
+        theta, log_det = self.prior.constrain(u)
+        return self.prior.log_prob(theta) + log_det + self.likelihood.log_ratio(theta, self.x_obs)
+
+    @property
+    def smc(self):
+        """The fitted :class:`~pyro_sde.infer.SMCSampler` (run at first use)."""
+        if self._smc is None:
+            from ..infer import SMCSampler
+
+            with torch.no_grad():
+                u = self.prior.unconstrain(self.prior.sample(8192).to(self.dtype))
+                u = u[torch.isfinite(u).all(-1)]
+                loc = u.mean(0)
+                cov = torch.atleast_2d(torch.cov(u.T))
+                cov = cov + 1e-6 * torch.eye(self.dim, dtype=u.dtype, device=u.device)
+            options = dict(num_particles=self.num_particles, num_runs=self.num_runs,
+                           precondition=(loc, torch.linalg.cholesky(cov)))
+            options.update(self.smc_options)
+            smc = SMCSampler(log_density=self._log_density_unconstrained, dim=self.dim, dtype=self.dtype,
+                             device=self.device, **options)
+            self._smc = smc.run()
+        return self._smc
+
+    def get_weighted_samples(self, num_samples: int | None = None):
+        """``({site: (M, *shape)}, log_weights (M,))`` from the SMC particles (as
+        :meth:`SMCSampler.get_weighted_samples`; :func:`~pyro_sde.to_inference_data` takes this object)."""
+        samples, log_w = self.smc.get_weighted_samples(num_samples)
+        with torch.no_grad():
+            theta = self.prior.constrain(samples["x"].to(self.dtype))[0]
+        return self._unflatten_sites(theta), log_w
+
+    def _unflatten_sites(self, theta: torch.Tensor) -> dict:
+        out, start = {}, 0
+        for name, shape in self.likelihood.sites.items():
+            k = int(torch.Size(shape).numel())
+            out[name] = theta[..., start : start + k].reshape(theta.shape[:-1] + torch.Size(shape))
+            start += k
+        return out
+
+    @torch.no_grad()
+    def sample(self, sample_shape=()) -> torch.Tensor:
+        """Draws ``(*sample_shape, d)`` resampled (systematic, then shuffled) from the SMC particles."""
+        sample_shape = torch.Size(sample_shape)
+        n = max(1, sample_shape.numel())
+        samples, log_w = self.smc.get_weighted_samples()
+        idx = diagnostics.systematic_resample(log_w, n)
+        idx = idx[torch.randperm(n, device=idx.device)]
+        theta = self.prior.constrain(samples["x"][idx].to(self.dtype))[0]
+        return theta.reshape(sample_shape + (self.dim,))
+
+    def log_evidence(self) -> diagnostics.LogEvidence:
+        """``log Z = log int p(theta) r(theta, x_obs) dtheta`` (1 for an exact ratio), from the SMC run."""
+        return self.smc.log_evidence()
+
+    def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
+        """``log p(theta | x_obs) = log p(theta) + log r(theta, x_obs) - log Z`` (``Z`` the SMC evidence
+        estimate), rows ``(..., d) -> (...)``."""
+        log_z = self.log_evidence().log_z
+        return self.unnormalized_log_prob(theta) - log_z.to(self.dtype)
+
+    def map(self, *, num_starts: int = 16, num_iterations: int = 300, lr: float = 0.05) -> torch.Tensor:
+        """The posterior mode ``(d,)``: Adam in unconstrained coordinates (where the prior's Jacobian is left
+        out, so this is the mode in ``theta``) from the ``num_starts`` best SMC particles."""
+        with torch.no_grad():
+            start = self.sample((4 * num_starts,))
+            best = self.unnormalized_log_prob(start).argsort(descending=True)[:num_starts]
+            u = self.prior.unconstrain(start[best]).clone()
+        u.requires_grad_(True)
+        opt = torch.optim.Adam([u], lr=lr)
+        for _ in range(num_iterations):
+            opt.zero_grad()
+            theta = self.prior.constrain(u)[0]
+            loss = -(self.prior.log_prob(theta) + self.likelihood.log_ratio(theta, self.x_obs)).sum()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            theta = self.prior.constrain(u)[0]
+            return theta[self.unnormalized_log_prob(theta).argmax()].detach()
+
+    def to_inference_data(self, num_samples: int | None = None):
+        """ArviZ data of the posterior draws (:func:`pyro_sde.to_inference_data`)."""
+        return diagnostics.to_inference_data(self, num_samples)
+
+    def __repr__(self):
+        return f"RatioPosterior(dim={self.dim}, x_obs={self.x_obs.tolist()})"
