@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._checkpoint import load_checkpoint, package_version, save_checkpoint
 from .._checks import nonnegative_float as _nonnegative_float
+from .._progress import progress_bar as _progress_bar
 from ..nn.ema import ema_update_
 from ..nn.ratio_networks import (  # noqa: F401  (re-exported: their old home)
     MLP,
@@ -209,7 +209,7 @@ class RatioEstimator(nn.Module):
         validation_interval: int = 25,
         stop_after: int | None = None,
         patience: int | None = None,
-        progress_bar: bool = True,
+        progress_bar: bool | None = None,
     ) -> RatioEstimator:
         """Train on samples of ``p_num`` and ``p_den``; calling again continues training.
 
@@ -230,7 +230,8 @@ class RatioEstimator(nn.Module):
         :param int patience: with ``validation``, stop once that many validation checks in a row have not
             lowered the best validation loss (None: run the whole schedule); :attr:`losses` then has
             fewer than ``num_iterations`` entries.
-        :param bool progress_bar: show a tqdm bar.
+        :param progress_bar: ``None`` (default): a bar on a terminal, a few plain lines in a log;
+            ``True``: a bar; ``False``: nothing.
         :returns: ``self``.
         """
         for name, v in (("num_iterations", num_iterations), ("batch_size", batch_size),
@@ -293,8 +294,8 @@ class RatioEstimator(nn.Module):
             monitor = _EarlyStopping(self, params, ema, [self.standardize(v.to(probe)) for v in validation])
         losses = torch.empty(num_run, dtype=probe.dtype, device=probe.device)
         self.train()
-        bar = tqdm(range(num_run), disable=not progress_bar, desc=type(self).__name__)
-        for i in bar:
+        bar = _progress_bar(num_run, enabled=progress_bar, desc=type(self).__name__)
+        for i in range(num_run):
             if monitor is not None and i % validation_interval == 0:
                 monitor.check(i)
                 if patience is not None and len(monitor.history) - 1 - monitor.best_index >= patience:
@@ -305,8 +306,9 @@ class RatioEstimator(nn.Module):
             loss = self._loss(x_num, x_den, i / num_iterations)
             optimizer_step(loss, opt, sched, ema, params, ema_decay, i)
             losses[i] = loss.detach()
-            if progress_bar and (i % 100 == 0 or i == num_run - 1):
-                bar.set_postfix(loss=f"{loss.item():.4g}")
+            if progress_bar is not False and (i % 100 == 0 or i == num_run - 1):
+                bar.update(i + 1, {"loss": f"{loss.item():.4g}"})
+        bar.close(None if losses.shape[0] == num_run else f"early stopping after {losses.shape[0]} steps")
         if monitor is not None:
             if monitor.history[-1][0] != losses.shape[0]:
                 monitor.check(losses.shape[0])

@@ -27,11 +27,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .._checkpoint import load_checkpoint
 from .._checks import nonnegative_float as _nonnegative_float
 from .._checks import positive_int as _positive_int
+from .._progress import progress_bar as _progress_bar
 from ..nn.ratio_networks import MLP, gelu_derivatives
 from ..sde.integrate import euler_maruyama_step
 from .base import MIN_SAMPLES, RatioEstimator, check_samples, optimizer_step
@@ -361,7 +361,7 @@ class FlowGuidedGenerator(RatioEstimator):
     def fit(self, data, *, num_iterations: int = 2000, batch_size: int = 256, lr: float = 1e-3,
             weight_decay: float = 0.0, ema_decay: float | None = 0.998, lr_min_fraction: float = 0.0,
             checkpoint_path=None, checkpoint_every: int | None = None, resume: bool = False,
-            progress_bar: bool = True) -> FlowGuidedGenerator:
+            progress_bar: bool | None = None) -> FlowGuidedGenerator:
         """Train (Alg. 1): per iteration, flow a prior batch ``K`` steps with the current (detached)
         estimator, then one Adam step on the Bregman loss (flowed batch vs a data batch).
 
@@ -374,7 +374,8 @@ class FlowGuidedGenerator(RatioEstimator):
             optimiser, EMA and RNG state: :meth:`load` then ``fit(data, resume=True)`` continues exactly);
             a ``"{iteration}"`` field in the name keeps one file per checkpoint (``"run_{iteration}.pt"``).
         :param bool resume: continue the interrupted run stored in a loaded checkpoint (same options).
-        :param bool progress_bar: show a tqdm bar with the loss.
+        :param progress_bar: the loss on a bar on a terminal and in a few plain lines in a log (``None``,
+            default), always on a bar (``True``) or nowhere (``False``).
         :returns: ``self``.
         """
         _positive_int(num_iterations, "num_iterations")
@@ -417,17 +418,16 @@ class FlowGuidedGenerator(RatioEstimator):
         done = [] if state is None else list(state["losses"])  # losses of the interrupted part
         losses = torch.empty(num_iterations - start, dtype=data.dtype, device=data.device)
         self.train()
-        bar = tqdm(range(start, num_iterations), disable=not progress_bar, desc=type(self).__name__,
-                   initial=start, total=num_iterations)
-        for i in bar:
+        bar = _progress_bar(num_iterations, initial=start, enabled=progress_bar, desc=type(self).__name__)
+        for i in range(start, num_iterations):
             z_q = self.flow(self.sample_prior(batch_size), self.num_flow_steps)
             z_p = z_data[torch.randint(z_data.shape[0], (batch_size,), device=z_data.device)]
             loss = self._loss(z_q, z_p, i / num_iterations)
             optimizer_step(loss, opt, sched, ema, params, ema_decay, i)
             losses[i - start] = loss.detach()
             self.iteration += 1
-            if progress_bar and (i % 50 == 0 or i == num_iterations - 1):
-                bar.set_postfix(loss=f"{loss.item():.4g}")
+            if progress_bar is not False and (i % 50 == 0 or i == num_iterations - 1):
+                bar.update(i + 1, {"loss": f"{loss.item():.4g}"})
             if checkpoint_every is not None and (i + 1) % checkpoint_every == 0 and i + 1 < num_iterations:
                 self._resume = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                                     params=[p.detach().clone() for p in params],
@@ -435,6 +435,7 @@ class FlowGuidedGenerator(RatioEstimator):
                                     num_iterations=num_iterations, rng=_get_rng_state(data.device),
                                     losses=done + losses[:i + 1 - start].tolist())
                 self.save(_format_path(checkpoint_path, i + 1))
+        bar.close()
         self._resume = None
         if ema is not None:
             with torch.no_grad():
