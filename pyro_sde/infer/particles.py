@@ -150,7 +150,9 @@ class ParticleSampler(PosteriorSampler):
             raise TypeError("the estimates use the runs' particles: num_samples is not used here")
         return self._pooled()[1]
 
-    def get_weighted_samples(self, num_samples: int | None = None):
+    def get_weighted_samples(
+        self, num_samples: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``(samples, log_weights)``: a dict site -> constrained values ``(R N, *shape)`` of all runs'
         final particles and their log weights ``log Z_r + log (N W_i)`` (float64, ``(R N,)``), so that
         ``logmeanexp`` is :meth:`log_evidence`'s estimate. With ``num_samples``: that many draws
