@@ -188,7 +188,9 @@ class WhitenedPotential(Potential):
         return self.base.constrain(self.preconditioner.to_unconstrained(w))
 
 
-def as_preconditioner(precondition) -> Preconditioner | None:
+def as_preconditioner(
+    precondition: str | Preconditioner | tuple[torch.Tensor, torch.Tensor] | None,
+) -> Preconditioner | None:
     """A given Gaussian as a :class:`Preconditioner`; ``None`` for a method name (fitted at set-up)."""
     if precondition is None or isinstance(precondition, Preconditioner):
         return precondition
@@ -208,7 +210,9 @@ def as_preconditioner(precondition) -> Preconditioner | None:
     )
 
 
-def whiten(potential: Potential, preconditioner: Preconditioner | None, method: str | None, options: dict):
+def whiten(
+    potential: Potential, preconditioner: Preconditioner | None, method: str | None, options: dict
+) -> tuple[Preconditioner | None, Potential]:
     """``(preconditioner, target)``: fit ``method`` (with ``options``) unless a preconditioner is given, and
     the potential in its coordinates (``potential`` itself for none or the identity)."""
     if preconditioner is None and method is not None:

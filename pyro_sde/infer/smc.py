@@ -92,7 +92,9 @@ class SMCInfo(NamedTuple):
     num_target_evaluations: int  #: target evaluations of this step (rows)
 
 
-def smc_init(path: GeometricPath, num_particles: int, kernel: MoveKernel, *, step_size=None) -> SMCState:
+def smc_init(
+    path: GeometricPath, num_particles: int, kernel: MoveKernel, *, step_size: float | None = None
+) -> SMCState:
     """``N`` particles from ``q`` with equal weights at ``beta = 0`` (``num_particles`` target evaluations).
 
     :raises ValueError: if ``log rho`` is ``+inf`` at a particle or finite at none."""
