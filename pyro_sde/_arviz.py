@@ -12,6 +12,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import pyro.poutine as poutine
@@ -19,6 +20,10 @@ import torch
 from pyro.poutine.subsample_messenger import _Subsample
 
 from ._checks import positive_int
+
+if TYPE_CHECKING:
+    import arviz
+    import xarray
 
 # pyro_sde.diagnostics re-exports to_inference_data: it is imported inside the functions, so that either
 # module can be imported first
@@ -303,7 +308,7 @@ def _num_draws(num_draws, effective_draws: float, num_weighted: int, num_chains:
 
 
 def to_inference_data(
-    result,
+    result: Any | tuple[Mapping[str, torch.Tensor], torch.Tensor] | Mapping[str, torch.Tensor],
     num_samples: int | None = None,
     *,
     num_draws: int | None = None,
@@ -314,7 +319,7 @@ def to_inference_data(
     model_kwargs: dict | None = None,
     coords: dict | None = None,
     dims: dict | None = None,
-):
+) -> arviz.InferenceData | xarray.DataTree:
     """Convert (weighted) samples to ArviZ ``InferenceData`` (ArviZ 0.x) or ``DataTree`` (ArviZ >= 1.0).
 
     ``result`` is one of

@@ -24,6 +24,7 @@ model whose marginal likelihood is exactly ``exp(log_Z)``::
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import product
 
 import pyro
@@ -97,7 +98,7 @@ class Target:
             return torch.empty(0, self.dim, dtype=dtype, device=device)
         return self._sample(num_samples, generator, dtype, torch.device(device))
 
-    def model(self):
+    def model(self) -> torch.Tensor:
         """Pyro model ``x ~ ImproperUniform(R^dim); factor(log rho(x))``, evidence ``exp(log_Z)``.
 
         Vectorises over outer plates: ``x`` may carry leading batch dimensions.
@@ -163,7 +164,13 @@ class Gaussian(Target):
 
     name = "gaussian"
 
-    def __init__(self, loc, scale=None, covariance=None, log_Z: float = 0.0):
+    def __init__(
+        self,
+        loc: torch.Tensor | Sequence[float],
+        scale: float | torch.Tensor | Sequence[float] | None = None,
+        covariance: torch.Tensor | Sequence[Sequence[float]] | None = None,
+        log_Z: float = 0.0,
+    ):
         loc = _as_float64(loc, "loc")
         if loc.dim() != 1 or loc.numel() == 0:
             raise ValueError(f"loc must have shape (dim,), got {tuple(loc.shape)}")
@@ -224,11 +231,11 @@ class Gaussian(Target):
         return loc + eps @ self._scale_tril.to(loc).T
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
         return self._loc.clone()
 
     @property
-    def marginal_std(self):
+    def marginal_std(self) -> torch.Tensor:
         return self._covariance.diagonal().sqrt()
 
 
@@ -250,7 +257,13 @@ class GaussianMixture(Target):
 
     name = "gaussian_mixture"
 
-    def __init__(self, locs, scale=1.0, weights=None, log_Z: float = 0.0):
+    def __init__(
+        self,
+        locs: torch.Tensor | Sequence[Sequence[float]],
+        scale: float | torch.Tensor | Sequence[float] = 1.0,
+        weights: torch.Tensor | Sequence[float] | None = None,
+        log_Z: float = 0.0,
+    ):
         locs = _as_float64(locs, "locs")
         if locs.dim() != 2 or locs.numel() == 0:
             raise ValueError(f"locs must have shape (K, dim), got {tuple(locs.shape)}")
@@ -299,19 +312,19 @@ class GaussianMixture(Target):
         return locs[k] + self._scale.to(dtype=dtype, device=device)[k, None] * eps
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
         return self._weights @ self._locs
 
     @property
-    def marginal_std(self):
+    def marginal_std(self) -> torch.Tensor:
         second = self._weights @ (self._locs**2 + self._scale[:, None] ** 2)
         return (second - self.mean**2).sqrt()
 
-    def mode_index(self, x):
+    def mode_index(self, x: torch.Tensor) -> torch.Tensor:
         return self._sq_dist(self._validate(x)).argmin(-1)
 
     @property
-    def mode_weights(self):
+    def mode_weights(self) -> torch.Tensor:
         return self._weights.clone()
 
 
@@ -365,11 +378,11 @@ class Funnel(Target):
         return torch.cat([x1, torch.exp(0.5 * x1) * eps[:, 1:]], dim=-1)
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
         return torch.zeros(self.dim, dtype=_F64)
 
     @property
-    def marginal_std(self):
+    def marginal_std(self) -> torch.Tensor:
         std = torch.full((self.dim,), math.exp(self.sigma**2 / 4), dtype=_F64)
         std[0] = self.sigma
         return std
@@ -446,23 +459,23 @@ class ManyWell(Target):
         return torch.cat([wells, rest], dim=-1).to(dtype)
 
     @property
-    def mean(self):
+    def mean(self) -> torch.Tensor:
         return torch.zeros(self.dim, dtype=_F64)
 
     @property
-    def marginal_std(self):
+    def marginal_std(self) -> torch.Tensor:
         std = torch.ones(self.dim, dtype=_F64)
         std[: self.num_wells] = self.well_std
         return std
 
-    def mode_index(self, x):
+    def mode_index(self, x: torch.Tensor) -> torch.Tensor:
         x = self._validate(x)
         bits = (x[..., : self.num_wells] > 0).long()
         powers = 2 ** torch.arange(self.num_wells, device=x.device)
         return (bits * powers).sum(-1)
 
     @property
-    def mode_weights(self):
+    def mode_weights(self) -> torch.Tensor:
         return torch.full((self.num_modes,), 2.0**-self.num_wells, dtype=_F64)
 
     def __repr__(self) -> str:

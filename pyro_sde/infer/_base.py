@@ -163,7 +163,9 @@ class PosteriorSampler(FromPyroGuard):
             pass
         return predict(samples, parallel=False)
 
-    def get_weighted_samples(self, num_samples: int | None = None):
+    def get_weighted_samples(
+        self, num_samples: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``(samples, log_weights)``: a dict site -> constrained values ``(N, *shape)`` (latent and
         ``pyro.deterministic`` sites) and the log weights ``(N,)`` (float64, unnormalised:
         ``logmeanexp`` estimates ``log p(y)``)."""
@@ -171,7 +173,7 @@ class PosteriorSampler(FromPyroGuard):
         return self._constrain(z), log_w
 
     def get_samples(self, num_samples: int = 1000, *, resample: bool = True, group_by_chain: bool = False,
-                    new: bool = False):
+                    new: bool = False) -> dict[str, torch.Tensor]:
         """Posterior draws as a dict site -> ``(num_samples, *shape)`` (``(1, num_samples, *shape)``
         with ``group_by_chain``), latent and ``pyro.deterministic`` sites, like ``MCMC.get_samples()``:
         resampled (systematic) from the weighted draws, so that they target the posterior;

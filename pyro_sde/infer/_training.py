@@ -20,7 +20,8 @@ import os
 import re
 import time
 import warnings
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch.distributions import constraints
@@ -131,10 +132,10 @@ class TrainedSampler:
         eval_batch_size: int = 1024,
         progress_bar: bool | None = None,
         max_failed_steps: int = 20,
-        checkpoint: str | None = None,
+        checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 100,
         **kwargs,
-    ):
+    ) -> TrainedSampler:
         """Train; ``args``/``kwargs`` go to the model. Returns ``self``.
 
         Training stops at the first of: ``num_iterations`` steps (default ``default_num_iterations``,
@@ -208,8 +209,14 @@ class TrainedSampler:
             return f"reached ESS {ess:.3f} >= {until}"
         return None
 
-    def resume(self, *args, progress_bar: bool | None = None, checkpoint="same",
-               checkpoint_every: int | None = None, **kwargs):
+    def resume(
+        self,
+        *args,
+        progress_bar: bool | None = None,
+        checkpoint: str | os.PathLike | Literal[False] | None = "same",
+        checkpoint_every: int | None = None,
+        **kwargs,
+    ) -> TrainedSampler:
         """Finish the run that a checkpoint was saved in (after :meth:`load`), with the model's
         arguments. The random state saved in the checkpoint is restored first, so that the result is
         the same as that of the uninterrupted run with the same seed.
@@ -332,7 +339,7 @@ class TrainedSampler:
 
     # ----------------------------------------------------------------------------------------
     # checkpoints
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the sampler's state (configuration, weights, EMA, optimiser, run progress, losses and
         the random state) to ``path``, atomically, with a checksum and the fingerprint of the model
         (latent sites with shapes and supports, dim, method, package version) that :meth:`load`
@@ -370,7 +377,15 @@ class TrainedSampler:
         }
 
     @classmethod
-    def load(cls, path, model=None, *, log_density=None, map_location=None, **overrides):
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model: Callable | None = None,
+        *,
+        log_density: Callable | None = None,
+        map_location: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> TrainedSampler:
         """Rebuild a sampler saved with :meth:`save`: give the same ``model`` (then call
         :meth:`resume` or :meth:`setup` with its arguments) or ``log_density``, and the custom
         networks if the saved sampler had them (``control=``, ``backward_control=``). ``overrides``

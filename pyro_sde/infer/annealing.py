@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -52,7 +53,7 @@ class GeometricPath:
         self.dim, self.dtype, self.device = target.dim, target.dtype, target.device
         self.num_nan = 0  #: points at which ``log rho`` was NaN (taken as ``-inf``)
 
-    def sample_reference(self, num_samples: int, *, generator=None) -> torch.Tensor:
+    def sample_reference(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """``num_samples`` draws of ``q = N(0, I)``, shape ``(num_samples, dim)``."""
         return torch.randn(num_samples, self.dim, dtype=self.dtype, device=self.device, generator=generator)
 
@@ -85,7 +86,9 @@ class GeometricPath:
         """``grad log pi_beta = -(1 - beta) x + beta grad log rho`` (N, dim)."""
         return -(1 - beta) * x + beta * point.target_score
 
-    def log_density_and_score_fn(self, beta: float):
+    def log_density_and_score_fn(
+        self, beta: float
+    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, PathPoint]]:
         """``fn(x) -> (log pi_beta, grad log pi_beta, PathPoint)``: what a move kernel targets."""
 
         def fn(x):

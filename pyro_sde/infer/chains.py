@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
 from .. import diagnostics
 from .._checks import positive_int
+
+if TYPE_CHECKING:
+    from .potential import Potential
 
 __all__ = ["Chains"]
 
@@ -43,8 +47,8 @@ class Chains:
     :param sampler_options: keyword arguments of every chain's sampler.
     """
 
-    def __init__(self, sampler_class: Callable, model=None, *, num_chains: int = 4, seed: int | None = None,
-                 **sampler_options):
+    def __init__(self, sampler_class: Callable, model: Callable | None = None, *, num_chains: int = 4,
+                 seed: int | None = None, **sampler_options):
         self.num_chains = positive_int(num_chains, "num_chains", minimum=2)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         seeds = torch.randint(0, 2**62, (num_chains,), generator=generator).tolist()
@@ -61,7 +65,7 @@ class Chains:
         return self.chains[0]._model_call
 
     @property
-    def potential(self):
+    def potential(self) -> Potential | None:
         return self.chains[0].potential
 
     def run(self, *args, **kwargs) -> Chains:
@@ -75,7 +79,9 @@ class Chains:
 
     # ----------------------------------------------------------------------------------------
     # samples
-    def get_weighted_samples(self, num_samples: int | None = None, *, group_by_chain: bool = False):
+    def get_weighted_samples(
+        self, num_samples: int | None = None, *, group_by_chain: bool = False
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``(samples, log_weights)`` of every chain: site -> ``(K * N, *shape)`` and ``(K * N,)`` (float64;
         ``logmeanexp`` of all of them is :meth:`log_evidence`'s estimate when the chains have equal
         sizes), or ``(K, N, *shape)`` and ``(K, N)`` with ``group_by_chain``."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -62,7 +62,9 @@ def _scale_score(scale, g):
     return g * scale if scale.dim() == 1 else g @ scale
 
 
-def population_scale(x: torch.Tensor, log_weights: torch.Tensor, kind: str = "diagonal"):
+def population_scale(
+    x: torch.Tensor, log_weights: torch.Tensor, kind: str = "diagonal"
+) -> torch.Tensor | None:
     """A proposal scale from a weighted population ``x`` (N, dim): the weighted standard deviations (dim,)
     (``"diagonal"``), the Cholesky factor of the weighted covariance (dim, dim) (``"dense"``; the
     diagonal where it is singular), or ``None`` (``"identity"``). Scales are floored at 1e-6 of the
@@ -132,7 +134,15 @@ class MoveKernel:
         """A step size for ``pi = N(0, I_dim)`` (the start of an annealing path in whitened coordinates)."""
         raise NotImplementedError
 
-    def step(self, fn: Callable, state: KernelState, step_size: float, *, scale=None, generator=None):
+    def step(
+        self,
+        fn: Callable,
+        state: KernelState,
+        step_size: float,
+        *,
+        scale: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[KernelState, torch.Tensor]:
         """One move of every row; ``scale``: ``S`` (dim,) or (dim, dim), or ``None`` (identity)."""
         raise NotImplementedError
 
@@ -155,10 +165,18 @@ class MALA(MoveKernel):
     def __init__(self, target_acceptance: float = 0.574):
         self.target_acceptance = _check_acceptance(target_acceptance)
 
-    def initial_step_size(self, dim):
+    def initial_step_size(self, dim: int) -> float:
         return 1.65 * dim ** (-1 / 6)  # eps^2 = 1.65^2 dim^(-1/3): acceptance 0.574 on N(0, I) (large dim)
 
-    def step(self, fn, state, step_size, *, scale=None, generator=None):
+    def step(
+        self,
+        fn: Callable,
+        state: KernelState,
+        step_size: float,
+        *,
+        scale: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[KernelState, torch.Tensor]:
         x, eps = state.position, step_size
         noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
         # in u = S^{-1} x: u' = u + (eps^2 / 2) S^T g(x) + eps xi
@@ -193,10 +211,18 @@ class HMC(MoveKernel):
         self.evaluations_per_step = num_leapfrog_steps
         self.target_acceptance = _check_acceptance(target_acceptance)
 
-    def initial_step_size(self, dim):
+    def initial_step_size(self, dim: int) -> float:
         return dim ** (-1 / 4)
 
-    def step(self, fn, state, step_size, *, scale=None, generator=None):
+    def step(
+        self,
+        fn: Callable,
+        state: KernelState,
+        step_size: float,
+        *,
+        scale: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[KernelState, torch.Tensor]:
         x, eps = state.position, step_size
         # leapfrog in u = S^{-1} x with momentum p ~ N(0, I): x += eps S p, p += eps S^T g(x)
         momentum0 = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
@@ -224,7 +250,7 @@ class HMC(MoveKernel):
 _KERNELS = {"mala": MALA, "hmc": HMC}
 
 
-def get_kernel(kernel, **options) -> MoveKernel:
+def get_kernel(kernel: str | MoveKernel, **options: Any) -> MoveKernel:
     """A :class:`MoveKernel` from a name (``"mala"``, ``"hmc"``) and its options, or the kernel itself."""
     if isinstance(kernel, MoveKernel):
         if options:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -51,7 +51,7 @@ def initial_log_weights(num_particles: int, device=None) -> torch.Tensor:
     return torch.full((num_particles,), -math.log(num_particles), dtype=torch.float64, device=device)
 
 
-def reweight(log_weights: torch.Tensor, log_increments: torch.Tensor):
+def reweight(log_weights: torch.Tensor, log_increments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log W', log sum_i W_i G_i)``: normalised new log weights (N,) and the evidence increment (0-d),
     float64; particles of zero weight stay at zero (no ``0 * inf``).
 
@@ -74,7 +74,9 @@ def resample(log_weights: torch.Tensor, scheme: str = "multinomial") -> torch.Te
     return torch.multinomial(log_weights.exp(), log_weights.numel(), replacement=True)
 
 
-def maybe_resample(system: ParticleSystem, threshold: float, scheme: str = "multinomial"):
+def maybe_resample(
+    system: ParticleSystem, threshold: float, scheme: str = "multinomial"
+) -> tuple[ParticleSystem, torch.Tensor | None, float]:
     """``(system', indices or None, ess)``: resampled (equal weights) when its normalised ESS is below
     ``threshold``; ``indices`` select the rows of any per-particle tensor that goes with it."""
     ess = float(diagnostics._log_ess(system.log_weights).exp())
@@ -91,7 +93,7 @@ def maybe_resample(system: ParticleSystem, threshold: float, scheme: str = "mult
     return resampled, idx, ess
 
 
-def lee_whiteley_relative_variance(state) -> float:
+def lee_whiteley_relative_variance(state: Any) -> float:
     """``Var(Z_hat) / Z_hat^2`` estimated from one run (Lee & Whiteley 2018):
     ``1 - (N / (N - 1))^(n + 1) (1 - sum_e (sum_{i: E_i = e} W_i)^2)``; may be slightly negative.
     ``state`` has ``log_weights``, ``ancestors`` and ``num_resampling_steps``."""
@@ -150,7 +152,9 @@ class ParticleSampler(PosteriorSampler):
             raise TypeError("the estimates use the runs' particles: num_samples is not used here")
         return self._pooled()[1]
 
-    def get_weighted_samples(self, num_samples: int | None = None):
+    def get_weighted_samples(
+        self, num_samples: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``(samples, log_weights)``: a dict site -> constrained values ``(R N, *shape)`` of all runs'
         final particles and their log weights ``log Z_r + log (N W_i)`` (float64, ``(R N,)``), so that
         ``logmeanexp`` is :meth:`log_evidence`'s estimate. With ``num_samples``: that many draws

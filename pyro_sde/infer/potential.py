@@ -52,7 +52,9 @@ class Potential:
         """Map ``z`` (N, dim) to a dict site -> constrained values ``(N, *site_shape)``."""
         raise NotImplementedError
 
-    def log_density_and_score(self, z: torch.Tensor, *, create_graph: bool = False):
+    def log_density_and_score(
+        self, z: torch.Tensor, *, create_graph: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log rho(z), grad_z log rho(z))``; with ``create_graph`` the score stays differentiable."""
         with torch.enable_grad():
             if not z.requires_grad:
@@ -89,7 +91,7 @@ class LogDensityPotential(Potential):
         *,
         site_name: str = "x",
         dtype: torch.dtype | None = None,
-        device=None,
+        device: torch.device | str | None = None,
         initial_params: torch.Tensor | None = None,
         score: Callable | None = None,
     ):
@@ -130,7 +132,9 @@ class LogDensityPotential(Potential):
                 )
             self._score = score
 
-    def log_density_and_score(self, z: torch.Tensor, *, create_graph: bool = False):
+    def log_density_and_score(
+        self, z: torch.Tensor, *, create_graph: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._score is None:
             return super().log_density_and_score(z, create_graph=create_graph)
         self._check_z(z)
@@ -142,12 +146,12 @@ class LogDensityPotential(Potential):
         self._check_z(z)
         return self._score(z.reshape(-1, self.dim)).reshape(z.shape)
 
-    def log_density(self, z):
+    def log_density(self, z: torch.Tensor) -> torch.Tensor:
         self._check_z(z)
         batch = z.shape[:-1]
         return self._fn(z.reshape(-1, self.dim)).reshape(batch)
 
-    def constrain(self, z):
+    def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_z(z)
         return {self._site_name: z}
 
@@ -330,7 +334,7 @@ class ModelPotential(Potential):
         model_args: tuple = (),
         model_kwargs: dict | None = None,
         *,
-        init_strategy=init_to_uniform,
+        init_strategy: Callable = init_to_uniform,
         vectorize: str | bool = "auto",
         max_plate_nesting: int | None = None,
     ):
@@ -423,7 +427,7 @@ class ModelPotential(Potential):
             offset += size
         return out
 
-    def constrain(self, z):
+    def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_z(z)
         batch = z.shape[:-1]
         unc = self._unpack(z.reshape(-1, self.dim))
@@ -432,7 +436,7 @@ class ModelPotential(Potential):
         }
 
     # -- log density ---------------------------------------------------------------------------
-    def log_density(self, z):
+    def log_density(self, z: torch.Tensor) -> torch.Tensor:
         self._check_z(z)
         batch = z.shape[:-1]
         flat = z.reshape(-1, self.dim)
@@ -612,17 +616,19 @@ class CountingPotential(Potential):
     def _count(self, z):
         self.num_evaluations += math.prod(z.shape[:-1])
 
-    def log_density(self, z):
+    def log_density(self, z: torch.Tensor) -> torch.Tensor:
         self._count(z)
         return self.base.log_density(z)
 
-    def log_density_and_score(self, z, *, create_graph: bool = False):
+    def log_density_and_score(
+        self, z: torch.Tensor, *, create_graph: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._count(z)
         return self.base.log_density_and_score(z, create_graph=create_graph)
 
-    def score(self, z, *, create_graph: bool = False):
+    def score(self, z: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
         self._count(z)
         return self.base.score(z, create_graph=create_graph)
 
-    def constrain(self, z):
+    def constrain(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.base.constrain(z)

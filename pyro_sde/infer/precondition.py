@@ -58,7 +58,9 @@ class Preconditioner:
     :param dict info: fit diagnostics (see :func:`fit_preconditioner`).
     """
 
-    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor, *, method: str = "given", info=None):
+    def __init__(
+        self, loc: torch.Tensor, scale_tril: torch.Tensor, *, method: str = "given", info: dict | None = None
+    ):
         loc, scale_tril = torch.as_tensor(loc), torch.as_tensor(scale_tril)
         if not torch.is_floating_point(loc) or not torch.is_floating_point(scale_tril):
             raise TypeError("preconditioner loc and scale_tril must be floating-point tensors")
@@ -79,7 +81,9 @@ class Preconditioner:
         self.info = dict(info or {})
 
     @classmethod
-    def identity(cls, dim: int, *, dtype=None, device=None) -> Preconditioner:
+    def identity(
+        cls, dim: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Preconditioner:
         """``z = w``: no preconditioning."""
         return cls(
             torch.zeros(dim, dtype=dtype, device=device), torch.eye(dim, dtype=dtype, device=device),
@@ -99,7 +103,9 @@ class Preconditioner:
     def covariance(self) -> torch.Tensor:
         return self.scale_tril @ self.scale_tril.T
 
-    def to(self, dtype=None, device=None) -> Preconditioner:
+    def to(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Preconditioner:
         return Preconditioner(
             self.loc.to(dtype=dtype, device=device), self.scale_tril.to(dtype=dtype, device=device),
             method=self.method, info=self.info,
@@ -119,7 +125,7 @@ class Preconditioner:
         w = self.to_whitened(z)
         return -0.5 * (w * w).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi) - self.log_abs_det.to(z)
 
-    def sample(self, num_samples: int, *, generator=None) -> torch.Tensor:
+    def sample(self, num_samples: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """``num_samples`` draws of ``N(m, L L^T)``, shape ``(num_samples, dim)``."""
         loc = self.loc
         eps = torch.randn(num_samples, self.dim, dtype=loc.dtype, device=loc.device, generator=generator)
@@ -159,28 +165,32 @@ class WhitenedPotential(Potential):
         self.initial_params = self.preconditioner.to_whitened(base.initial_params)
         self._log_det = self.preconditioner.log_abs_det
 
-    def log_density(self, w):
+    def log_density(self, w: torch.Tensor) -> torch.Tensor:
         self._check_z(w)
         return self.base.log_density(self.preconditioner.to_unconstrained(w)) + self._log_det
 
-    def log_density_and_score(self, w, *, create_graph: bool = False):
+    def log_density_and_score(
+        self, w: torch.Tensor, *, create_graph: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_z(w)
         log_rho, score = self.base.log_density_and_score(
             self.preconditioner.to_unconstrained(w), create_graph=create_graph
         )
         return log_rho + self._log_det, score @ self.preconditioner.scale_tril  # L^T grad_z
 
-    def score(self, w, *, create_graph: bool = False):
+    def score(self, w: torch.Tensor, *, create_graph: bool = False) -> torch.Tensor:
         self._check_z(w)
         score = self.base.score(self.preconditioner.to_unconstrained(w), create_graph=create_graph)
         return score @ self.preconditioner.scale_tril
 
-    def constrain(self, w):
+    def constrain(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_z(w)
         return self.base.constrain(self.preconditioner.to_unconstrained(w))
 
 
-def as_preconditioner(precondition) -> Preconditioner | None:
+def as_preconditioner(
+    precondition: str | Preconditioner | tuple[torch.Tensor, torch.Tensor] | None,
+) -> Preconditioner | None:
     """A given Gaussian as a :class:`Preconditioner`; ``None`` for a method name (fitted at set-up)."""
     if precondition is None or isinstance(precondition, Preconditioner):
         return precondition
@@ -200,7 +210,9 @@ def as_preconditioner(precondition) -> Preconditioner | None:
     )
 
 
-def whiten(potential: Potential, preconditioner: Preconditioner | None, method: str | None, options: dict):
+def whiten(
+    potential: Potential, preconditioner: Preconditioner | None, method: str | None, options: dict
+) -> tuple[Preconditioner | None, Potential]:
     """``(preconditioner, target)``: fit ``method`` (with ``options``) unless a preconditioner is given, and
     the potential in its coordinates (``potential`` itself for none or the identity)."""
     if preconditioner is None and method is not None:

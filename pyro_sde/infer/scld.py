@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
@@ -45,7 +45,7 @@ from ._inputs import check_dtype_device as _check_dtype_device
 from ._inputs import check_target
 from ._training import StepInfo, TrainedSampler
 from .annealing import GeometricPath, PathPoint, check_initial_point
-from .kernels import KernelState, adapt_step_size, get_kernel, population_scale
+from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, population_scale
 from .particles import (
     RESAMPLING_SCHEMES,
     ParticleSampler,
@@ -56,6 +56,9 @@ from .particles import (
     reweight,
 )
 from .potential import CountingPotential, Potential
+
+if TYPE_CHECKING:
+    from .precondition import Preconditioner
 
 __all__ = ["SCLDInfo", "SCLDSampler", "annealing_schedule"]
 
@@ -199,7 +202,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         num_runs: int = 1,
         ess_threshold: float = 0.3,
         resampling: str = "multinomial",
-        kernel="mala",
+        kernel: str | MoveKernel = "mala",
         num_mcmc_steps: int = 1,
         num_leapfrog_steps: int | None = None,
         target_acceptance: float | None = None,
@@ -212,12 +215,12 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         score_clip: float = 100.0,
         control_clip: float = 100.0,
         ema_decay: float | None = 0.999,
-        precondition="laplace",
+        precondition: str | Preconditioner | tuple[torch.Tensor, torch.Tensor] | None = "laplace",
         precondition_options: dict | None = None,
-        init_strategy=init_to_uniform,
+        init_strategy: Callable = init_to_uniform,
         vectorize: str | bool = "auto",
         dtype: torch.dtype | None = None,
-        device=None,
+        device: torch.device | str | None = None,
     ):
         check_target(model, log_density, score)
         self.num_steps = positive_int(num_steps, "num_steps")
@@ -503,7 +506,9 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         return torch.where(alive, log_g, torch.full_like(log_g, math.nan))
 
     @torch.no_grad()
-    def sample_particles(self, num_particles: int | None = None, *, num_runs: int | None = None):
+    def sample_particles(
+        self, num_particles: int | None = None, *, num_runs: int | None = None
+    ) -> SCLDSampler:
         """Draw ``num_runs`` independent particle systems of ``num_particles`` (default the constructor's;
         given values become the new defaults) with the sampling (EMA) control, resampling and moves;
         they replace ``final_states`` and are what the estimates use. Returns ``self``."""
@@ -548,7 +553,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
 
     # ----------------------------------------------------------------------------------------
     # training
-    def compute_loss(self, batch_size: int = 256):
+    def compute_loss(self, batch_size: int = 256) -> tuple[torch.Tensor, float, float, int]:
         """``(loss, log_z_hat, mean_ess, num_dropped)`` on a fresh batch: the particle system of
         ``batch_size`` is run with the live control (no gradients); the loss ``mean_j Var_i(log G_j^i)
         / dim`` over the pieces' finite rows is recomputed differentiably from the stored states."""

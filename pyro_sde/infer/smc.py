@@ -35,7 +35,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
@@ -57,6 +57,9 @@ from .particles import (
     reweight,
 )
 from .potential import CountingPotential, Potential
+
+if TYPE_CHECKING:
+    from .precondition import Preconditioner
 
 __all__ = ["SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_step", "lee_whiteley_relative_variance"]
 
@@ -89,7 +92,9 @@ class SMCInfo(NamedTuple):
     num_target_evaluations: int  #: target evaluations of this step (rows)
 
 
-def smc_init(path: GeometricPath, num_particles: int, kernel: MoveKernel, *, step_size=None) -> SMCState:
+def smc_init(
+    path: GeometricPath, num_particles: int, kernel: MoveKernel, *, step_size: float | None = None
+) -> SMCState:
     """``N`` particles from ``q`` with equal weights at ``beta = 0`` (``num_particles`` target evaluations).
 
     :raises ValueError: if ``log rho`` is ``+inf`` at a particle or finite at none."""
@@ -239,7 +244,7 @@ class SMCSampler(ParticleSampler):
         num_particles: int = 2048,
         ess_threshold: float = 0.5,
         target_conditional_ess: float = 0.9,
-        kernel="mala",
+        kernel: str | MoveKernel = "mala",
         num_mcmc_steps: int = 5,
         num_leapfrog_steps: int | None = None,
         target_acceptance: float | None = None,
@@ -248,12 +253,12 @@ class SMCSampler(ParticleSampler):
         resampling: str = "multinomial",
         num_runs: int = 1,
         max_num_temperatures: int = 1000,
-        precondition="laplace",
+        precondition: str | Preconditioner | tuple[torch.Tensor, torch.Tensor] | None = "laplace",
         precondition_options: dict | None = None,
-        init_strategy=init_to_uniform,
+        init_strategy: Callable = init_to_uniform,
         vectorize: str | bool = "auto",
         dtype: torch.dtype | None = None,
-        device=None,
+        device: torch.device | str | None = None,
     ):
         check_target(model, log_density, score)
         positive_int(num_particles, "num_particles", minimum=2)

@@ -77,7 +77,7 @@ class ControlNetwork(nn.Module):
         nn.init.constant_(self.guide_scale[-1].bias, guide_scale_init)
         self._linears = tuple(m for m in self.body.modules() if isinstance(m, nn.Linear))
 
-    def time_features(self, tau: torch.Tensor):
+    def time_features(self, tau: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The time branch: ``(NN_time(tau), NN_t(tau))`` of shapes ``(..., hidden)`` and ``(..., 1)``.
 
         The samplers evaluate it once for the whole time grid and reuse it at every step.
@@ -88,7 +88,12 @@ class ControlNetwork(nn.Module):
         emb = self.time_embedding(tau)
         return self.time_net(emb), self.guide_scale(emb)
 
-    def forward_with_time_features(self, time_features, x, guide=None):
+    def forward_with_time_features(
+        self,
+        time_features: tuple[torch.Tensor, torch.Tensor],
+        x: torch.Tensor,
+        guide: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The state branch given :meth:`time_features` (functional: no module dispatch per layer)."""
         hidden, guide_scale = time_features
         h = F.linear(x, self.state_net.weight, self.state_net.bias) + hidden
@@ -98,5 +103,7 @@ class ControlNetwork(nn.Module):
             h = h + guide_scale * guide
         return h
 
-    def forward(self, tau: torch.Tensor, x: torch.Tensor, guide: torch.Tensor | None = None):
+    def forward(
+        self, tau: float | torch.Tensor, x: torch.Tensor, guide: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.forward_with_time_features(self.time_features(tau), x, guide)

@@ -21,11 +21,15 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributions.transforms import Transform
 
 from ..sde.integrate import euler_maruyama_step
+
+if TYPE_CHECKING:
+    from ..sde.reference import VPReference
 from .transform import (
     AdditiveLogisticTransform,
     _chart,
@@ -56,22 +60,22 @@ class VPSDE:
         self.beta_min, self.beta_max, self.T = float(beta_min), float(beta_max), float(T)
 
     @classmethod
-    def from_reference(cls, reference) -> VPSDE:
+    def from_reference(cls, reference: VPReference) -> VPSDE:
         """The noising SDE of a :class:`~pyro_sde.sde.VPReference` (same ``beta`` schedule and ``T``)."""
         return cls(reference.beta_min, reference.beta_max, reference.T)
 
-    def beta(self, t):
+    def beta(self, t: float | torch.Tensor) -> float | torch.Tensor:
         return self.beta_min + (self.beta_max - self.beta_min) * t / self.T
 
-    def f(self, t, x):
+    def f(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return -0.5 * self.beta(t) * x
 
-    def g(self, t, x):
+    def g(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         beta = self.beta(t)
         beta = beta if isinstance(beta, torch.Tensor) else torch.tensor(beta, dtype=x.dtype, device=x.device)
         return beta.sqrt().expand_as(x)
 
-    def marginal(self, t):
+    def marginal(self, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a_t, sigma_t)`` with ``sigma_t^2 = 1 - a_t^2`` (``t`` a float or tensor)."""
         t = torch.as_tensor(t, dtype=torch.get_default_dtype()) if not isinstance(t, torch.Tensor) else t
         integral = self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t / self.T
@@ -100,13 +104,13 @@ class LangevinSDE:
             raise ValueError(f"T must be positive, got {T}")
         self.target_score, self.T = target_score, float(T)
 
-    def f(self, t, x):
+    def f(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.target_score(x)
 
-    def g(self, t, x):
+    def g(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return x.new_full((), math.sqrt(2.0)).expand_as(x)
 
-    def score(self, t, x):
+    def score(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.target_score(x)
 
     def __repr__(self):
@@ -131,7 +135,7 @@ class TransformedReverseSDE:
     noise_type = "general"
     sde_type = "ito"
 
-    def __init__(self, forward, score_fn: Callable, transform: Transform):
+    def __init__(self, forward: Any, score_fn: Callable, transform: Transform):
         for attr in ("f", "g", "T"):
             if not hasattr(forward, attr):
                 raise TypeError(f"forward must have f(t, x), g(t, x) and T (missing {attr!r})")
@@ -196,16 +200,16 @@ class TransformedReverseSDE:
         reverse_x_drift = -self.forward.f(t, x) + g2 * self.score_fn(t, x)
         return jvp(reverse_x_drift) + 0.5 * L, jvp, g
 
-    def drift(self, tau, y: torch.Tensor) -> torch.Tensor:
+    def drift(self, tau: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Reverse-time drift ``J(-f + g^2 s) + L/2`` at chart points ``y`` (N, d); ``tau = T - t``."""
         tau = torch.as_tensor(tau, dtype=y.dtype, device=y.device)
         return self._drift_and_jvp(tau, y)[0]
 
-    def f(self, tau, y):
+    def f(self, tau: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """torchsde drift (reverse time)."""
         return self.drift(tau, y)
 
-    def g(self, tau, y):
+    def g(self, tau: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """torchsde diffusion ``J(x) diag(g)``, shape ``(N, d, d)``."""
         tau = torch.as_tensor(tau, dtype=y.dtype, device=y.device)
         x = self.to_x(y)
@@ -222,7 +226,7 @@ class TransformedReverseSDE:
         backend: str = "euler",
         return_path: bool = False,
         progress_bar: bool = False,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Simulate from ``t = T`` (``y0``) down to ``t = t_end`` with ``num_steps`` Euler steps.
 
         :param y0: ``(N, D)`` points in the codomain of ``phi`` (``D = d + 1`` on the simplex).

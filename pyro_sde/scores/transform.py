@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,15 +74,15 @@ class AdditiveLogisticTransform(Transform):
     def _inverse(self, y):
         return y[..., :-1].log() - y[..., -1:].log()
 
-    def log_abs_det_jacobian(self, x, y):
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(F.pad(x, (0, 1)), dim=-1).sum(-1)
 
-    def forward_shape(self, shape):
+    def forward_shape(self, shape: torch.Size | tuple[int, ...]) -> torch.Size | tuple[int, ...]:
         if len(shape) < 1:
             raise ValueError("too few dimensions on input")
         return shape[:-1] + (shape[-1] + 1,)
 
-    def inverse_shape(self, shape):
+    def inverse_shape(self, shape: torch.Size | tuple[int, ...]) -> torch.Size | tuple[int, ...]:
         if len(shape) < 1:
             raise ValueError("too few dimensions on input")
         return shape[:-1] + (shape[-1] - 1,)
@@ -289,7 +290,7 @@ def pushforward_score(
     method: str = "auto",
     create_graph: bool = False,
     validate: bool = True,
-):
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Score of ``q = phi_# p`` at ``y = phi(x)`` from the score of ``p`` at ``x``.
 
     ``grad_y log q(y) = J^{-T}(x) [score_x - grad_x log|det J(x)|]``.
@@ -399,7 +400,9 @@ def transform_score(score_fn: Callable, transform: Transform, *, method: str = "
     return TransformedScore(score_fn, transform, method=method)
 
 
-def constrained_score(potential, z: torch.Tensor, *, method: str = "auto"):
+def constrained_score(
+    potential: Any, z: torch.Tensor, *, method: str = "auto"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Constrained-space values and scores of a Pyro model's latent sites from unconstrained ``z``.
 
     ``potential`` is a :class:`~pyro_sde.infer.potential.ModelPotential` (or any potential with

@@ -46,12 +46,16 @@ Solves are triangular (``L`` from QR of ``g^T``, Cholesky of ``P``); no inverse 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from .._checks import positive_int
 from .integrate import euler_maruyama_step
 from .models import SDE, DiffusionFactor, linear_sde_moments
+
+if TYPE_CHECKING:
+    from ..infer.bridge import LearnedBridge
 
 __all__ = [
     "PROPOSALS",
@@ -68,7 +72,13 @@ PROPOSALS = ("euler", "forward", "mdb", "guided", "guided_euler")
 SUBSTEP_GRIDS = ("uniform", "time_change")
 
 
-def substep_fractions(num_substeps: int, substep_grid: str = "uniform", *, dtype=None, device=None):
+def substep_fractions(
+    num_substeps: int,
+    substep_grid: str = "uniform",
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Grid points ``(t_m - t0) / dt`` for ``m = 0 .. M``, shape ``(M + 1,)``: ``m / M`` (``"uniform"``)
     or ``tau(m / M)``, ``tau(s) = s (2 - s)`` (``"time_change"``)."""
     positive_int(num_substeps, "num_substeps")
@@ -107,7 +117,15 @@ def _guided_backward(sde: SDE, t1, v, tau):
     return nu, torch.linalg.cholesky(P), False, aux
 
 
-def guided_moments(sde: SDE, t1, dt, v, num_substeps: int, *, substep_grid: str = "uniform"):
+def guided_moments(
+    sde: SDE,
+    t1: float | torch.Tensor,
+    dt: float | torch.Tensor,
+    v: torch.Tensor,
+    num_substeps: int,
+    *,
+    substep_grid: str = "uniform",
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Backward filter of the guided proposal at the substep times ``m = 0 .. M-2``.
 
     With the auxiliary ``dX~ = (B~ X~ + beta~) dt + sqrt(a~) dW`` (the model's ``linear_auxiliary`` at
@@ -317,12 +335,12 @@ def _log_mean_exp(log_w):
 
 def bridge_log_prob(
     sde: SDE,
-    t0,
-    dt,
+    t0: float | torch.Tensor,
+    dt: float | torch.Tensor,
     u: torch.Tensor,
     v: torch.Tensor,
     *,
-    proposal="mdb",
+    proposal: str | LearnedBridge = "mdb",
     num_particles: int = 64,
     num_substeps: int = 20,
     substep_grid: str = "uniform",

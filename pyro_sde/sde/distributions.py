@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from pyro.distributions import Delta, TorchDistribution
@@ -22,6 +24,9 @@ from ..diagnostics import _log_ess, psis
 from .bridges import PROPOSALS, SUBSTEP_GRIDS, bridge_log_prob
 from .integrate import euler_maruyama_step
 from .models import SDE
+
+if TYPE_CHECKING:
+    from ..infer.bridge import LearnedBridge
 
 __all__ = ["SDEPath", "EulerMaruyama", "DiscretelyObservedSDE"]
 
@@ -114,7 +119,9 @@ class _PathBase(TorchDistribution):
         init = self.initial.expand(self.batch_shape)
         return init.rsample(sample_shape) if init.has_rsample else init.sample(sample_shape)
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: _PathBase | None = None
+    ) -> _PathBase:
         new = self._get_checked_instance(type(self), _instance)
         batch_shape = torch.Size(batch_shape)
         new.__dict__.update({k: v for k, v in self.__dict__.items() if not k.startswith("_")})
@@ -140,7 +147,15 @@ class SDEPath(_PathBase):
 
     has_rsample = True
 
-    def __init__(self, sde: SDE, times, initial, *, backend: str = "euler", validate_args=None):
+    def __init__(
+        self,
+        sde: SDE,
+        times: torch.Tensor | Sequence[float],
+        initial: torch.distributions.Distribution | torch.Tensor,
+        *,
+        backend: str = "euler",
+        validate_args: bool | None = None,
+    ):
         if initial is None:
             raise ValueError("SDEPath needs an initial distribution or state")
         if backend not in ("euler", "torchsde"):
@@ -148,7 +163,7 @@ class SDEPath(_PathBase):
         self.backend = backend
         self._setup(sde, times, initial, validate_args)
 
-    def log_prob(self, value):
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         value = self._check_value(value)
         x, x_next, t, dt = _intervals(self.times, value)
         drift = self.sde.f(t, x)
@@ -156,7 +171,7 @@ class SDEPath(_PathBase):
         steps = L.log_normal(x_next - x - dt.unsqueeze(-1) * drift, dt)
         return self._initial_log_prob(value) + steps.sum(0)
 
-    def rsample(self, sample_shape=()):
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         x0 = self._draw_initial(torch.Size(sample_shape))
         times = self.times.to(dtype=x0.dtype, device=x0.device)
         if self.backend == "torchsde":
@@ -210,7 +225,15 @@ class _FlatSDE(torch.nn.Module):
 class EulerMaruyama(SDEPath):
     """:class:`SDEPath` with NumPyro's argument order ``EulerMaruyama(t, sde, init_dist)``."""
 
-    def __init__(self, t, sde: SDE, init_dist, *, backend: str = "euler", validate_args=None):
+    def __init__(
+        self,
+        t: torch.Tensor | Sequence[float],
+        sde: SDE,
+        init_dist: torch.distributions.Distribution | torch.Tensor,
+        *,
+        backend: str = "euler",
+        validate_args: bool | None = None,
+    ):
         super().__init__(sde, t, init_dist, backend=backend, validate_args=validate_args)
 
 
@@ -250,16 +273,16 @@ class DiscretelyObservedSDE(_PathBase):
     def __init__(
         self,
         sde: SDE,
-        times,
+        times: torch.Tensor | Sequence[float],
         *,
-        proposal="mdb",
+        proposal: str | LearnedBridge = "mdb",
         num_particles: int = 64,
         num_substeps: int = 20,
         substep_grid: str = "uniform",
         richardson: bool = False,
-        initial=None,
+        initial: torch.distributions.Distribution | torch.Tensor | None = None,
         seed: int | None = None,
-        validate_args=None,
+        validate_args: bool | None = None,
     ):
         if isinstance(proposal, str):
             if proposal not in PROPOSALS + ("exact",):
@@ -322,12 +345,12 @@ class DiscretelyObservedSDE(_PathBase):
             noise=noise,
         )
 
-    def interval_log_weights(self, value) -> torch.Tensor:
+    def interval_log_weights(self, value: torch.Tensor) -> torch.Tensor:
         """Log weights ``(N, T-1, *batch)`` of every interval (no reduction; the ``2M`` estimate's
         with ``richardson``)."""
         return self._estimate(value)[1]
 
-    def log_prob(self, value):
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self.proposal == "exact":
             value = self._check_value(value)
             u, v, t0, dt = _intervals(self.times, value)
@@ -358,7 +381,7 @@ class DiscretelyObservedSDE(_PathBase):
         return {"ess": ess, "pareto_k": k}
 
     @torch.no_grad()
-    def sample(self, sample_shape=()):
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Simulate with ``num_substeps`` Euler steps per interval (exactly the model ``log_prob``
         estimates), returning the states at ``times``: ``sample_shape + batch_shape + (T, d)``."""
         x = self._draw_initial(torch.Size(sample_shape))

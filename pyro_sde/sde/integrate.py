@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from .reference import ReferenceProcess
+
+if TYPE_CHECKING:
+    import torchsde
 
 __all__ = [
     "PathSample",
@@ -47,12 +50,30 @@ class PathSample(NamedTuple):
     controls: torch.Tensor | None = None  #: (K, N, d), the control ``v_k`` of the drift (if stored)
 
 
-def euler_maruyama_step(x, drift_scale, control_scale, noise_std, control, noise):
+def euler_maruyama_step(
+    x: torch.Tensor,
+    drift_scale: float | torch.Tensor,
+    control_scale: float | torch.Tensor,
+    noise_std: float | torch.Tensor,
+    control: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """One step ``a x + c v + s xi`` (coefficients are scalars or broadcastable tensors)."""
     return drift_scale * x + control_scale * control + noise_std * noise
 
 
-def log_ratio_increment(kind, a, c, s, b, x, x_next, v, residual=None, u=None):
+def log_ratio_increment(
+    kind: str,
+    a: float | torch.Tensor,
+    c: float | torch.Tensor,
+    s: float | torch.Tensor,
+    b: float | torch.Tensor | None,
+    x: torch.Tensor,
+    x_next: torch.Tensor,
+    v: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``log Q_k(.) - log F^v_k(x_next | x)`` for one step (or many, broadcasting), shape ``x.shape[:-1]``.
 
     ``F^v_k = N(a x + c v, s^2 I)`` is the controlled kernel. ``Q_k`` is the reference's target kernel:
@@ -149,7 +170,7 @@ def path_log_ratio(
     states: torch.Tensor,
     controls: torch.Tensor,
     backward_controls: torch.Tensor | None = None,
-):
+) -> torch.Tensor:
     """Sum over steps of :func:`log_ratio_increment` for stored ``states`` (K+1, N, d) and
     ``controls`` (K, N, d) (and, for a bridge, ``backward_controls`` ``u_k = u(t_{k+1}, x_{k+1})``
     (K, N, d)), evaluated in one batched call over time; returns ``(N,)``, summed in float64."""
@@ -170,7 +191,7 @@ def path_log_ratio(
     return inc.to(torch.float64).sum(0)
 
 
-def path_log_prob(reference: ReferenceProcess, states: torch.Tensor, controls: torch.Tensor):
+def path_log_prob(reference: ReferenceProcess, states: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:
     """``log P^v(x_{1:K} | x_0) = sum_k log N(x_{k+1}; a_k x_k + c_k v_k, s_k^2 I)`` for stored paths,
     shape ``(N,)``: the score-function term of the log-derivative (REINFORCE) gradient."""
     coef, col = _check_path(reference, states, controls)
@@ -218,7 +239,7 @@ def torchsde_euler(
     *,
     noise_scale: float = 1.0,
     differentiable: bool = False,
-    bm=None,
+    bm: torchsde.BaseBrownian | None = None,
 ) -> PathSample:
     """Same as :func:`euler_maruyama`, simulated by ``torchsde.sdeint(method="euler")`` on the grid.
 

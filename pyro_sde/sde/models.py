@@ -21,7 +21,7 @@ User models subclass :class:`SDE` (implement ``f`` and ``g``, register tensors w
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from pyro.distributions import is_validation_enabled
@@ -137,7 +137,9 @@ def _phi1(z: torch.Tensor) -> torch.Tensor:
     return torch.where(small, 1 + 0.5 * z, torch.expm1(safe) / safe)
 
 
-def linear_sde_moments(A, c, Q, tau, diagonal: bool):
+def linear_sde_moments(
+    A: torch.Tensor, c: torch.Tensor, Q: torch.Tensor, tau: float | torch.Tensor, diagonal: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Moments of ``dX = (A X + c) dt + sqrt(Q) dW`` over a time ``tau``: ``X_tau ~ N(E x + m, V)``.
 
     Returns ``(E, m, V)`` with ``E = e^{A tau}``, ``m = int_0^tau e^{A r} c dr``,
@@ -213,7 +215,7 @@ class SDE(torch.nn.Module):
         self._param_event_dims: dict[str, int] = {}
 
     # -- parameters -------------------------------------------------------------------------
-    def register_params(self, **params):
+    def register_params(self, **params: tuple[float | list[float] | torch.Tensor, int]) -> None:
         """Store parameters as tensors: ``name=(value, event_dim)``; floats become 0-d tensors of the
         dtype/device of the tensor parameters (or the default dtype). NaN / inf values raise ValueError
         while Pyro validation is enabled (with it disabled, as on a sampler's hot path, they flow into
@@ -248,18 +250,18 @@ class SDE(torch.nn.Module):
         return torch.broadcast_shapes(*shapes) if shapes else torch.Size()
 
     # -- torchsde protocol --------------------------------------------------------------------
-    def f(self, t, y):  # pragma: no cover - abstract
+    def f(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def g(self, t, y):  # pragma: no cover - abstract
+    def g(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # -- what the estimators use --------------------------------------------------------------
-    def diffusion_factor(self, t, y) -> DiffusionFactor:
+    def diffusion_factor(self, t: float | torch.Tensor, y: torch.Tensor) -> DiffusionFactor:
         """``L`` with ``L L^T = g g^T`` at ``(t, y)`` (QR of ``g^T`` for general noise)."""
         return factor_from_g(self.g(t, y), self.noise_type == "diagonal")
 
-    def linear_auxiliary(self, t, v) -> LinearAuxiliary:
+    def linear_auxiliary(self, t: float | torch.Tensor, v: torch.Tensor) -> LinearAuxiliary:
         """Linearisation of the model at ``v`` (``(..., d)``): ``B~ = df/dx(t, v)`` (autograd, ``d``
         backward passes), ``beta~ = f(t, v) - B~ v``, ``a~ = a(t, v)`` (full matrices). Differentiable."""
         with torch.enable_grad():
@@ -279,7 +281,9 @@ class SDE(torch.nn.Module):
             amat = torch.diag_embed(amat)
         return LinearAuxiliary(B, beta, amat, False)
 
-    def transition_log_prob(self, t0, x0, t1, x1) -> torch.Tensor:
+    def transition_log_prob(
+        self, t0: float | torch.Tensor, x0: torch.Tensor, t1: float | torch.Tensor, x1: torch.Tensor
+    ) -> torch.Tensor:
         """Exact ``log p(x1 at t1 | x0 at t0)``, shape ``x1.shape[:-1]`` (where known)."""
         raise NotImplementedError(f"{type(self).__name__} has no closed-form transition density")
 
@@ -300,7 +304,7 @@ class TorchsdeModel(SDE):
         :attr:`batch_shape` and :meth:`params`.
     """
 
-    def __init__(self, module, dim: int, *, params: dict | None = None):
+    def __init__(self, module: Any, dim: int, *, params: dict | None = None):
         super().__init__(dim)
         noise_type = getattr(module, "noise_type", "diagonal")
         if noise_type not in ("diagonal", "general"):
@@ -311,10 +315,10 @@ class TorchsdeModel(SDE):
         self.module = module
         self.register_params(**(params or {}))
 
-    def f(self, t, y):
+    def f(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.module.f(t, y)
 
-    def g(self, t, y):
+    def g(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.module.g(t, y)
 
 
@@ -369,7 +373,14 @@ class OrnsteinUhlenbeck(SDE):
     state_independent_diffusion = True
 
     def __init__(
-        self, theta=None, mean=0.0, sigma=None, *, dim: int = 1, drift_matrix=None, diffusion_matrix=None
+        self,
+        theta: float | torch.Tensor | None = None,
+        mean: float | torch.Tensor = 0.0,
+        sigma: float | torch.Tensor | None = None,
+        *,
+        dim: int = 1,
+        drift_matrix: torch.Tensor | None = None,
+        diffusion_matrix: torch.Tensor | None = None,
     ):
         super().__init__(dim)
         if (theta is None) == (drift_matrix is None):
@@ -401,18 +412,18 @@ class OrnsteinUhlenbeck(SDE):
         self.noise_type = "diagonal" if sigma is not None else "general"
         self._scalar_rate = theta is not None
 
-    def f(self, t, y):
+    def f(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r = y - self.mean
         if self._scalar_rate:
             return -self.theta.unsqueeze(-1) * r
         return -(self.drift_matrix @ r.unsqueeze(-1)).squeeze(-1)
 
-    def g(self, t, y):
+    def g(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.noise_type == "diagonal":
             return self.sigma.unsqueeze(-1).expand(y.shape[:-1] + (self.dim,))
         return self.diffusion_matrix.expand(y.shape[:-1] + self.diffusion_matrix.shape[-2:])
 
-    def diffusion_factor(self, t, y):
+    def diffusion_factor(self, t: float | torch.Tensor | None, y: torch.Tensor | None) -> DiffusionFactor:
         if self.noise_type == "diagonal":  # no need to expand a constant
             return DiffusionFactor(self.sigma.unsqueeze(-1).expand(self.sigma.shape + (self.dim,)), True)
         return factor_from_g(self.diffusion_matrix, False)
@@ -435,11 +446,13 @@ class OrnsteinUhlenbeck(SDE):
         c = -(A @ self.mean.expand(self.mean.shape[:-1] + (self.dim,)).unsqueeze(-1)).squeeze(-1)
         return A, c, Q, False
 
-    def linear_auxiliary(self, t, v):
+    def linear_auxiliary(self, t: float | torch.Tensor, v: torch.Tensor) -> LinearAuxiliary:
         A, c, Q, diagonal = self._linear()
         return LinearAuxiliary(A, c, Q, diagonal)
 
-    def transition_log_prob(self, t0, x0, t1, x1):
+    def transition_log_prob(
+        self, t0: float | torch.Tensor, x0: torch.Tensor, t1: float | torch.Tensor, x1: torch.Tensor
+    ) -> torch.Tensor:
         A, c, Q, diagonal = self._linear()
         tau = torch.as_tensor(t1, dtype=x1.dtype, device=x1.device) - t0
         E, m, V = linear_sde_moments(A, c, Q, tau, diagonal)
@@ -454,22 +467,24 @@ class GeometricBrownianMotion(SDE):
     Exact transition: ``log X_t ~ N(log x0 + (mu - sigma^2 / 2) t, sigma^2 t)``.
     """
 
-    def __init__(self, mu=0.0, sigma=1.0, *, dim: int = 1):
+    def __init__(self, mu: float | torch.Tensor = 0.0, sigma: float | torch.Tensor = 1.0, *, dim: int = 1):
         super().__init__(dim)
         sigma = _check_positive("sigma", sigma)
         self.register_params(mu=(mu, 0), sigma=(sigma, 0))
 
-    def f(self, t, y):
+    def f(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.mu.unsqueeze(-1) * y
 
-    def g(self, t, y):
+    def g(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.sigma.unsqueeze(-1) * y
 
-    def linear_auxiliary(self, t, v):
+    def linear_auxiliary(self, t: float | torch.Tensor, v: torch.Tensor) -> LinearAuxiliary:
         B = self.mu.unsqueeze(-1).expand(v.shape)
         return LinearAuxiliary(B, torch.zeros_like(v), (self.sigma.unsqueeze(-1) * v) ** 2, True)
 
-    def transition_log_prob(self, t0, x0, t1, x1):
+    def transition_log_prob(
+        self, t0: float | torch.Tensor, x0: torch.Tensor, t1: float | torch.Tensor, x1: torch.Tensor
+    ) -> torch.Tensor:
         tau = (torch.as_tensor(t1, dtype=x1.dtype, device=x1.device) - t0).unsqueeze(-1)
         mu, s2 = self.mu.unsqueeze(-1), self.sigma.unsqueeze(-1) ** 2
         log_x1 = x1.log()
@@ -489,27 +504,36 @@ class CIR(SDE):
     differentiable).
     """
 
-    def __init__(self, kappa=1.0, theta=1.0, sigma=1.0, *, dim: int = 1):
+    def __init__(
+        self,
+        kappa: float | torch.Tensor = 1.0,
+        theta: float | torch.Tensor = 1.0,
+        sigma: float | torch.Tensor = 1.0,
+        *,
+        dim: int = 1,
+    ):
         super().__init__(dim)
         kappa, theta, sigma = (
             _check_positive(name, v) for name, v in (("kappa", kappa), ("theta", theta), ("sigma", sigma))
         )
         self.register_params(kappa=(kappa, 0), theta=(theta, 0), sigma=(sigma, 0))
 
-    def f(self, t, y):
+    def f(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.kappa.unsqueeze(-1) * (self.theta.unsqueeze(-1) - y)
 
-    def g(self, t, y):
+    def g(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps = torch.finfo(y.dtype).eps
         return self.sigma.unsqueeze(-1) * y.clamp(min=eps).sqrt()
 
-    def linear_auxiliary(self, t, v):
+    def linear_auxiliary(self, t: float | torch.Tensor, v: torch.Tensor) -> LinearAuxiliary:
         k = self.kappa.unsqueeze(-1)
         B = (-k).expand(v.shape)
         a = self.sigma.unsqueeze(-1) ** 2 * v.clamp(min=torch.finfo(v.dtype).eps)
         return LinearAuxiliary(B, (k * self.theta.unsqueeze(-1)).expand(v.shape), a, True)
 
-    def transition_log_prob(self, t0, x0, t1, x1):
+    def transition_log_prob(
+        self, t0: float | torch.Tensor, x0: torch.Tensor, t1: float | torch.Tensor, x1: torch.Tensor
+    ) -> torch.Tensor:
         """``log p = log c - u - w + (q / 2) log(w / u) + log I_q(2 sqrt(u w))``, ``u = c x0 e^{-kappa t}``,
         ``w = c x1``, ``q = 2 kappa theta / sigma^2 - 1`` (``-inf`` for ``x1 <= 0``), summed over the
         coordinates."""
@@ -551,7 +575,9 @@ def _log_bessel_i(order, z):
 # --------------------------------------------------------------------------------------------------
 
 
-def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, alpha, gamma) -> torch.Tensor:
+def gaussian_kernel(
+    x: torch.Tensor, y: torch.Tensor, alpha: float | torch.Tensor, gamma: float | torch.Tensor
+) -> torch.Tensor:
     """``K_ij = alpha exp(-|x_i - y_j|^2 / (2 gamma))`` for ``x`` ``(..., k, m)``, ``y`` ``(..., l, m)``."""
     sq = (x.unsqueeze(-2) - y.unsqueeze(-3)).pow(2).sum(-1)
     return alpha * torch.exp(-0.5 * sq / gamma)
@@ -560,7 +586,9 @@ def gaussian_kernel(x: torch.Tensor, y: torch.Tensor, alpha, gamma) -> torch.Ten
 class _Landmarks(SDE):
     noise_type = "general"
 
-    def __init__(self, num_landmarks, landmark_dim, sigma, alpha, gamma):
+    def __init__(
+        self, num_landmarks: int, landmark_dim: int, sigma: float | torch.Tensor, alpha: float, gamma: float
+    ):
         if num_landmarks < 1 or landmark_dim < 1:
             raise ValueError("num_landmarks and landmark_dim must be positive")
         super().__init__(num_landmarks * landmark_dim)
@@ -581,10 +609,10 @@ class _Landmarks(SDE):
         """``sigma K(q) kron I_m``."""
         return self.sigma[..., None, None] * self._kernel_kron(q)
 
-    def f(self, t, y):
+    def f(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(y)
 
-    def linear_auxiliary(self, t, v):
+    def linear_auxiliary(self, t: float | torch.Tensor, v: torch.Tensor) -> LinearAuxiliary:
         a = self.diffusion_factor(t, v).matrix()
         B = torch.zeros(a.shape, dtype=v.dtype, device=v.device)
         return LinearAuxiliary(B, torch.zeros_like(v), a, False)
@@ -603,7 +631,14 @@ class LandmarkBrownian(_Landmarks):
 
     state_independent_diffusion = True
 
-    def __init__(self, reference: torch.Tensor, sigma=1.0, *, alpha: float = 1.0, gamma: float = 0.1):
+    def __init__(
+        self,
+        reference: torch.Tensor,
+        sigma: float | torch.Tensor = 1.0,
+        *,
+        alpha: float = 1.0,
+        gamma: float = 0.1,
+    ):
         if not torch.is_tensor(reference) or reference.dim() != 2:
             raise ValueError("reference must be a (num_landmarks, landmark_dim) tensor")
         super().__init__(reference.shape[0], reference.shape[1], sigma, alpha, gamma)
@@ -617,16 +652,18 @@ class LandmarkBrownian(_Landmarks):
             self._unit_factor = factor_from_g(self._kernel_kron(q), False)
         return self._unit_factor
 
-    def g(self, t, y):
+    def g(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g = self._g_from_shape(self.reference.to(dtype=y.dtype, device=y.device))
         return g.expand(y.shape[:-1] + (self.dim, self.dim))
 
-    def diffusion_factor(self, t, y):
+    def diffusion_factor(self, t: float | torch.Tensor | None, y: torch.Tensor | None) -> DiffusionFactor:
         dtype = torch.promote_types(self.sigma.dtype, self.reference.dtype)
         unit = self._unit(dtype, self.sigma.device)
         return DiffusionFactor(self.sigma[..., None, None] * unit.tril, False)
 
-    def transition_log_prob(self, t0, x0, t1, x1):
+    def transition_log_prob(
+        self, t0: float | torch.Tensor, x0: torch.Tensor, t1: float | torch.Tensor, x1: torch.Tensor
+    ) -> torch.Tensor:
         tau = torch.as_tensor(t1, dtype=x1.dtype, device=x1.device) - t0
         return self.diffusion_factor(None, None).log_normal(x1 - x0, tau)
 
@@ -639,8 +676,16 @@ class KunitaFlow(_Landmarks):
     :param float alpha: kernel amplitude. :param float gamma: kernel variance.
     """
 
-    def __init__(self, num_landmarks: int, sigma=1.0, *, landmark_dim: int = 2, alpha=1.0, gamma=0.1):
+    def __init__(
+        self,
+        num_landmarks: int,
+        sigma: float | torch.Tensor = 1.0,
+        *,
+        landmark_dim: int = 2,
+        alpha: float = 1.0,
+        gamma: float = 0.1,
+    ):
         super().__init__(num_landmarks, landmark_dim, sigma, alpha, gamma)
 
-    def g(self, t, y):
+    def g(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._g_from_shape(y.reshape(y.shape[:-1] + (self.num_landmarks, self.landmark_dim)))

@@ -61,7 +61,9 @@ class ReferenceProcess:
     def _coefficients(self) -> StepCoefficients:  # float64
         raise NotImplementedError
 
-    def sample_initial(self, num_samples: int, dim: int, *, dtype, device) -> torch.Tensor:
+    def sample_initial(
+        self, num_samples: int, dim: int, *, dtype: torch.dtype | None, device: torch.device | str | None
+    ) -> torch.Tensor:
         """Draw ``x_0``, shape ``(num_samples, dim)``."""
         raise NotImplementedError
 
@@ -78,7 +80,9 @@ class ReferenceProcess:
         raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------
-    def coefficients(self, dtype=torch.float64, device=None) -> StepCoefficients:
+    def coefficients(
+        self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+    ) -> StepCoefficients:
         """Step coefficients cast to ``dtype``/``device`` (cached)."""
         key = (dtype, str(device))
         if key not in self._cache:
@@ -119,7 +123,9 @@ class BrownianReference(ReferenceProcess):
             backward_scale=None,
         )
 
-    def sample_initial(self, num_samples, dim, *, dtype, device):
+    def sample_initial(
+        self, num_samples: int, dim: int, *, dtype: torch.dtype | None, device: torch.device | str | None
+    ) -> torch.Tensor:
         return torch.zeros(num_samples, dim, dtype=dtype, device=device)
 
     def terminal_log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,13 +134,13 @@ class BrownianReference(ReferenceProcess):
         d = x.shape[-1]
         return -0.5 * (x * x).sum(-1) / var - 0.5 * d * math.log(2 * math.pi * var)
 
-    def boundary_log_weight(self, x0, xK):
+    def boundary_log_weight(self, x0: torch.Tensor, xK: torch.Tensor) -> torch.Tensor:
         return -self.terminal_log_prob(xK)
 
-    def initial_log_prob(self, x0):
+    def initial_log_prob(self, x0: torch.Tensor) -> torch.Tensor:
         return torch.where((x0 == 0).all(-1), 0.0, -math.inf).to(x0.dtype)
 
-    def initial_score(self, x):
+    def initial_score(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("a point mass has no score")
 
     def __repr__(self):
@@ -187,17 +193,19 @@ class VPReference(ReferenceProcess):
             backward_scale=1 - 0.5 * beta_h,
         )
 
-    def sample_initial(self, num_samples, dim, *, dtype, device):
+    def sample_initial(
+        self, num_samples: int, dim: int, *, dtype: torch.dtype | None, device: torch.device | str | None
+    ) -> torch.Tensor:
         return torch.randn(num_samples, dim, dtype=dtype, device=device)
 
-    def initial_log_prob(self, x0):
+    def initial_log_prob(self, x0: torch.Tensor) -> torch.Tensor:
         d = x0.shape[-1]
         return -0.5 * (x0 * x0).sum(-1) - 0.5 * d * math.log(2 * math.pi)
 
-    def initial_score(self, x):
+    def initial_score(self, x: torch.Tensor) -> torch.Tensor:
         return -x
 
-    def boundary_log_weight(self, x0, xK):
+    def boundary_log_weight(self, x0: torch.Tensor, xK: torch.Tensor) -> torch.Tensor:
         return -self.initial_log_prob(x0)
 
     def __repr__(self):
@@ -251,19 +259,21 @@ class OUReference(ReferenceProcess):
             backward_scale=None,
         )
 
-    def sample_initial(self, num_samples, dim, *, dtype, device):
+    def sample_initial(
+        self, num_samples: int, dim: int, *, dtype: torch.dtype | None, device: torch.device | str | None
+    ) -> torch.Tensor:
         return self.sigma * torch.randn(num_samples, dim, dtype=dtype, device=device)
 
-    def initial_log_prob(self, x0):
+    def initial_log_prob(self, x0: torch.Tensor) -> torch.Tensor:
         d, var = x0.shape[-1], self.sigma**2
         return -0.5 * (x0 * x0).sum(-1) / var - 0.5 * d * math.log(2 * math.pi * var)
 
     terminal_log_prob = initial_log_prob  # stationary
 
-    def initial_score(self, x):
+    def initial_score(self, x: torch.Tensor) -> torch.Tensor:
         return -x / self.sigma**2
 
-    def boundary_log_weight(self, x0, xK):
+    def boundary_log_weight(self, x0: torch.Tensor, xK: torch.Tensor) -> torch.Tensor:
         return -self.terminal_log_prob(xK)
 
     def __repr__(self):

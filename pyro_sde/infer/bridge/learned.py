@@ -72,7 +72,7 @@ class ScoreNetwork(nn.Module):
             self.skip.weight.copy_(-torch.eye(dim))
         self.register_buffer("horizon", torch.tensor(1.0))
 
-    def forward(self, t, z, u):
+    def forward(self, t: float | torch.Tensor, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
         emb = self.time_embedding((t / self.horizon).unsqueeze(-1))
         hidden = self.time_net(emb) + self.state_net(torch.cat([z, u.expand_as(z)], -1))
@@ -81,7 +81,14 @@ class ScoreNetwork(nn.Module):
         return self.skip(z) + self.out(F.silu(hidden))
 
 
-def stable_score_loss(score, L, drift, x_prev, x_next, delta) -> torch.Tensor:
+def stable_score_loss(
+    score: torch.Tensor,
+    L: DiffusionFactor,
+    drift: torch.Tensor,
+    x_prev: torch.Tensor,
+    x_next: torch.Tensor,
+    delta: float | torch.Tensor,
+) -> torch.Tensor:
     """``delta |L^T s|^2 + 2 s^T (x_next - x_prev - delta b)`` per step (no ``a^{-1}``).
 
     Shapes: all ``(..., d)`` (``L`` broadcasting); returns ``x_next.shape[:-1]``."""
@@ -253,7 +260,19 @@ class LearnedBridge:
             self._warned = True
 
     # -- proposal ------------------------------------------------------------------------------
-    def log_weights(self, sde, t0, dt, u, v, *, num_particles, num_substeps, noise=None, generator=None):
+    def log_weights(
+        self,
+        sde: SDE,
+        t0: float | torch.Tensor,
+        dt: float | torch.Tensor,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        num_particles: int,
+        num_substeps: int,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Same contract as :func:`~pyro_sde.infer.bridge.proposals.bridge_log_weights`: ``(N, *B)``.
 
         ``t0`` only enters through time-dependent models (the score is of the time-``t0`` transition,

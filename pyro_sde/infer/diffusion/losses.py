@@ -26,12 +26,12 @@ import torch
 __all__ = ["kl_loss", "log_variance_loss", "rkl_log_derivative_loss", "LossSpec", "get_loss"]
 
 
-def kl_loss(log_weights: torch.Tensor, log_forward=None) -> torch.Tensor:
+def kl_loss(log_weights: torch.Tensor, log_forward: torch.Tensor | None = None) -> torch.Tensor:
     """``mean(-log w)``: reverse KL up to the constant ``log Z``."""
     return -log_weights.mean()
 
 
-def log_variance_loss(log_weights: torch.Tensor, log_forward=None) -> torch.Tensor:
+def log_variance_loss(log_weights: torch.Tensor, log_forward: torch.Tensor | None = None) -> torch.Tensor:
     """Unbiased sample variance of ``log w``."""
     return log_weights.var()
 

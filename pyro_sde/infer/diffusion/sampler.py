@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
@@ -34,6 +35,9 @@ from .._inputs import check_dtype_device as _check_dtype_device
 from .._inputs import check_target
 from .._training import StepInfo, TrainedSampler
 from .losses import get_loss
+
+if TYPE_CHECKING:
+    from ..precondition import Preconditioner
 
 __all__ = ["DiffusionSampler", "StepInfo"]
 
@@ -146,12 +150,12 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         ema_decay: float | None = 0.999,
         backward_control: torch.nn.Module | None = None,
         backend: str = "euler",
-        precondition="laplace",
+        precondition: str | Preconditioner | tuple[torch.Tensor, torch.Tensor] | None = "laplace",
         precondition_options: dict | None = None,
-        init_strategy=init_to_uniform,
+        init_strategy: Callable = init_to_uniform,
         vectorize: str | bool = "auto",
         dtype: torch.dtype | None = None,
-        device=None,
+        device: torch.device | str | None = None,
     ):
         check_target(model, log_density, score)
         if method not in _METHODS:
@@ -353,7 +357,7 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         self._setup_potential(args, kwargs)
         return self
 
-    def compute_loss(self, batch_size: int = 512):
+    def compute_loss(self, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """The differentiable training loss on a fresh batch: ``(loss, log_w_batch)``, where the loss is
         ``KL`` or ``log-variance`` of the batch's log weights divided by ``dim`` and ``log_w_batch``
         (detached) are the weights of the simulated paths under their own control."""
@@ -399,7 +403,9 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
     # ----------------------------------------------------------------------------------------
     # sampling and estimates
     @torch.no_grad()
-    def sample_unconstrained(self, num_samples: int, *, chunk_size: int = 8192):
+    def sample_unconstrained(
+        self, num_samples: int, *, chunk_size: int = 8192
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``num_samples`` paths with the current control (not stored): returns the unconstrained
         terminal states ``z`` (N, dim) and their log importance weights (N,)."""
         self._require_potential()
