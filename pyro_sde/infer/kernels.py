@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -250,8 +250,21 @@ class HMC(MoveKernel):
 _KERNELS = {"mala": MALA, "hmc": HMC}
 
 
-def get_kernel(kernel: str | MoveKernel, **options: Any) -> MoveKernel:
-    """A :class:`MoveKernel` from a name (``"mala"``, ``"hmc"``) and its options, or the kernel itself."""
+def get_kernel(
+    kernel: str | MoveKernel,
+    *,
+    num_leapfrog_steps: int | None = None,
+    target_acceptance: float | None = None,
+) -> MoveKernel:
+    """A :class:`MoveKernel` from a name (``"mala"``, ``"hmc"``) and its options (``None``: the kernel's
+    default), or the kernel itself; ``num_leapfrog_steps`` goes with ``"hmc"`` only."""
+    options = {}
+    if num_leapfrog_steps is not None:
+        if kernel != "hmc":
+            raise ValueError("num_leapfrog_steps goes with kernel='hmc'")
+        options["num_leapfrog_steps"] = num_leapfrog_steps
+    if target_acceptance is not None:
+        options["target_acceptance"] = target_acceptance
     if isinstance(kernel, MoveKernel):
         if options:
             raise ValueError(f"options {sorted(options)} go with a kernel name, not a kernel object")

@@ -241,14 +241,9 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         if resampling not in RESAMPLING_SCHEMES:
             raise ValueError(f"resampling must be one of {RESAMPLING_SCHEMES}, got {resampling!r}")
         self.resampling = resampling
-        options = {}
-        if num_leapfrog_steps is not None:
-            if kernel != "hmc":
-                raise ValueError("num_leapfrog_steps goes with kernel='hmc'")
-            options["num_leapfrog_steps"] = num_leapfrog_steps
-        if target_acceptance is not None:
-            options["target_acceptance"] = target_acceptance
-        self.kernel = get_kernel(kernel, **options)
+        self.kernel = get_kernel(
+            kernel, num_leapfrog_steps=num_leapfrog_steps, target_acceptance=target_acceptance
+        )
         self.num_mcmc_steps = nonnegative_int(num_mcmc_steps, "num_mcmc_steps")
         if control is not None and not isinstance(control, torch.nn.Module):
             raise TypeError("control must be a torch.nn.Module")

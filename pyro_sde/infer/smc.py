@@ -267,14 +267,9 @@ class SMCSampler(ParticleSampler):
         self.target_conditional_ess = unit_interval(
             target_conditional_ess, "target_conditional_ess", closed_right=False
         )
-        options = {}
-        if num_leapfrog_steps is not None:
-            if kernel != "hmc":
-                raise ValueError("num_leapfrog_steps goes with kernel='hmc'")
-            options["num_leapfrog_steps"] = num_leapfrog_steps
-        if target_acceptance is not None:
-            options["target_acceptance"] = target_acceptance
-        self.kernel = get_kernel(kernel, **options)
+        self.kernel = get_kernel(
+            kernel, num_leapfrog_steps=num_leapfrog_steps, target_acceptance=target_acceptance
+        )
         self.num_mcmc_steps = nonnegative_int(num_mcmc_steps, "num_mcmc_steps")
         if step_size is not None and not (
             not isinstance(step_size, bool) and isinstance(step_size, (int, float))
