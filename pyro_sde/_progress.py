@@ -14,18 +14,27 @@ def progress_bar(total: float, *, initial: float = 0, enabled: bool | None = Non
                  file=None, unit: str = "it"):
     """A progress reporter with ``update(done, postfix=None)`` and ``close(reason=None)``.
 
-    :param enabled: ``None`` (default): a tqdm bar when ``file`` (stderr) is a terminal, otherwise plain
-        lines at 25 %, 50 %, 75 % and at the end (no carriage returns in a log); ``True``: always a bar;
-        ``False``: nothing.
+    :param enabled: ``None`` (default): a tqdm bar when ``file`` (stderr) is a terminal or in a Jupyter
+        notebook, otherwise plain lines at 25 %, 50 %, 75 % and at the end (no carriage returns in a log);
+        ``True``: always a bar; ``False``: nothing.
     """
     file = sys.stderr if file is None else file
     if enabled is None:
-        enabled = "bar" if _isatty(file) else "lines"
+        enabled = "bar" if _isatty(file) or _in_notebook() else "lines"
     if enabled is True or enabled == "bar":
         return _Bar(total, initial, desc, file, unit)
     if enabled == "lines":
         return _Lines(total, initial, desc, file, unit)
     return _Silent()
+
+
+def _in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (whose stderr is no terminal but shows tqdm's widget)."""
+    shell = sys.modules.get("IPython")
+    try:
+        return shell is not None and type(shell.get_ipython()).__name__ == "ZMQInteractiveShell"
+    except Exception:  # noqa: BLE001 - any IPython oddity: not a notebook
+        return False
 
 
 def _isatty(file) -> bool:
