@@ -6,6 +6,7 @@ Public: the names in each API module's ``__all__``, with their classes' public m
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import typing
@@ -25,6 +26,7 @@ MODULES = [
     "pyro_sde.targets",
     "pyro_sde.ratio",
 ]
+_TYPE_CHECKING = ("TYPE_CHECKING", "typing.TYPE_CHECKING")
 _UNCHECKED_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
@@ -79,26 +81,25 @@ def missing_hints(fn) -> list[str]:
     return missing
 
 
+def _type_checking_imports(module) -> dict:
+    """The names ``module`` imports under ``if TYPE_CHECKING:`` (those imports run here, relative to its
+    package; an optional dependency that is not installed is left out)."""
+    ns = {"__name__": module.__name__, "__package__": module.__package__}
+    for node in ast.parse(inspect.getsource(module)).body:
+        if not (isinstance(node, ast.If) and ast.unparse(node.test) in _TYPE_CHECKING):
+            continue
+        for stmt in node.body:
+            try:
+                exec(compile(ast.Module([stmt], type_ignores=[]), module.__file__, "exec"), ns)
+            except ImportError:  # pragma: no cover - optional dependencies
+                pass
+    return {k: v for k, v in ns.items() if not k.startswith("__")}
+
+
 def _annotation_namespace(fn) -> dict:
     """The function's module globals plus the names its module imports under ``TYPE_CHECKING``."""
-    import pyro_sde.infer.bridge
-    import pyro_sde.infer.potential
-    import pyro_sde.infer.precondition
-    import pyro_sde.sde.reference
-
-    ns = dict(vars(importlib.import_module(fn.__module__)))
-    ns.update(
-        LearnedBridge=pyro_sde.infer.bridge.LearnedBridge,
-        Potential=pyro_sde.infer.potential.Potential,
-        Preconditioner=pyro_sde.infer.precondition.Preconditioner,
-        VPReference=pyro_sde.sde.reference.VPReference,
-    )
-    for optional in ("arviz", "xarray", "torchsde"):
-        try:
-            ns[optional] = importlib.import_module(optional)
-        except ImportError:  # pragma: no cover - optional dependencies
-            pass
-    return ns
+    module = importlib.import_module(fn.__module__)
+    return {**vars(module), **_type_checking_imports(module)}
 
 
 def test_the_walk_finds_the_api():
@@ -128,6 +129,17 @@ def test_missing_hints_flags_what_lacks_them():
 
     assert missing_hints(unannotated) == ["a", "c", "return"]
     assert missing_hints(annotated) == []
+
+
+def test_type_checking_imports_are_found():
+    import pyro_sde.infer.bridge
+    import pyro_sde.ratio.base
+    import pyro_sde.ratio.paths
+
+    names = _type_checking_imports(pyro_sde.ratio.base)
+    assert names["InterpolationPath"] is pyro_sde.ratio.paths.InterpolationPath  # a relative import
+    assert "InterpolationPath" not in vars(pyro_sde.ratio.base)  # only under TYPE_CHECKING
+    assert _type_checking_imports(pyro_sde.infer.bridge) == {}
 
 
 def test_public_signatures_have_type_hints():
