@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Literal, TextIO
 
 from tqdm.auto import tqdm
 
 __all__ = ["progress_bar"]
 
 
-def progress_bar(total: float, *, initial: float = 0, enabled: bool | None = None, desc: str = "",
-                 file=None, unit: str = "it"):
+def progress_bar(total: float, *, initial: float = 0, enabled: bool | Literal["bar", "lines"] | None = None,
+                 desc: str = "", file: TextIO | None = None, unit: str = "it") -> _Bar | _Lines | _Silent:
     """A progress reporter with ``update(done, postfix=None)`` and ``close(reason=None)``.
 
     :param enabled: ``None`` (default): a tqdm bar when ``file`` (stderr) is a terminal, otherwise plain
         lines at 25 %, 50 %, 75 % and at the end (no carriage returns in a log); ``True``: always a bar;
-        ``False``: nothing.
+        ``False``: nothing; ``"bar"`` / ``"lines"``: that kind.
     """
     file = sys.stderr if file is None else file
     if enabled is None:
@@ -36,10 +37,10 @@ def _isatty(file) -> bool:
 
 
 class _Silent:
-    def update(self, done, postfix=None):
+    def update(self, done: float, postfix: dict[str, object] | None = None) -> None:
         pass
 
-    def close(self, reason=None):
+    def close(self, reason: str | None = None) -> None:
         pass
 
 
@@ -48,13 +49,13 @@ class _Bar:
         self._bar = tqdm(total=total, initial=initial, desc=desc, file=file, unit=unit)
         self._done = initial
 
-    def update(self, done, postfix=None):
+    def update(self, done: float, postfix: dict[str, object] | None = None) -> None:
         self._bar.update(done - self._done)
         self._done = done
         if postfix:
             self._bar.set_postfix(postfix, refresh=False)
 
-    def close(self, reason=None):
+    def close(self, reason: str | None = None) -> None:
         if reason:
             self._bar.set_postfix_str(f"stopped: {reason}", refresh=True)
         self._bar.close()
@@ -76,7 +77,7 @@ class _Lines:
         elapsed = time.perf_counter() - self._start
         return f"{_fmt(self._done)}/{_fmt(self.total)} {self.unit} [{elapsed:.1f} s]{extra}"
 
-    def update(self, done, postfix=None):
+    def update(self, done: float, postfix: dict[str, object] | None = None) -> None:
         self._done = done
         if postfix:
             self._postfix = postfix
@@ -84,7 +85,7 @@ class _Lines:
             self._next_quarter = int(4 * done / self.total) + 1
             self._write(self._status())
 
-    def close(self, reason=None):
+    def close(self, reason: str | None = None) -> None:
         self._write(self._status() + ("" if not reason else f", stopped: {reason}"))
 
 

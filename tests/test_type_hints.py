@@ -25,6 +25,7 @@ MODULES = [
     "pyro_sde.nn",
     "pyro_sde.targets",
     "pyro_sde.ratio",
+    "pyro_sde._progress",  # private, but its options are the trainers' progress_bar=
 ]
 _TYPE_CHECKING = ("TYPE_CHECKING", "typing.TYPE_CHECKING")
 _UNCHECKED_KINDS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
