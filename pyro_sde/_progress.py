@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Literal, TextIO
 
 from tqdm.auto import tqdm
 
 __all__ = ["progress_bar"]
 
 
-def progress_bar(total: float, *, initial: float = 0, enabled: bool | None = None, desc: str = "",
-                 file=None, unit: str = "it"):
+def progress_bar(total: float, *, initial: float = 0, enabled: bool | Literal["bar", "lines"] | None = None,
+                 desc: str = "", file: TextIO | None = None, unit: str = "it") -> _Bar | _Lines | _Silent:
     """A progress reporter with ``update(done, postfix=None)`` and ``close(reason=None)``.
 
     :param enabled: ``None`` (default): a tqdm bar when ``file`` (stderr) is a terminal or in a Jupyter
         notebook, otherwise plain lines at 25 %, 50 %, 75 % and at the end (no carriage returns in a log);
-        ``True``: always a bar; ``False``: nothing.
+        ``True``: always a bar; ``False``: nothing; ``"bar"`` / ``"lines"``: that kind.
     """
     file = sys.stderr if file is None else file
     if enabled is None:
@@ -45,10 +46,10 @@ def _isatty(file) -> bool:
 
 
 class _Silent:
-    def update(self, done, postfix=None):
+    def update(self, done: float, postfix: dict[str, object] | None = None) -> None:
         pass
 
-    def close(self, reason=None):
+    def close(self, reason: str | None = None) -> None:
         pass
 
 
@@ -57,13 +58,13 @@ class _Bar:
         self._bar = tqdm(total=total, initial=initial, desc=desc, file=file, unit=unit)
         self._done = initial
 
-    def update(self, done, postfix=None):
+    def update(self, done: float, postfix: dict[str, object] | None = None) -> None:
         self._bar.update(done - self._done)
         self._done = done
         if postfix:
             self._bar.set_postfix(postfix, refresh=False)
 
-    def close(self, reason=None):
+    def close(self, reason: str | None = None) -> None:
         if reason:
             self._bar.set_postfix_str(f"stopped: {reason}", refresh=True)
         self._bar.close()
@@ -85,7 +86,7 @@ class _Lines:
         elapsed = time.perf_counter() - self._start
         return f"{_fmt(self._done)}/{_fmt(self.total)} {self.unit} [{elapsed:.1f} s]{extra}"
 
-    def update(self, done, postfix=None):
+    def update(self, done: float, postfix: dict[str, object] | None = None) -> None:
         self._done = done
         if postfix:
             self._postfix = postfix
@@ -93,7 +94,7 @@ class _Lines:
             self._next_quarter = int(4 * done / self.total) + 1
             self._write(self._status())
 
-    def close(self, reason=None):
+    def close(self, reason: str | None = None) -> None:
         self._write(self._status() + ("" if not reason else f", stopped: {reason}"))
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ class MLP(nn.Module):
     (``(N,)`` when ``out_dim == 1`` and ``squeeze``)."""
 
     def __init__(self, dim: int, out_dim: int = 1, *, hidden_dim: int = 256, num_layers: int = 3,
-                 squeeze=True):
+                 squeeze: bool = True):
         super().__init__()
         sizes = [dim] + [hidden_dim] * num_layers
         layers = []
@@ -44,7 +45,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.squeeze = squeeze and out_dim == 1
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net(x)
         return out.squeeze(-1) if self.squeeze else out
 
@@ -74,7 +75,9 @@ def _activation_jets(act: nn.Module, h, hd, hdd):
     return y, d1 * hd, None if hdd is None else d2 * hd * hd + d1 * hdd
 
 
-def sequential_jets(seq: nn.Sequential, h, hd, hdd=None):
+def sequential_jets(
+    seq: nn.Sequential, h: torch.Tensor, hd: torch.Tensor, hdd: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Forward-mode jets through ``Linear``/``GELU``/``SiLU`` layers: ``(f(h), J hd, second order)``.
 
     ``hd`` is the derivative of the input along one scalar direction (``t``), ``hdd`` its second
@@ -143,11 +146,13 @@ class TimeScoreNetwork(nn.Module):
         layers += [nn.GELU(), nn.Linear(hidden_dim, 1)]
         self.body = nn.Sequential(*layers)
 
-    def forward(self, x, times, side):
+    def forward(self, x: torch.Tensor, times: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         h = self.input_x(x) + self.input_t(self.features(times, side))
         return self.body(h).squeeze(-1)
 
-    def time_jets(self, x, times, side, order: int = 1):
+    def time_jets(
+        self, x: torch.Tensor, times: torch.Tensor, side: torch.Tensor, order: int = 1
+    ) -> tuple[torch.Tensor, ...]:
         """``(s, ds/dt[, d^2 s/dt^2])``, each ``(N,)``; ``t`` is the last column of ``times``."""
         f, fd, fdd = self.features.jets(times, side, order)
         w = self.input_t.weight.T
@@ -197,34 +202,42 @@ class QuadraticTimeScore(nn.Module):
             k = min(self.rank, self.dim)
             self.directions[side * self.rank : side * self.rank + k] = vecs[:k]
 
-    def project(self, x, side):
+    def project(self, x: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         """``q = U_side x``: ``(..., d), (...) -> (..., rank)``."""
         q = x @ self.directions.T  # (..., 2 rank)
         r = self.rank
         return torch.where((side > 0.5)[..., None], q[..., r:], q[..., :r])
 
-    def coefficient_jets(self, times, side, order: int = 0):
+    def coefficient_jets(
+        self, times: torch.Tensor, side: torch.Tensor, order: int = 0
+    ) -> tuple[torch.Tensor, ...]:
         """``(c, dc/dt, d^2c/dt^2)[: order + 1]``, each ``(..., 3 rank)`` = ``[c0, c, e]``."""
         if order == 0:
             return (self.coefficients(self.features(times, side)),)
         return sequential_jets(self.coefficients.net, *self.features.jets(times, side, order))[: order + 1]
 
-    def components(self, q, coeffs):
+    def components(
+        self, q: torch.Tensor, coeffs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-axis ``s_k``, ``d s_k / d q_k`` and ``d^2 s_k / d q_k^2`` for coefficients ``[c0, c, e]``."""
         c0, c, e = coeffs.split(self.rank, -1)
         return c0 + (c * q + e) * q, 2 * c * q + e, 2 * c
 
-    def time_jets(self, x, times, side, order: int = 1):
+    def time_jets(
+        self, x: torch.Tensor, times: torch.Tensor, side: torch.Tensor, order: int = 1
+    ) -> tuple[torch.Tensor, ...]:
         """``(s, ds/dt, d^2 s/dt^2)[: order + 1]`` in the last column of ``times``: only the
         coefficients depend on time (one extra pass of the small coefficient MLP per order)."""
         q = self.project(x, side)
         return tuple(self.components(q, c)[0].sum(-1) for c in self.coefficient_jets(times, side, order))
 
-    def forward(self, x, times, side):
+    def forward(self, x: torch.Tensor, times: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         return self.time_jets(x, times, side, order=0)[0]
 
 
-def time_jets(network: nn.Module, x, times, side, order: int = 1):
+def time_jets(
+    network: nn.Module, x: torch.Tensor, times: torch.Tensor, side: torch.Tensor, order: int = 1
+) -> tuple[torch.Tensor, ...]:
     """``(s, ds/dt, d^2 s/dt^2)[: order + 1]`` of a time-score network, derivatives in the last column of
     ``times``. ``x`` ``(..., d)``, ``times`` ``(..., k)``, ``side`` ``(...)`` broadcast together.
 
@@ -262,7 +275,7 @@ def _time_jets(network, x, times, side, order):
     return s, sd, sdd
 
 
-def make_time_score_network(network, dim: int, num_times: int, **kwargs) -> nn.Module:
+def make_time_score_network(network: str | nn.Module, dim: int, num_times: int, **kwargs: Any) -> nn.Module:
     """``"mlp"`` -> :class:`TimeScoreNetwork`, ``"quadratic"`` -> :class:`QuadraticTimeScore`, or a module."""
     if isinstance(network, nn.Module):
         return network
@@ -300,7 +313,7 @@ class SBIRatioNetwork(nn.Module):
         self.embedding = embedding
         self.head = MLP(theta_dim + embedding_dim, 1, hidden_dim=hidden_dim, num_layers=num_layers)
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         theta, x = z[..., : self.theta_dim], z[..., self.theta_dim :]
         if x.shape[-1] != self.x_dim:
             raise ValueError(f"rows must have {self.theta_dim + self.x_dim} columns, got {z.shape[-1]}")

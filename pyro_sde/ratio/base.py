@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from ..nn.ratio_networks import (  # noqa: F401  (re-exported: their old home)
     sequential_jets,
     time_jets,
 )
+
+if TYPE_CHECKING:
+    from .paths import InterpolationPath
 
 __all__ = [
     "RatioEstimator",
@@ -54,7 +58,7 @@ MIN_SAMPLES = 8  #: fewest samples ``fit`` accepts per side
 # --------------------------------------------------------------------------------------------------
 
 
-def check_samples(x, name: str, dim: int | None = None, min_samples: int = 1) -> torch.Tensor:
+def check_samples(x: torch.Tensor, name: str, dim: int | None = None, min_samples: int = 1) -> torch.Tensor:
     """Validate a sample matrix: floating, shape ``(N, dim)``, finite, ``N >= min_samples``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or a sampler n -> (n, d), got {type(x).__name__}")
@@ -71,7 +75,7 @@ def check_samples(x, name: str, dim: int | None = None, min_samples: int = 1) ->
     return x
 
 
-def check_fitted(estimator) -> None:
+def check_fitted(estimator: RatioEstimator) -> None:
     """Raise unless ``estimator`` is a fitted :class:`RatioEstimator`."""
     if not isinstance(estimator, RatioEstimator):
         raise TypeError(f"estimator must be a RatioEstimator, got {type(estimator).__name__}")
@@ -195,8 +199,8 @@ class RatioEstimator(nn.Module):
 
     def fit(
         self,
-        numerator,
-        denominator=None,
+        numerator: torch.Tensor | Callable[[int], torch.Tensor],
+        denominator: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
         *,
         num_iterations: int = 2000,
         batch_size: int = 512,
@@ -205,7 +209,7 @@ class RatioEstimator(nn.Module):
         weight_decay: float = 0.0,
         ema_decay: float | None = 0.999,
         standardize: bool = True,
-        validation=None,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
         validation_interval: int = 25,
         stop_after: int | None = None,
         patience: int | None = None,
@@ -352,7 +356,7 @@ class RatioEstimator(nn.Module):
         return torch.cat(out).reshape(batch_shape).to(x.dtype)
 
     # persistence -------------------------------------------------------------------------------
-    def save(self, path) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Save the constructor options, weights, standardisation and losses to ``path`` (atomically,
         with a checksum; tensors and plain values only). Custom networks and paths are saved as their
         weights: :meth:`load` takes the objects again."""
@@ -374,7 +378,13 @@ class RatioEstimator(nn.Module):
         return out
 
     @classmethod
-    def load(cls, path, /, map_location=None, **components) -> RatioEstimator:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        /,
+        map_location: str | torch.device | None = None,
+        **components: nn.Module | InterpolationPath | Callable[[], nn.Module | InterpolationPath],
+    ) -> RatioEstimator:
         """Rebuild an estimator written by :meth:`save` (read with ``torch.load(weights_only=True)``:
         no pickled code runs; a damaged or foreign file raises ``ValueError``).
 
@@ -413,7 +423,7 @@ class RatioEstimator(nn.Module):
         est.eval()
         return est
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"dim={self.dim}, fitted={self.is_fitted}"
 
 

@@ -22,9 +22,14 @@ ranks at both ends and puts coverage below the diagonal.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.axes import Axes
 
 __all__ = [
     "CoverageResult",
@@ -99,7 +104,13 @@ def simulation_based_calibration(theta: torch.Tensor, posterior_samples: torch.T
     return SBCResult(ranks, num_samples, num_bins, chi2, p_values)
 
 
-def plot_sbc_ranks(result: SBCResult, *, axes=None, names: list[str] | None = None, band: float = 0.99):
+def plot_sbc_ranks(
+    result: SBCResult,
+    *,
+    axes: Sequence[Axes] | np.ndarray | None = None,
+    names: list[str] | None = None,
+    band: float = 0.99,
+) -> np.ndarray:
     """Histograms of the SBC ranks, one panel per coordinate, with the central ``band`` interval of a bin
     count under uniformity shaded (normal approximation of the binomial). Returns the matplotlib axes
     ``(d,)``."""
@@ -133,7 +144,7 @@ class CoverageResult(NamedTuple):
     scores: torch.Tensor  #: ``(N,)`` per simulation: the smallest level whose region holds ``theta``
 
 
-def _coverage(scores: torch.Tensor, levels) -> CoverageResult:
+def _coverage(scores: torch.Tensor, levels: torch.Tensor | Sequence[float] | None) -> CoverageResult:
     levels = torch.linspace(0, 1, 21, dtype=torch.float64) if levels is None else torch.as_tensor(
         levels, dtype=torch.float64)
     scores = scores.double()
@@ -142,7 +153,7 @@ def _coverage(scores: torch.Tensor, levels) -> CoverageResult:
 
 
 def expected_coverage(log_prob_true: torch.Tensor, log_prob_samples: torch.Tensor,
-                      levels=None) -> CoverageResult:
+                      levels: torch.Tensor | Sequence[float] | None = None) -> CoverageResult:
     """HPD coverage from posterior log densities: ``log_prob_true`` ``(N,)`` at the true ``theta_i``, and
     ``log_prob_samples`` ``(L, N)`` at ``L`` posterior draws for each simulation (normalisation not needed).
 
@@ -157,7 +168,8 @@ def expected_coverage(log_prob_true: torch.Tensor, log_prob_samples: torch.Tenso
 
 
 def tarp_coverage(theta: torch.Tensor, posterior_samples: torch.Tensor, *,
-                  references: torch.Tensor | None = None, levels=None,
+                  references: torch.Tensor | None = None,
+                  levels: torch.Tensor | Sequence[float] | None = None,
                   generator: torch.Generator | None = None) -> CoverageResult:
     """TARP expected coverage of ``posterior_samples`` ``(L, N, d)`` for ``theta`` ``(N, d)``.
 
@@ -182,7 +194,7 @@ def tarp_coverage(theta: torch.Tensor, posterior_samples: torch.Tensor, *,
     return _coverage(scores, levels)
 
 
-def plot_coverage(result: CoverageResult, *, ax=None, label: str | None = None):
+def plot_coverage(result: CoverageResult, *, ax: Axes | None = None, label: str | None = None) -> Axes:
     """Coverage against credibility level with the diagonal (calibrated). Returns the matplotlib axis."""
     import matplotlib.pyplot as plt
 

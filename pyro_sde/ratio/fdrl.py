@@ -22,6 +22,7 @@ The model is a :class:`~pyro_sde.ratio.RatioEstimator`: ``log_ratio(x) = log q_t
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -214,7 +215,8 @@ class FlowGuidedGenerator(RatioEstimator):
     :param nn.Module network: a custom network ``(N, d) -> (N,)`` (standardised inputs) instead of the MLP.
     """
 
-    def __init__(self, dim: int, *, loss: str = "lsif", divergence: str | None = None, prior="data",
+    def __init__(self, dim: int, *, loss: str = "lsif", divergence: str | None = None,
+                 prior: str | torch.distributions.Distribution | Callable[[int], torch.Tensor] = "data",
                  num_flow_steps: int = 50, num_refine_steps: int = 0, step_size: float = 1.0,
                  noise_std: float = 0.03, hidden_dim: int = 128, num_layers: int = 3,
                  fourier_features: int = 0, fourier_scale: float = 1.0, network: nn.Module | None = None):
@@ -297,7 +299,13 @@ class FlowGuidedGenerator(RatioEstimator):
             return F.softplus(out_p).mean() + F.softplus(-out_q).mean()
         return out_p.exp().mean() - out_q.mean()  # "kl"
 
-    def potential(self, z: torch.Tensor, classifier=None, label=None, guidance_scale: float = 1.0):
+    def potential(
+        self,
+        z: torch.Tensor,
+        classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        label: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
         """``f'(r_theta(z))`` on standardised ``z`` ``(N, d) -> (N,)``; with a classifier, the composed
         class-conditional ratio ``r(x | y) = r(x) / (C p(y | x))`` (the log term scaled by
         ``guidance_scale``)."""
@@ -328,8 +336,9 @@ class FlowGuidedGenerator(RatioEstimator):
         return num_steps, step_size, noise_std
 
     def flow(self, z0: torch.Tensor, num_steps: int | None = None, *, step_size: float | None = None,
-             noise_std: float | None = None, classifier: Callable | None = None, label=None,
-             guidance_scale: float = 1.0, return_path: bool = False):
+             noise_std: float | None = None, classifier: Callable | None = None,
+             label: torch.Tensor | None = None, guidance_scale: float = 1.0,
+             return_path: bool = False) -> torch.Tensor:
         """Run the Euler-Maruyama flow ``z <- z - eta grad f'(r(z)) + nu xi`` from standardised ``z0``.
 
         ``z0`` ``(N, d)`` -> ``(N, d)`` (or ``(num_steps + 1, N, d)`` with ``return_path``); no autograd
@@ -358,10 +367,10 @@ class FlowGuidedGenerator(RatioEstimator):
         return torch.stack(path) if return_path else z
 
     # training ------------------------------------------------------------------------------------
-    def fit(self, data, *, num_iterations: int = 2000, batch_size: int = 256, lr: float = 1e-3,
+    def fit(self, data: torch.Tensor, *, num_iterations: int = 2000, batch_size: int = 256, lr: float = 1e-3,
             weight_decay: float = 0.0, ema_decay: float | None = 0.998, lr_min_fraction: float = 0.0,
-            checkpoint_path=None, checkpoint_every: int | None = None, resume: bool = False,
-            progress_bar: bool | None = None) -> FlowGuidedGenerator:
+            checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+            resume: bool = False, progress_bar: bool | None = None) -> FlowGuidedGenerator:
         """Train (Alg. 1): per iteration, flow a prior batch ``K`` steps with the current (detached)
         estimator, then one Adam step on the Bregman loss (flowed batch vs a data batch).
 
@@ -453,8 +462,9 @@ class FlowGuidedGenerator(RatioEstimator):
     # sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, num_samples: int, *, num_steps: int | None = None, step_size: float | None = None,
-               noise_std: float | None = None, classifier: Callable | None = None, label=None,
-               guidance_scale: float = 1.0, batch_size: int = 4096, return_path: bool = False):
+               noise_std: float | None = None, classifier: Callable | None = None,
+               label: int | torch.Tensor | None = None, guidance_scale: float = 1.0,
+               batch_size: int = 4096, return_path: bool = False) -> torch.Tensor:
         """Draw ``(num_samples, d)`` samples (Alg. 2): prior draws pushed ``K + kappa`` flow steps.
 
         :param int num_steps: flow steps (default ``num_flow_steps + num_refine_steps``).
@@ -514,7 +524,15 @@ class FlowGuidedGenerator(RatioEstimator):
         return dict(super()._components(), prior=kind)
 
     @classmethod
-    def load(cls, path, /, map_location=None, *, network=None, prior=None) -> FlowGuidedGenerator:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        /,
+        map_location: str | torch.device | None = None,
+        *,
+        network: nn.Module | Callable[[], nn.Module] | None = None,
+        prior: torch.distributions.Distribution | Callable[[int], torch.Tensor] | None = None,
+    ) -> FlowGuidedGenerator:
         """Rebuild a generator written by :meth:`save` (or by a checkpoint of :meth:`fit`); read with
         ``torch.load(weights_only=True)``, so no pickled code runs. The file holds the options, weights
         (EMA weights for use), data statistics, the data-dependent prior, losses and, mid-training, the
@@ -538,7 +556,7 @@ class FlowGuidedGenerator(RatioEstimator):
             gen.fitted.fill_(True)
         return gen
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"dim={self.dim}, loss={self.loss!r}, divergence={self.divergence!r}, "
                 f"K={self.num_flow_steps}, eta={self.step_size}, nu={self.noise_std}, "
                 f"fitted={self.is_fitted}")

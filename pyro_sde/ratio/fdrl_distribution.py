@@ -40,8 +40,8 @@ class FDRLDistribution(TorchDistribution):
 
     def __init__(self, generator: FlowGuidedGenerator, *, num_steps: int | None = None,
                  step_size: float | None = None, noise_std: float | None = None,
-                 classifier: Callable | None = None, label=None, guidance_scale: float = 1.0,
-                 validate_args=None):
+                 classifier: Callable | None = None, label: int | torch.Tensor | None = None,
+                 guidance_scale: float = 1.0, validate_args: bool | None = None):
         if not isinstance(generator, FlowGuidedGenerator):
             raise TypeError(f"generator must be a FlowGuidedGenerator, got {type(generator).__name__}")
         if not generator.is_fitted:
@@ -62,7 +62,9 @@ class FDRLDistribution(TorchDistribution):
         batch_shape = torch.Size() if label is None else label.shape
         super().__init__(batch_shape, torch.Size([generator.dim]), validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: FDRLDistribution | None = None
+    ) -> FDRLDistribution:
         new = self._get_checked_instance(FDRLDistribution, _instance)
         batch_shape = torch.Size(batch_shape)
         for k in ("generator", "classifier", "num_steps", "step_size", "noise_std", "guidance_scale"):
@@ -73,7 +75,7 @@ class FDRLDistribution(TorchDistribution):
         return new
 
     @torch.no_grad()
-    def sample(self, sample_shape=()):
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Flow draws of shape ``sample_shape + batch_shape + (d,)``."""
         shape = self._extended_shape(torch.Size(sample_shape))
         n = int(torch.Size(shape[:-1]).numel())
@@ -87,7 +89,7 @@ class FDRLDistribution(TorchDistribution):
                                   guidance_scale=self.guidance_scale)
         return x.reshape(shape)
 
-    def log_prob(self, value):
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(
             "FDRLDistribution is an implicit model: it can be sampled (via the flow) but has no tractable "
             "log_prob. Use it as an unobserved pyro.sample site or as a simulator (e.g. RatioLikelihood); "

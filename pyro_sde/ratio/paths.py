@@ -13,6 +13,7 @@ log ratio for ``p_0 = N(0, I)``, ``p_1 = N(mu, Sigma)``: the analytic reference 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -30,7 +31,9 @@ __all__ = [
 ]
 
 
-def time_derivative(fn, t: torch.Tensor):
+def time_derivative(
+    fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]], t: torch.Tensor
+) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | tuple[torch.Tensor, ...]]:
     """``(fn(t), d fn / dt)`` by forward-mode AD (``fn`` may return a tensor or a tuple of tensors)."""
     with fwAD.dual_level():
         t = t.contiguous()
@@ -55,7 +58,9 @@ class InterpolationPath:
         """``(alpha_t, beta_t)``, each of the shape of ``t``."""
         raise NotImplementedError
 
-    def coefficients_and_derivatives(self, t: torch.Tensor):
+    def coefficients_and_derivatives(
+        self, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(alpha, beta, d alpha/dt, d beta/dt)``, each of the shape of ``t``."""
         (a, b), (da, db) = time_derivative(self.coefficients, t)
         return a, b, da, db
@@ -73,7 +78,7 @@ class InterpolationPath:
         a, b = self.coefficients(t)
         return a[..., None] * x0 + b[..., None] * x1
 
-    def conditional_time_score(self, noise: torch.Tensor, x1: torch.Tensor, t: torch.Tensor):
+    def conditional_time_score(self, noise: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """CTSM target ``d/dt log N(x_t; beta_t x_1, alpha_t^2 I)`` at ``x_t = alpha_t noise + beta_t x_1``:
         ``(|noise|^2 - d) alpha'/alpha + <noise, x_1> beta'/alpha``. Its mean given ``x_t`` is the marginal
         time score of the path from ``N(0, I)``. Shapes ``(N, d), (N, d), (N,) -> (N,)``."""
@@ -96,10 +101,10 @@ class DREInfinityPath(InterpolationPath):
 
     name = "dre_infinity"
 
-    def coefficients(self, t):
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (1 - t * t).clamp_min(0).sqrt(), t
 
-    def alpha_squared(self, t):
+    def alpha_squared(self, t: torch.Tensor) -> torch.Tensor:
         return 1 - t * t
 
 
@@ -108,7 +113,7 @@ class LinearPath(InterpolationPath):
 
     name = "linear"
 
-    def coefficients(self, t):
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return 1 - t, t
 
 
@@ -117,7 +122,7 @@ class TrigonometricPath(InterpolationPath):
 
     name = "trigonometric"
 
-    def coefficients(self, t):
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cos(0.5 * math.pi * t), torch.sin(0.5 * math.pi * t)
 
 
@@ -130,7 +135,7 @@ class VPPath(InterpolationPath):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
-    def coefficients(self, t):
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.exp(-0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min)
         return a, (1 - a * a).clamp_min(0).sqrt()
 
@@ -144,13 +149,13 @@ class CosinePath(InterpolationPath):
     def __init__(self, s: float = 0.008):
         self.s = float(s)
 
-    def coefficients(self, t):
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.s
         abar = torch.cos((t + s) / (1 + s) * 0.5 * math.pi) / math.cos(s / (1 + s) * 0.5 * math.pi)
         abar = abar.clamp(0, 1)
         return abar.sqrt(), (1 - abar).sqrt()
 
-    def alpha_squared(self, t):
+    def alpha_squared(self, t: torch.Tensor) -> torch.Tensor:
         s = self.s
         return torch.cos((t + s) / (1 + s) * 0.5 * math.pi) / math.cos(s / (1 + s) * 0.5 * math.pi)
 
@@ -165,7 +170,7 @@ _PATHS = {
 }
 
 
-def get_path(path) -> InterpolationPath:
+def get_path(path: str | InterpolationPath) -> InterpolationPath:
     """An :class:`InterpolationPath` from an instance or a name in
     ``{"dre_infinity", "follmer", "linear", "vp", "cosine", "trigonometric"}``."""
     if isinstance(path, InterpolationPath):
@@ -186,7 +191,7 @@ class GaussianPath:
     :param mean: ``(d,)``; :param cov: ``(d, d)`` symmetric positive definite.
     """
 
-    def __init__(self, path, mean: torch.Tensor, cov: torch.Tensor):
+    def __init__(self, path: str | InterpolationPath, mean: torch.Tensor, cov: torch.Tensor):
         self.path = get_path(path)
         self.mean = torch.as_tensor(mean)
         cov = torch.as_tensor(cov, dtype=self.mean.dtype, device=self.mean.device)
@@ -220,7 +225,9 @@ class GaussianPath:
         one = torch.ones((), dtype=x.dtype, device=x.device)
         return self.log_prob(x, one) - self.log_prob(x, 0 * one)
 
-    def sample(self, num_samples: int, t: float = 1.0, generator=None) -> torch.Tensor:
+    def sample(
+        self, num_samples: int, t: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """``num_samples`` draws of ``p_t``, shape ``(num_samples, d)``."""
         t = torch.tensor(float(t), dtype=self.mean.dtype, device=self.mean.device)
         a, b = self.path.coefficients(t)

@@ -31,8 +31,8 @@ class RatioTilted(TorchDistribution):
     arg_constraints = {}
     has_rsample = False
 
-    def __init__(self, base, estimator: RatioEstimator, *, num_steps: int | None = None,
-                 num_proposals: int = 64, validate_args=None):
+    def __init__(self, base: torch.distributions.Distribution, estimator: RatioEstimator, *,
+                 num_steps: int | None = None, num_proposals: int = 64, validate_args: bool | None = None):
         check_fitted(estimator)
         if tuple(base.event_shape) != (estimator.dim,):
             raise ValueError(f"base.event_shape must be ({estimator.dim},), got {tuple(base.event_shape)}")
@@ -41,10 +41,12 @@ class RatioTilted(TorchDistribution):
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
 
     @constraints.dependent_property(is_discrete=False, event_dim=1)
-    def support(self):
+    def support(self) -> constraints.Constraint:
         return self.base.support
 
-    def expand(self, batch_shape, _instance=None):
+    def expand(
+        self, batch_shape: torch.Size | tuple[int, ...], _instance: RatioTilted | None = None
+    ) -> RatioTilted:
         new = self._get_checked_instance(RatioTilted, _instance)
         new.base = self.base.expand(batch_shape)
         new.estimator, new.num_steps, new.num_proposals = self.estimator, self.num_steps, self.num_proposals
@@ -62,7 +64,7 @@ class RatioTilted(TorchDistribution):
         return self.base.log_prob(value) + self.log_ratio(value)
 
     @torch.no_grad()
-    def sample(self, sample_shape=()):
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Approximate draws by sampling-importance-resampling from ``base`` with weights ``r``."""
         sample_shape = torch.Size(sample_shape)
         shape = self._extended_shape(sample_shape)

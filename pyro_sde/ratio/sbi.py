@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
@@ -35,6 +36,12 @@ from ..nn.ratio_networks import SBIRatioNetwork
 from .base import RatioEstimator, check_fitted, check_samples
 from .classifier import ClassifierRatioEstimator, ContrastiveRatioEstimator
 
+if TYPE_CHECKING:
+    import arviz
+    import xarray
+
+    from ..infer import SMCSampler
+
 __all__ = ["ESTIMATORS", "RatioLikelihood", "RatioPosterior", "make_sbi_estimator"]
 
 #: names accepted by ``estimator=`` (sbi's names as aliases)
@@ -43,7 +50,7 @@ ESTIMATORS = ("classifier", "nre_a", "balanced", "bnre", "contrastive", "nre_c",
 
 
 def make_sbi_estimator(name: str, theta_dim: int, x_dim: int, *, embedding: torch.nn.Module | None = None,
-                       hidden_dim: int = 64, num_layers: int = 2, **options) -> RatioEstimator:
+                       hidden_dim: int = 64, num_layers: int = 2, **options: Any) -> RatioEstimator:
     """An unfitted estimator over rows ``[theta, x]`` of ``theta_dim + x_dim`` columns.
 
     :param str name: one of :data:`ESTIMATORS`.
@@ -157,8 +164,8 @@ class RatioLikelihood:
     :param dict estimator_options: options of :func:`make_sbi_estimator` with a name.
     """
 
-    def __init__(self, prior, simulator: Callable | None = None, estimator="contrastive", *,
-                 estimator_options: dict | None = None):
+    def __init__(self, prior: Callable | Distribution, simulator: Callable | None = None,
+                 estimator: str | RatioEstimator = "contrastive", *, estimator_options: dict | None = None):
         if isinstance(estimator, str):
             if estimator not in ESTIMATORS:
                 raise ValueError(f"estimator must be one of {ESTIMATORS} or a RatioEstimator, "
@@ -186,8 +193,9 @@ class RatioLikelihood:
 
     # construction --------------------------------------------------------------------------------
     @classmethod
-    def from_simulations(cls, theta: torch.Tensor, x: torch.Tensor, *, prior, estimator="contrastive",
-                         estimator_options: dict | None = None, **fit_options) -> RatioLikelihood:
+    def from_simulations(cls, theta: torch.Tensor, x: torch.Tensor, *, prior: Callable | Distribution,
+                         estimator: str | RatioEstimator = "contrastive",
+                         estimator_options: dict | None = None, **fit_options: Any) -> RatioLikelihood:
         """A likelihood fitted on given pairs: ``theta`` ``(N, d_theta)`` (sites flattened in order) drawn
         from ``prior``, ``x`` ``(N, d_x)`` (or ``(N, *shape)``, flattened) simulated at them.
 
@@ -198,7 +206,7 @@ class RatioLikelihood:
         return lik.fit_simulations(theta, x, **fit_options)
 
     @classmethod
-    def from_fitted(cls, estimator: RatioEstimator, *, prior) -> RatioLikelihood:
+    def from_fitted(cls, estimator: RatioEstimator, *, prior: Callable | Distribution) -> RatioLikelihood:
         """A likelihood around an already fitted estimator over rows ``[theta, x]`` (e.g. a saved one, or
         another library's network wrapped as a :class:`RatioEstimator`); ``prior`` as in the constructor."""
         check_fitted(estimator)
@@ -238,7 +246,7 @@ class RatioLikelihood:
     def _flatten(self, params: dict, n: int) -> torch.Tensor:
         return torch.cat([params[k].reshape(n, -1) for k in self.sites], -1)
 
-    def simulate(self, num_simulations: int, *args, **kwargs):
+    def simulate(self, num_simulations: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta, x)``: ``(N, d_theta)`` flattened prior draws and ``(N, d_x)`` simulations."""
         if self.simulator is None:
             raise RuntimeError("this likelihood has no simulator (built from given simulations)")
@@ -251,14 +259,14 @@ class RatioLikelihood:
         x = check_samples(x.reshape(num_simulations, -1), "simulator output")
         return theta, x
 
-    def fit(self, num_simulations: int = 10_000, *args, **fit_options) -> RatioLikelihood:
+    def fit(self, num_simulations: int = 10_000, *args: Any, **fit_options: Any) -> RatioLikelihood:
         """Simulate ``num_simulations`` pairs (``args`` go to the prior), then :meth:`fit_simulations`."""
         theta, x = self.simulate(num_simulations, *args)
         return self.fit_simulations(theta, x, **fit_options)
 
     def fit_simulations(self, theta: torch.Tensor, x: torch.Tensor, *, validation_fraction: float = 0.1,
                         patience: int = 20, batch_size: int = 256, lr: float | None = None,
-                        max_num_iterations: int | None = None, **fit_kwargs) -> RatioLikelihood:
+                        max_num_iterations: int | None = None, **fit_kwargs: Any) -> RatioLikelihood:
         """Fit ``r`` on joint pairs against re-paired ones (``theta_i`` with ``x_j`` at random ``i, j``).
 
         Estimators with early stopping (the classifiers) hold out ``validation_fraction`` of the pairs,
@@ -372,13 +380,15 @@ class RatioLikelihood:
                 "whose support maps to its own shape); use posterior_model(x_obs) with NUTS instead")
         return self._flat_prior
 
-    def posterior(self, x_obs: torch.Tensor, **options) -> RatioPosterior:
+    def posterior(self, x_obs: torch.Tensor, **options: Any) -> RatioPosterior:
         """The posterior ``p(theta | x_obs) ∝ p(theta) r(theta, x_obs)`` (:class:`RatioPosterior`; ``options``
         go to it). Cheap: nothing is trained, and sampling starts at the first call that needs it."""
         return RatioPosterior(self, x_obs, **options)
 
     @torch.no_grad()
-    def sample_posteriors(self, x: torch.Tensor, num_samples: int, *, num_proposals: int = 4096):
+    def sample_posteriors(
+        self, x: torch.Tensor, num_samples: int, *, num_proposals: int = 4096
+    ) -> torch.Tensor:
         """Approximate posterior draws ``(num_samples, N, d_theta)`` for ``N`` observations ``x``
         ``(N, d_x)`` at once: sampling-importance-resampling of ``num_proposals`` shared prior draws
         weighted by ``r`` (fast, for calibration; good while the posterior is not much narrower than the
@@ -403,8 +413,8 @@ class RatioPosterior:
     :param dict smc_options: further :class:`~pyro_sde.infer.SMCSampler` options.
     """
 
-    def __init__(self, likelihood: RatioLikelihood, x_obs, *, num_particles: int = 2048, num_runs: int = 1,
-                 smc_options: dict | None = None):
+    def __init__(self, likelihood: RatioLikelihood, x_obs: torch.Tensor, *, num_particles: int = 2048,
+                 num_runs: int = 1, smc_options: dict | None = None):
         if not isinstance(likelihood, RatioLikelihood):
             raise TypeError(f"likelihood must be a RatioLikelihood, got {type(likelihood).__name__}")
         if not likelihood.estimator_is_fitted:
@@ -439,7 +449,7 @@ class RatioPosterior:
         return self.prior.log_prob(theta) + log_det + self.likelihood.log_ratio(theta, self.x_obs)
 
     @property
-    def smc(self):
+    def smc(self) -> SMCSampler:
         """The fitted :class:`~pyro_sde.infer.SMCSampler` (run at first use)."""
         if self._smc is None:
             from ..infer import SMCSampler
@@ -458,7 +468,9 @@ class RatioPosterior:
             self._smc = smc.run()
         return self._smc
 
-    def get_weighted_samples(self, num_samples: int | None = None):
+    def get_weighted_samples(
+        self, num_samples: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """``({site: (M, *shape)}, log_weights (M,))`` from the SMC particles (as
         :meth:`SMCSampler.get_weighted_samples`; :func:`~pyro_sde.to_inference_data` takes this object)."""
         samples, log_w = self.smc.get_weighted_samples(num_samples)
@@ -475,7 +487,7 @@ class RatioPosterior:
         return out
 
     @torch.no_grad()
-    def sample(self, sample_shape=()) -> torch.Tensor:
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Draws ``(*sample_shape, d)`` resampled (systematic, then shuffled) from the SMC particles."""
         sample_shape = torch.Size(sample_shape)
         n = max(1, sample_shape.numel())
@@ -514,7 +526,7 @@ class RatioPosterior:
             theta = self.prior.constrain(u)[0]
             return theta[self.unnormalized_log_prob(theta).argmax()].detach()
 
-    def to_inference_data(self, num_samples: int | None = None):
+    def to_inference_data(self, num_samples: int | None = None) -> arviz.InferenceData | xarray.DataTree:
         """ArviZ data of the posterior draws (:func:`pyro_sde.to_inference_data`)."""
         return diagnostics.to_inference_data(self, num_samples)
 

@@ -23,17 +23,26 @@ Any-step log ratio: ``log r(x) = sum_i (t_i - t_{i-1}) u(x, t_{i-1}, t_i)``; one
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..nn.ratio_networks import time_jets
 from .paths import time_derivative
 from .tangent import _TimeScoreEstimator
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .paths import InterpolationPath
+
 __all__ = ["SecantRatioEstimator", "sai_target"]
 
 
-def sai_target(secant_fn, x: torch.Tensor, l: torch.Tensor, t: torch.Tensor, tangent: torch.Tensor,
-               anchor: str = "right"):
+def sai_target(secant_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+               l: torch.Tensor, t: torch.Tensor, tangent: torch.Tensor,
+               anchor: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """SAI regression target and ``u(x, l, t)``; ``secant_fn(x, l, t) -> (N,)``.
 
     ``anchor="right"``: ``tangent = s(x, t)`` and target ``s(x, t) - (t - l) d/dt u`` (the paper's form);
@@ -75,11 +84,12 @@ class SecantRatioEstimator(_TimeScoreEstimator):
 
     num_times = 2
 
-    def __init__(self, dim: int, *, path="dre_infinity", network="mlp", objective: str | None = None,
+    def __init__(self, dim: int, *, path: str | InterpolationPath = "dre_infinity",
+                 network: str | nn.Module = "mlp", objective: str | None = None,
                  eps: float | None = None, aligned_fraction: float = 0.1, grid_fraction: float = 0.5,
-                 grid_steps=(1, 2, 4), anneal_fraction: float | None = None, min_width: float = 0.05,
-                 time_grid: str = "uniform", default_num_steps: int = 2, time_groups: int = 64,
-                 network_options: dict | None = None):
+                 grid_steps: Sequence[int] = (1, 2, 4), anneal_fraction: float | None = None,
+                 min_width: float = 0.05, time_grid: str = "uniform", default_num_steps: int = 2,
+                 time_groups: int = 64, network_options: dict | None = None):
         if anneal_fraction is None:
             anneal_fraction = 0.5 if objective == "ctsm" else 0.0
         for name, v in (("aligned_fraction", aligned_fraction), ("grid_fraction", grid_fraction),
@@ -127,7 +137,7 @@ class SecantRatioEstimator(_TimeScoreEstimator):
         on_grid = (kind >= 1 - self.grid_fraction) & (bg - lg <= cap * T + 1e-9)
         return torch.where(on_grid, lg, l)[:, None], torch.where(on_grid, bg, b)[:, None]
 
-    def grid(self, steps, i, T):
+    def grid(self, steps: torch.Tensor, i: torch.Tensor, T: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Interval ``i`` of a ``steps``-step query grid on ``[0, T]`` (tensors)."""
         a, b = i / steps, (i + 1) / steps
         if self.time_grid == "sigmoid":
@@ -167,7 +177,7 @@ class SecantRatioEstimator(_TimeScoreEstimator):
         target, u = sai_target(secant, xt, l, t, tangent)
         return (self.path.weight(t) * (u - target) ** 2).mean() / self.dim
 
-    def secant(self, x: torch.Tensor, l, t) -> torch.Tensor:
+    def secant(self, x: torch.Tensor, l: float | torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """Learned ``u(x, l, t)`` (side 1: path from ``N(0, I)`` to ``p_num``) at raw ``x`` ``(N, d)``."""
         z = self.standardize(x)
         l = torch.as_tensor(l, dtype=z.dtype, device=z.device).expand(z.shape[:-1])

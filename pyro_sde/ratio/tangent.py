@@ -19,6 +19,8 @@ With a denominator sample the estimator is two-sided: ``s(x, t, side)`` learns `
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -26,12 +28,19 @@ from ..nn.ratio_networks import make_time_score_network, time_jets
 from .base import RatioEstimator
 from .paths import get_path
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .paths import InterpolationPath
+
 __all__ = ["TangentRatioEstimator", "gauss_legendre"]
 
 OBJECTIVES = ("stein", "tsm", "ctsm")
 
 
-def gauss_legendre(num_steps: int, a: float, b: float, like: torch.Tensor):
+def gauss_legendre(
+    num_steps: int, a: float, b: float, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss-Legendre nodes and weights on ``[a, b]`` (``(K,), (K,)``, dtype/device of ``like``)."""
     nodes, weights = np.polynomial.legendre.leggauss(num_steps)
     nodes = torch.as_tensor(nodes, dtype=like.dtype, device=like.device)
@@ -49,7 +58,8 @@ class _TimeScoreEstimator(RatioEstimator):
     allows_standard_normal_denominator = True
     num_times = 1
 
-    def __init__(self, dim, *, path, network, eps, objective, time_groups, network_options):
+    def __init__(self, dim: int, *, path: str | InterpolationPath, network: str | nn.Module,
+                 eps: float | None, objective: str | None, time_groups: int, network_options: dict | None):
         super().__init__(dim)
         network_module = make_time_score_network(network, dim, self.num_times, **(network_options or {}))
         per_axis = all(hasattr(network_module, a) for a in ("project", "components", "coefficient_jets"))
@@ -98,7 +108,7 @@ class _TimeScoreEstimator(RatioEstimator):
         side = torch.cat([torch.full((g, 1), v, dtype=x_num.dtype, device=x_num.device) for _, v in sides])
         return x1, side
 
-    def score(self, z, times, side):
+    def score(self, z: torch.Tensor, times: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         """Network value at standardised ``z`` ``(..., d)``, ``times`` ``(..., k)``, ``side`` ``(...)``."""
         return time_jets(self.network, z, times, side, 0)[0]
 
@@ -176,7 +186,8 @@ class TangentRatioEstimator(_TimeScoreEstimator):
     NFE counts time nodes; a two-sided estimator evaluates the network twice per node.
     """
 
-    def __init__(self, dim: int, *, path="dre_infinity", network="mlp", objective: str | None = None,
+    def __init__(self, dim: int, *, path: str | InterpolationPath = "dre_infinity",
+                 network: str | nn.Module = "mlp", objective: str | None = None,
                  eps: float | None = None, quadrature: str = "gauss-legendre", default_num_steps: int = 64,
                  time_groups: int = 64, network_options: dict | None = None):
         if quadrature not in ("gauss-legendre", "trapezoid"):
@@ -202,7 +213,7 @@ class TangentRatioEstimator(_TimeScoreEstimator):
         s = self.score(xt, t[..., None], side)
         return (self.path.weight(t) * (s - target) ** 2).mean() / self.dim
 
-    def time_score(self, x: torch.Tensor, t) -> torch.Tensor:
+    def time_score(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """Learned ``d/dt log p_t(x)`` (side 1: from ``N(0, I)`` to ``p_num``) at raw ``x`` ``(N, d)``."""
         z = self.standardize(x)
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device).expand(z.shape[:-1])

@@ -7,6 +7,8 @@ bridge the two densities; classifier ``k`` separates ``w_k`` from ``w_{k-1}``, a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,9 @@ from torch import nn
 from ..nn.ratio_networks import MLP
 from .base import RatioEstimator
 from .paths import get_path
+
+if TYPE_CHECKING:
+    from .paths import InterpolationPath
 
 __all__ = ["TelescopingRatioEstimator"]
 
@@ -29,8 +34,8 @@ class TelescopingRatioEstimator(RatioEstimator):
     :param nn.Module network: custom ``(N, d) -> (N, M)`` logits network.
     """
 
-    def __init__(self, dim: int, *, num_bridges: int = 4, path="dre_infinity", hidden_dim: int = 256,
-                 num_layers: int = 3, network: nn.Module | None = None):
+    def __init__(self, dim: int, *, num_bridges: int = 4, path: str | InterpolationPath = "dre_infinity",
+                 hidden_dim: int = 256, num_layers: int = 3, network: nn.Module | None = None):
         super().__init__(dim)
         if isinstance(num_bridges, bool) or not isinstance(num_bridges, int) or num_bridges < 1:
             raise ValueError(f"num_bridges must be a positive int, got {num_bridges!r}")
