@@ -46,16 +46,13 @@ Solves are triangular (``L`` from QR of ``g^T``, Cholesky of ``P``); no inverse 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .._checks import positive_int
 from .integrate import euler_maruyama_step
 from .models import SDE, DiffusionFactor, linear_sde_moments
-
-if TYPE_CHECKING:
-    from ..infer.bridge import LearnedBridge
 
 __all__ = [
     "PROPOSALS",
@@ -140,6 +137,16 @@ def guided_moments(
     tau = (1 - frac[:-2]).view((num_substeps - 1,) + (1,) * dt.dim()) * dt
     nu, P, diag, _ = _guided_backward(sde, t1, v, tau)
     return nu, P, diag
+
+
+class BridgeProposal(Protocol):
+    """A proposal object (e.g. :class:`~pyro_sde.infer.bridge.LearnedBridge`): its ``log_weights`` has the
+    contract of :func:`bridge_log_weights`, ``(N, *B)`` log importance weights of bridge paths ``u -> v``."""
+
+    def log_weights(self, sde: SDE, t0: float | torch.Tensor, dt: float | torch.Tensor, u: torch.Tensor,
+                    v: torch.Tensor, *, num_particles: int, num_substeps: int,
+                    noise: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> torch.Tensor: ...
 
 
 def check_noise(noise: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -340,7 +347,7 @@ def bridge_log_prob(
     u: torch.Tensor,
     v: torch.Tensor,
     *,
-    proposal: str | LearnedBridge = "mdb",
+    proposal: str | BridgeProposal = "mdb",
     num_particles: int = 64,
     num_substeps: int = 20,
     substep_grid: str = "uniform",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from pyro.distributions import Delta, TorchDistribution
@@ -21,12 +20,9 @@ from torch.distributions import constraints
 
 from .._checks import positive_int
 from ..diagnostics import _log_ess, psis
-from .bridges import PROPOSALS, SUBSTEP_GRIDS, bridge_log_prob
+from .bridges import PROPOSALS, SUBSTEP_GRIDS, BridgeProposal, bridge_log_prob
 from .integrate import euler_maruyama_step
 from .models import SDE
-
-if TYPE_CHECKING:
-    from ..infer.bridge import LearnedBridge
 
 __all__ = ["SDEPath", "EulerMaruyama", "DiscretelyObservedSDE"]
 
@@ -275,7 +271,7 @@ class DiscretelyObservedSDE(_PathBase):
         sde: SDE,
         times: torch.Tensor | Sequence[float],
         *,
-        proposal: str | LearnedBridge = "mdb",
+        proposal: str | BridgeProposal = "mdb",
         num_particles: int = 64,
         num_substeps: int = 20,
         substep_grid: str = "uniform",
