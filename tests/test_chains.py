@@ -88,3 +88,9 @@ def test_arviz_gets_the_chains(smc_chains):
 def test_a_single_chain_is_refused():
     with pytest.raises(ValueError, match="num_chains"):
         Chains(SMCSampler, regression, num_chains=1)
+
+
+@pytest.mark.parametrize("sampler", [DiffusionSampler, SMCSampler])
+def test_num_chains_on_a_sampler_points_at_chains(sampler):
+    with pytest.raises(TypeError, match=r"pyro_sde.infer.Chains\("):
+        sampler(regression, num_chains=4)

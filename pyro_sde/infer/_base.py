@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import pyro
 import torch
@@ -30,6 +31,14 @@ __all__ = ["PosteriorSampler"]
 
 class PosteriorSampler(FromPyroGuard):
     """Target binding and the weighted-sample surface (see the module)."""
+
+    def __new__(cls, *args: Any, num_chains: int | None = None, **kwargs: Any):
+        if num_chains is not None:  # MCMC's keyword: say where independent runs live
+            raise TypeError(
+                f"{cls.__name__} runs one chain; for {num_chains} independent runs read as chains use "
+                f"pyro_sde.infer.Chains({cls.__name__}, model, num_chains={num_chains}, ...)"
+            )
+        return super().__new__(cls)
 
     def _init_target(self, model, *, log_density, dim, score, precondition, precondition_options,
                      init_strategy, vectorize, dtype, device):
