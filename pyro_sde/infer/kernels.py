@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from .._checks import positive_int, unit_interval
+
 __all__ = [
     "HMC", "MALA", "KernelState", "MoveKernel", "adapt_step_size", "get_kernel", "init_state",
     "population_scale",
@@ -147,10 +149,8 @@ class MoveKernel:
         raise NotImplementedError
 
 
-def _check_acceptance(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"target_acceptance must be in (0, 1), got {value!r}")
-    return float(value)
+def _check_acceptance(value) -> float:
+    return unit_interval(value, "target_acceptance", closed_right=False)
 
 
 class MALA(MoveKernel):
@@ -204,10 +204,7 @@ class HMC(MoveKernel):
     name = "hmc"
 
     def __init__(self, num_leapfrog_steps: int = 5, target_acceptance: float = 0.65):
-        L = num_leapfrog_steps
-        if isinstance(L, bool) or not isinstance(L, int) or L < 1:
-            raise ValueError(f"num_leapfrog_steps must be a positive int, got {num_leapfrog_steps!r}")
-        self.num_leapfrog_steps = num_leapfrog_steps
+        self.num_leapfrog_steps = positive_int(num_leapfrog_steps, "num_leapfrog_steps")
         self.evaluations_per_step = num_leapfrog_steps
         self.target_acceptance = _check_acceptance(target_acceptance)
 

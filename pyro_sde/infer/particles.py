@@ -133,8 +133,9 @@ class ParticleSampler(PosteriorSampler):
         return self._to_unconstrained(xs), log_w
 
     def _weighted_draw(self, num_samples=None):
-        """The pooled particles; with ``num_samples``, that many resampled (systematic), each with the
-        log weight ``log Z_hat``."""
+        """The pooled particles of all runs (unconstrained) and their log weights ``log Z_r + log (N W_i)``
+        (``logmeanexp`` is :meth:`log_evidence`'s estimate); with ``num_samples``, that many resampled from
+        them (systematic), each with the log weight ``log Z_hat``."""
         z, log_w = self._pooled()
         if num_samples is not None:
             idx = diagnostics.systematic_resample(log_w, positive_int(num_samples, "num_samples"))
@@ -151,23 +152,6 @@ class ParticleSampler(PosteriorSampler):
         if num_samples is not None:
             raise TypeError("the estimates use the runs' particles: num_samples is not used here")
         return self._pooled()[1]
-
-    def get_weighted_samples(
-        self, num_samples: int | None = None
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``(samples, log_weights)``: a dict site -> constrained values ``(R N, *shape)`` of all runs'
-        final particles and their log weights ``log Z_r + log (N W_i)`` (float64, ``(R N,)``), so that
-        ``logmeanexp`` is :meth:`log_evidence`'s estimate. With ``num_samples``: that many draws
-        resampled from them (systematic), each with the log weight ``log Z_hat``."""
-        return super().get_weighted_samples(num_samples)
-
-    def get_summary(self, prob: float = 0.9) -> dict:
-        """Weighted posterior summary of the particles: site -> {"mean", "std", "median", quantiles}."""
-        return super().get_summary(prob)
-
-    def summary(self, prob: float = 0.9) -> None:
-        """Print :meth:`get_summary` and the evidence estimate."""
-        diagnostics.print_weighted_summary(self.get_summary(prob), self.log_evidence())
 
     def _run_stderr(self) -> float:
         """Delta-method standard error of ``log mean_r Z_r`` from the runs' spread (R >= 2)."""

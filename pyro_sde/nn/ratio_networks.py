@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import positive_int
 from .control import FourierTimeEmbedding
 
 __all__ = [
@@ -298,9 +299,8 @@ class SBIRatioNetwork(nn.Module):
     def __init__(self, theta_dim: int, x_dim: int, *, embedding: nn.Module | None = None,
                  embedding_dim: int | None = None, hidden_dim: int = 64, num_layers: int = 2):
         super().__init__()
-        for name, v in (("theta_dim", theta_dim), ("x_dim", x_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        positive_int(theta_dim, "theta_dim")
+        positive_int(x_dim, "x_dim")
         if embedding is not None and not isinstance(embedding, nn.Module):
             raise TypeError(f"embedding must be an nn.Module, got {type(embedding).__name__}")
         if embedding is None:

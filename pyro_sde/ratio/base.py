@@ -24,6 +24,7 @@ from torch import nn
 
 from .._checkpoint import load_checkpoint, package_version, save_checkpoint
 from .._checks import nonnegative_float as _nonnegative_float
+from .._checks import positive_int as _positive_int
 from .._progress import progress_bar as _progress_bar
 from ..nn.ema import ema_update_
 from ..nn.ratio_networks import (  # noqa: F401  (re-exported: their old home)
@@ -238,19 +239,15 @@ class RatioEstimator(nn.Module):
             ``True``: a bar; ``False``: nothing.
         :returns: ``self``.
         """
-        for name, v in (("num_iterations", num_iterations), ("batch_size", batch_size),
-                        ("validation_interval", validation_interval)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if batch_size < 2:
-            raise ValueError("batch_size must be at least 2")
+        _positive_int(num_iterations, "num_iterations")
+        _positive_int(batch_size, "batch_size", minimum=2)
+        _positive_int(validation_interval, "validation_interval")
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                        or not 1 <= stop_after <= num_iterations):
             raise ValueError(f"stop_after must be an int in [1, num_iterations] or None, got {stop_after!r}")
         num_run = num_iterations if stop_after is None else stop_after
-        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int)
-                                     or patience < 1):
-            raise ValueError(f"patience must be a positive int or None, got {patience!r}")
+        if patience is not None:
+            _positive_int(patience, "patience")
         if patience is not None and validation is None:
             raise ValueError("patience (early stopping) needs validation=(x_num, x_den)")
         _nonnegative_float(lr, "lr", positive=True)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import nonnegative_float, positive_float, positive_int
 from ..nn.ratio_networks import MLP
 from .base import RatioEstimator
 
@@ -82,9 +83,7 @@ class ClassifierRatioEstimator(RatioEstimator):
         super().__init__(dim)
         if not isinstance(quadratic, bool):
             raise TypeError(f"quadratic must be a bool, got {quadratic!r}")
-        if isinstance(balance, bool) or not isinstance(balance, (int, float)) or not 0 <= balance < math.inf:
-            raise ValueError(f"balance must be a finite number >= 0, got {balance!r}")
-        self.balance = float(balance)
+        self.balance = nonnegative_float(balance, "balance")
         if network is None:
             network = MLP(dim, 1, hidden_dim=hidden_dim, num_layers=num_layers)
             if quadratic:
@@ -176,10 +175,8 @@ class ContrastiveRatioEstimator(ClassifierRatioEstimator):
         super().__init__(dim, hidden_dim=hidden_dim, num_layers=num_layers, network=network)
         if isinstance(theta_dim, bool) or not isinstance(theta_dim, int) or not 1 <= theta_dim < dim:
             raise ValueError(f"theta_dim must be an int in [1, dim), got {theta_dim!r}")
-        if isinstance(num_contrasts, bool) or not isinstance(num_contrasts, int) or num_contrasts < 1:
-            raise ValueError(f"num_contrasts must be a positive int, got {num_contrasts!r}")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
-            raise ValueError(f"gamma must be a positive finite number, got {gamma!r}")
+        positive_int(num_contrasts, "num_contrasts")
+        positive_float(gamma, "gamma")
         self.theta_dim, self.num_contrasts, self.gamma = theta_dim, num_contrasts, float(gamma)
         del self._config["quadratic"]
         self._config.update(theta_dim=theta_dim, num_contrasts=num_contrasts, gamma=self.gamma)

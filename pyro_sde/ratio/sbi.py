@@ -32,6 +32,7 @@ from pyro.infer import Predictive
 from torch.distributions import biject_to
 
 from .. import diagnostics
+from .._checks import positive_int
 from ..nn.ratio_networks import SBIRatioNetwork
 from .base import RatioEstimator, check_fitted, check_samples
 from .classifier import ClassifierRatioEstimator, ContrastiveRatioEstimator
@@ -250,8 +251,7 @@ class RatioLikelihood:
         """``(theta, x)``: ``(N, d_theta)`` flattened prior draws and ``(N, d_x)`` simulations."""
         if self.simulator is None:
             raise RuntimeError("this likelihood has no simulator (built from given simulations)")
-        if isinstance(num_simulations, bool) or not isinstance(num_simulations, int) or num_simulations < 1:
-            raise ValueError(f"num_simulations must be a positive int, got {num_simulations!r}")
+        positive_int(num_simulations, "num_simulations")
         params = Predictive(self.prior, num_samples=num_simulations)(*args, **kwargs)
         self._record_sites(*args, **kwargs)
         theta = self._flatten({k: params[k] for k in self.sites}, num_simulations)
