@@ -24,6 +24,7 @@ import torch
 from .. import diagnostics
 from .._checks import positive_int
 from ._base import PosteriorSampler
+from .potential import CountingPotential, Potential
 
 __all__ = [
     "ParticleSystem",
@@ -117,7 +118,22 @@ def particle_precondition_options(options):
 class ParticleSampler(PosteriorSampler):
     """The weighted-sample surface of runs of particle systems (``final_states``: one per run, each
     with ``particles`` in the whitened coordinates, ``log_weights``, ``log_evidence``, ``ancestors``,
-    ``num_resampling_steps``; ``run_log_evidence``; ``num_runs``; ``resampling``)."""
+    ``num_resampling_steps``; ``run_log_evidence``; ``num_runs``; ``resampling``). The target is whitened
+    through a :class:`~pyro_sde.infer.potential.CountingPotential`, so that every row evaluated is counted."""
+
+    _counter: CountingPotential | None = None
+
+    def _bind_potential(self, potential: Potential) -> None:
+        super()._bind_potential(potential)
+        self._counter = CountingPotential(potential)
+
+    def _whitening_source(self) -> CountingPotential:
+        return self._counter
+
+    @property
+    def num_target_evaluations(self) -> int:
+        """Rows at which the target's log density (or score) was evaluated, preconditioning included."""
+        return 0 if self._counter is None else self._counter.num_evaluations
 
     def _require_run(self):
         if not getattr(self, "final_states", None):

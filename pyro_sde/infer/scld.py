@@ -55,7 +55,7 @@ from .particles import (
     particle_precondition_options,
     reweight,
 )
-from .potential import CountingPotential, Potential
+from .potential import Potential
 
 if TYPE_CHECKING:
     from .precondition import Preconditioner
@@ -269,7 +269,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self._init_training(
             lr=lr, grad_clip=grad_clip, final_lr_fraction=final_lr_fraction, ema_decay=ema_decay
         )
-        self._counter: CountingPotential | None = None
         self._path: GeometricPath | None = None
         self.mcmc_step_sizes: list[float] | None = None
         self._final_states: list[ParticleSystem] | None = None
@@ -285,7 +284,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     # set-up
     def _bind_potential(self, potential: Potential):
         super()._bind_potential(potential)
-        self._counter = CountingPotential(potential)
         self._final_states = None
         self._check_saved_fingerprint()
         self._setup_target()
@@ -301,9 +299,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self._setup_optimizer()  # a checkpoint's state (its step size included) is applied here
         if self.step_size is None:
             self.step_size, self.step_size_acceptance = self._tune_step_size()
-
-    def _whitening_source(self):
-        return self._counter
 
     def _setup_target(self):
         """Whiten the (counted) potential; the annealing path runs in the whitened coordinates."""
@@ -539,12 +534,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     def run_log_evidence(self) -> torch.Tensor:
         """``log Z_r`` of each run (R,), float64."""
         return torch.stack([s.log_evidence for s in self.final_states])
-
-    @property
-    def num_target_evaluations(self) -> int:
-        """Rows at which the target's log density (or score) was evaluated: preconditioning, training,
-        the stopping rule's checks and the particle systems."""
-        return 0 if self._counter is None else self._counter.num_evaluations
 
     # ----------------------------------------------------------------------------------------
     # training

@@ -56,7 +56,7 @@ from .particles import (
     resample,
     reweight,
 )
-from .potential import CountingPotential, Potential
+from .potential import Potential
 
 if TYPE_CHECKING:
     from .precondition import Preconditioner
@@ -286,7 +286,6 @@ class SMCSampler(ParticleSampler):
         self.num_runs = positive_int(num_runs, "num_runs")
         self.max_num_temperatures = positive_int(max_num_temperatures, "max_num_temperatures")
         device = _check_dtype_device(model, dtype, device)
-        self._counter: CountingPotential | None = None
         self._init_target(
             model, log_density=log_density, dim=dim, score=score, precondition=precondition,
             precondition_options=particle_precondition_options(precondition_options),
@@ -306,11 +305,7 @@ class SMCSampler(ParticleSampler):
     # set-up
     def _bind_potential(self, potential: Potential):
         super()._bind_potential(potential)
-        self._counter = CountingPotential(potential)
-        self._target = None
-
-    def _whitening_source(self):
-        return self._counter
+        self._target = None  # whitened at run
 
     # ----------------------------------------------------------------------------------------
     # running
@@ -354,11 +349,6 @@ class SMCSampler(ParticleSampler):
         self.run_log_evidence = torch.stack([s.log_evidence for s in self.final_states])
         self.run_seconds = time.perf_counter() - start
         return self
-
-    @property
-    def num_target_evaluations(self) -> int:
-        """Rows at which the target's log density (or score) was evaluated, preconditioning included."""
-        return 0 if self._counter is None else self._counter.num_evaluations
 
     @property
     def num_temperatures(self) -> list[int]:
