@@ -111,11 +111,18 @@ class Chains:
         z = (log_zs - log_zs.max()).exp()
         log_z = log_zs.logsumexp(0) - math.log(self.num_chains)
         stderr = z.std() / (z.mean() * math.sqrt(self.num_chains))
-        _, log_w = self.get_weighted_samples()
+        log_w = self._log_weights()
         return diagnostics.LogEvidence(
             log_z, stderr, log_zs.mean(), diagnostics._log_ess(log_w.double()).exp(),
             pareto_k=max(float(r.pareto_k) for r in runs),
         )
+
+    def _chain_log_weights(self) -> list[torch.Tensor]:
+        """Each chain's log weights behind its estimates (no draws constrained)."""
+        return [chain._evidence_weights() for chain in self.chains]
+
+    def _log_weights(self) -> torch.Tensor:
+        return torch.cat(self._chain_log_weights())
 
     def run_log_evidence(self) -> torch.Tensor:
         """``log Z_k`` of each chain (K,), float64."""
@@ -131,7 +138,8 @@ class Chains:
         """Per-site ESS of the chains' draws, never above the importance ESS: each chain's draws are
         resampled to about its own importance ESS ``N_k ESS_k`` and Pyro's ``effective_sample_size``
         (autocorrelation across the chains' draws) is capped by ``sum_k N_k ESS_k``."""
-        effective = [chain.ess() * chain.get_weighted_samples()[1].numel() for chain in self.chains]
+        weights = self._chain_log_weights()
+        effective = [float(diagnostics.effective_sample_size(w)) * w.numel() for w in weights]
         size = max(int(min(effective)), 4)
         draws = self.get_samples(size, group_by_chain=True, new=True)
         cap = torch.tensor(sum(effective), dtype=torch.float64)
