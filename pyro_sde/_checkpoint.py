@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._distributed import is_main_process
+
 FORMAT = "pyro_sde"
 FORMAT_VERSION = 1
 #: fingerprint fields that only warn when they differ (a checkpoint of another release may still fit)
@@ -87,7 +89,9 @@ def save_checkpoint(path, payload: dict, *, kind: str, fingerprint: dict) -> Non
     """Write ``payload`` (tensors and plain values only) in a checked envelope to ``path`` (atomically).
 
     Raises ``TypeError`` naming the entry when the payload holds another Python object (it could only
-    be pickled, and pickles are not loaded back)."""
+    be pickled, and pickles are not loaded back). Under ``torch.distributed`` only rank 0 writes."""
+    if not is_main_process():
+        return
     payload = plain(payload, "payload")
     fingerprint = plain(fingerprint, "fingerprint")
     envelope = {"format": FORMAT, "kind": kind, "version": FORMAT_VERSION, "fingerprint": fingerprint,

@@ -8,6 +8,8 @@ from typing import Literal, TextIO
 
 from tqdm.auto import tqdm
 
+from ._distributed import is_main_process
+
 __all__ = ["progress_bar"]
 
 
@@ -17,8 +19,11 @@ def progress_bar(total: float, *, initial: float = 0, enabled: bool | Literal["b
 
     :param enabled: ``None`` (default): a tqdm bar when ``file`` (stderr) is a terminal or in a Jupyter
         notebook, otherwise plain lines at 25 %, 50 %, 75 % and at the end (no carriage returns in a log);
-        ``True``: always a bar; ``False``: nothing; ``"bar"`` / ``"lines"``: that kind.
+        ``True``: always a bar; ``False``: nothing; ``"bar"`` / ``"lines"``: that kind. Under
+        ``torch.distributed`` only rank 0 reports.
     """
+    if not is_main_process():
+        return _Silent()
     file = sys.stderr if file is None else file
     if enabled is None:
         enabled = "bar" if _isatty(file) or _in_notebook() else "lines"

@@ -26,6 +26,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch.distributions import constraints
 
+from .. import _distributed as dist
 from .. import diagnostics
 from .._checkpoint import check_fingerprint, load_checkpoint, package_version, save_checkpoint
 from .._checks import positive_float, positive_int
@@ -111,6 +112,7 @@ class TrainedSampler:
         """Backward, clip, step and EMA; a non-finite gradient norm skips the update and raises."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.all_reduce_gradients_(self._parameters())  # distributed: each rank's loss is its share
         max_norm = math.inf if self.grad_clip is None else self.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters(), max_norm)
         if not torch.isfinite(grad_norm):  # skip the update: NaN gradients would poison the weights
@@ -298,6 +300,8 @@ class TrainedSampler:
             now = time.perf_counter()
             state["elapsed"], clock = state["elapsed"] + now - clock, now
             out_of_time = state["max_time"] is not None and state["elapsed"] >= state["max_time"]
+            if state["max_time"] is not None:
+                out_of_time = dist.agree(out_of_time)  # rank 0's clock decides for every rank
             if state["stopped"] is None and out_of_time:
                 state["stopped"] = f"max_time ({state['max_time']:g} s)"
             last = state["stopped"] is not None or i + 1 == state["total"]
@@ -316,6 +320,8 @@ class TrainedSampler:
             if state["stopped"] is not None:
                 break
         bar.close(state["stopped"])
+        if checkpoint is not None:
+            dist.barrier()  # rank 0 has written the last checkpoint
         for net in self._nets():
             net.eval()
         if state["failed"]:
@@ -343,7 +349,8 @@ class TrainedSampler:
         """Write the sampler's state (configuration, weights, EMA, optimiser, run progress, losses and
         the random state) to ``path``, atomically, with a checksum and the fingerprint of the model
         (latent sites with shapes and supports, dim, method, package version) that :meth:`load`
-        checks. The model and its data are not saved. Only tensors and plain values are written."""
+        checks. The model and its data are not saved. Only tensors and plain values are written.
+        Under ``torch.distributed`` only rank 0 writes (every rank may call it)."""
         if self.optimizer is None:
             raise RuntimeError("nothing to save before set-up: call .setup(*model_args) or .run first")
         state = dict(
@@ -470,12 +477,16 @@ def _get_rng_state():
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        if dist.is_distributed():  # the ranks share one stream, each on its own device
+            state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state):
     torch.set_rng_state(state["cpu"].cpu())  # a checkpoint loaded with map_location may hold it elsewhere
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda_device" in state and torch.cuda.is_available() and dist.is_distributed():
+        torch.cuda.set_rng_state(state["cuda_device"].cpu())  # rank 0's stream, on this rank's device
+    elif "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda"]])
 
 

@@ -15,6 +15,10 @@ With ``log w = log dQ/dP^v`` (unnormalised, ``E_{P^v}[w] = Z``) of paths:
   parameters: there the log-variance gradient is no longer a gradient of a divergence that respects
   the data-processing inequality (Sanokowski et al. 2025), whereas ``rkl_ld`` is an unbiased gradient
   of the reverse KL. It needs on-policy paths (``exploration_noise = 1``).
+
+Under ``torch.distributed`` each rank holds a slice of the batch: given the global ``count`` and
+``mean`` of the log weights, a loss returns this rank's additive share (``sum over ranks = the loss
+of the whole batch``, value and gradient), so that summed gradients equal the single-process ones.
 """
 
 from __future__ import annotations
@@ -26,22 +30,34 @@ import torch
 __all__ = ["kl_loss", "log_variance_loss", "rkl_log_derivative_loss", "LossSpec", "get_loss"]
 
 
-def kl_loss(log_weights: torch.Tensor, log_forward: torch.Tensor | None = None) -> torch.Tensor:
-    """``mean(-log w)``: reverse KL up to the constant ``log Z``."""
-    return -log_weights.mean()
+def kl_loss(log_weights: torch.Tensor, log_forward: torch.Tensor | None = None, *,
+            mean: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
+    """``mean(-log w)``: reverse KL up to the constant ``log Z`` (a rank's share: ``-sum(log w) / count``)."""
+    if count is None:
+        return -log_weights.mean()
+    return -log_weights.sum() / count
 
 
-def log_variance_loss(log_weights: torch.Tensor, log_forward: torch.Tensor | None = None) -> torch.Tensor:
-    """Unbiased sample variance of ``log w``."""
-    return log_weights.var()
+def log_variance_loss(log_weights: torch.Tensor, log_forward: torch.Tensor | None = None, *,
+                      mean: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
+    """Unbiased sample variance of ``log w`` (a rank's share: ``sum((log w - mean)^2) / (count - 1)``
+    around the detached global mean, whose gradient term vanishes in the sum over ranks)."""
+    if count is None:
+        return log_weights.var()
+    return (log_weights - mean.to(log_weights.dtype)).square().sum() / (count - 1)
 
 
-def rkl_log_derivative_loss(log_weights: torch.Tensor, log_forward: torch.Tensor) -> torch.Tensor:
+def rkl_log_derivative_loss(log_weights: torch.Tensor, log_forward: torch.Tensor, *,
+                            mean: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
     """Surrogate whose value is ``mean(-log w)`` and whose gradient is the log-derivative estimator
     ``mean(-(log w - mean log w) grad log P^v - grad log w)`` (paths detached, ``log_forward = log P^v``)."""
-    advantage = (log_weights - log_weights.mean()).detach()
-    score_term = -(advantage * log_forward).mean()
-    return -log_weights.mean() + (score_term - score_term.detach())
+    if count is None:
+        advantage = (log_weights - log_weights.mean()).detach()
+        score_term = -(advantage * log_forward).mean()
+        return -log_weights.mean() + (score_term - score_term.detach())
+    advantage = (log_weights - mean.to(log_weights.dtype)).detach()
+    score_term = -(advantage * log_forward).sum() / count
+    return -log_weights.sum() / count + (score_term - score_term.detach())
 
 
 class LossSpec(NamedTuple):

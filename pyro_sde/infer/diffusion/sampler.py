@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
 
+from ... import _distributed as dist
 from ... import diagnostics
 from ..._checks import clamp_finite as _clip
 from ..._checks import positive_float, positive_int
@@ -233,6 +234,7 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
 
     def _setup_training(self):
         self._check_saved_fingerprint()
+        dist.sync_rng_state_()  # under torchrun: one random stream (rank 0's) for every rank
         self._setup_target()
         p = self._target
         if self.control is None:
@@ -243,6 +245,7 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
                 options = dict(self._network_options, guide_scale_init=0.0)
                 self.backward_control = ControlNetwork(p.dim, **options)
             self.backward_control.to(dtype=p.dtype, device=p.device)
+        dist.broadcast_parameters_(self._nets())  # the same initial weights on every rank
         self._setup_optimizer()
 
     def _nets(self) -> list[torch.nn.Module]:
@@ -313,6 +316,21 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         p = self._target
         return self.reference.sample_initial(n, p.dim, dtype=p.dtype, device=p.device)
 
+    def _initial_and_noise(self, n) -> tuple[torch.Tensor, dict]:
+        """``x_0`` of a batch of ``n`` paths and the ``_simulate`` keywords for its noise.
+
+        Under ``torch.distributed`` every rank draws ``x_0`` (n, d) and the increments (K, n, d) of the
+        whole batch from the shared random stream, in the order the single process draws them, and
+        keeps its :func:`~pyro_sde._distributed.shard`: the ranks' paths are the single process's."""
+        x0 = self._initial(n)
+        if not dist.is_distributed():
+            return x0, {}
+        if self.backend != "euler":
+            raise NotImplementedError("under torch.distributed the sampler needs backend='euler'")
+        rows = dist.shard(n)
+        noise = torch.randn((self.num_steps,) + tuple(x0.shape), dtype=x0.dtype, device=x0.device)
+        return x0[rows], dict(noise=noise[:, rows])
+
     def _boundary(self, path, log_rho=None):
         """``log rho(x_K)`` + the reference's boundary term, accumulated in float64 (N,)."""
         log_rho = self._target.log_density(path.terminal) if log_rho is None else log_rho
@@ -321,11 +339,12 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
 
     def _training_log_weights(self, batch_size):
         """``(log_w, behaviour_log_w, log_forward)`` on a fresh batch; ``log_w`` is differentiable."""
-        x0 = self._initial(batch_size)
+        x0, noise = self._initial_and_noise(batch_size)
         bridge = self.method == "bridge"
         if self.loss_spec.reparametrized:
             path = self._simulate(
-                x0, control_fn=self._control_fn(self.control, True), differentiable=True, store_path=bridge
+                x0, control_fn=self._control_fn(self.control, True), differentiable=True, store_path=bridge,
+                **noise,
             )
             return self._boundary(path) + self._path_log_ratio(path, self.backward_control), None, None
         guides = {}
@@ -335,6 +354,7 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
                 control_fn=self._control_fn(self.control, False, guides),
                 noise_scale=self.exploration_noise,
                 store_path=True,
+                **noise,
             )
             boundary = self._boundary(path)
             behaviour = boundary + self._path_log_ratio(path, self.backward_control)
@@ -360,17 +380,39 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
     def compute_loss(self, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """The differentiable training loss on a fresh batch: ``(loss, log_w_batch)``, where the loss is
         ``KL`` or ``log-variance`` of the batch's log weights divided by ``dim`` and ``log_w_batch``
-        (detached) are the weights of the simulated paths under their own control."""
+        (detached) are the weights of the simulated paths under their own control.
+
+        Under ``torch.distributed`` this rank simulates its slice of the batch: the loss is then its
+        additive share (summed over the ranks: the loss of the whole batch) and ``log_w_batch`` holds
+        the weights of all ranks."""
+        loss, _, log_w = self._compute_loss(batch_size)
+        return loss, log_w
+
+    def _compute_loss(self, batch_size):
+        """``(loss, loss_value, ref_log_w)``: the (rank's share of the) differentiable loss, the loss of
+        the whole batch (detached) and the whole batch's finite reference log weights."""
         self._require_potential()
+        if dist.is_distributed() and batch_size < dist.world_size():
+            raise ValueError(f"batch_size ({batch_size}) must be at least the world size ({dist.world_size()})")
         log_w, behaviour_log_w, log_forward = self._training_log_weights(batch_size)
         finite = torch.isfinite(log_w)
+        log_forward = None if log_forward is None else log_forward[finite]
+        ref_log_w = (log_w if behaviour_log_w is None else behaviour_log_w).detach()[finite]
+        if dist.is_distributed():  # global mean and count: the loss of the whole batch, split by rank
+            mean, count = dist.global_mean_count(log_w[finite])
+            if count < 2:
+                raise FloatingPointError("fewer than 2 paths with a finite log weight in the batch")
+            loss = self.loss_spec.fn(log_w[finite], log_forward, mean=mean, count=count) / self._target.dim
+            value = dist.all_reduce_sum(loss.detach())
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"non-finite loss {value.item()}")
+            return loss, value, dist.all_gather_cat(ref_log_w)
         if int(finite.sum()) < 2:
             raise FloatingPointError("fewer than 2 paths with a finite log weight in the batch")
-        log_forward = None if log_forward is None else log_forward[finite]
         loss = self.loss_spec.fn(log_w[finite], log_forward) / self._target.dim
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()}")
-        return loss, (log_w if behaviour_log_w is None else behaviour_log_w).detach()[finite]
+        return loss, loss.detach(), ref_log_w
 
 
     def step(self, batch_size: int = 512) -> StepInfo:
@@ -378,10 +420,10 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         self._require_potential()
         for net in self._nets():
             net.train()
-        loss, ref_log_w = self.compute_loss(batch_size)
+        loss, value, ref_log_w = self._compute_loss(batch_size)
         self._optimizer_step(loss)
         info = StepInfo(
-            float(loss.detach()),
+            float(value),
             float(ref_log_w.mean()),
             float(diagnostics.effective_sample_size(ref_log_w)),
             batch_size - ref_log_w.numel(),
@@ -415,14 +457,21 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         zs, log_ws, resolution = [], [], 0.0
         for start in range(0, num_samples, chunk_size):
             n = min(chunk_size, num_samples - start)
-            path = self._simulate(
-                self._initial(n), control_fn=self._control_fn(control, False), store_path=backward is not None
-            )
-            zs.append(path.terminal)
-            log_rho = self._target.log_density(path.terminal)
-            resolution = max(resolution, _resolution(log_rho))
-            path_part = self._path_log_ratio(path, backward).to(torch.float64)
-            log_ws.append(self._boundary(path, log_rho) + path_part)
+            x0, noise = self._initial_and_noise(n)  # distributed: this rank's slice of the chunk
+            if x0.shape[0] == 0:  # more ranks than paths in the chunk
+                z = x0
+                log_w = torch.empty(0, dtype=torch.float64, device=x0.device)
+            else:
+                path = self._simulate(
+                    x0, control_fn=self._control_fn(control, False), store_path=backward is not None, **noise
+                )
+                z = path.terminal
+                log_rho = self._target.log_density(z)
+                resolution = max(resolution, _resolution(log_rho))
+                path_part = self._path_log_ratio(path, backward).to(torch.float64)
+                log_w = self._boundary(path, log_rho) + path_part
+            zs.append(dist.all_gather_cat(z))  # every rank gets the whole chunk, in order
+            log_ws.append(dist.all_gather_cat(log_w))
         if resolution > _MAX_LOG_DENSITY_RESOLUTION:
             warnings.warn(
                 f"the log density is computed in {log_rho.dtype}, whose resolution at its values is "

@@ -1,0 +1,154 @@
+"""torch.distributed against the single process: 2 gloo processes (started here, bounded in time)
+train and evaluate; every result must equal the single-process one with the same total batch and
+seed (float64, 1e-6; the paths are the same, only sums are ordered differently).
+
+The workers seed their ranks differently: the package must give every rank rank 0's random stream.
+"""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyro_sde import _distributed
+from pyro_sde.infer import DiffusionSampler
+from pyro_sde.ratio import ClassifierRatioEstimator
+
+D64 = torch.float64
+SEED = 100
+TOL = 1e-6
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def two_modes(x):
+    """Unnormalised 2-d mixture of N((2, 0), 0.5^2 I) and N((-1, 1), I) (N, 2) -> (N,)."""
+    a = -((x - torch.tensor([2.0, 0.0], dtype=x.dtype)) ** 2).sum(-1) / 0.5
+    b = -((x - torch.tensor([-1.0, 1.0], dtype=x.dtype)) ** 2).sum(-1) / 2
+    return torch.logaddexp(a + math.log(0.3), b)
+
+
+def _sampler(loss):
+    return DiffusionSampler(
+        log_density=two_modes, dim=2, dtype=D64, method="dis", loss=loss, num_steps=6, hidden_dim=8,
+        num_layers=2, precondition=None, grad_clip=None, ema_decay=0.9, lr=1e-2,
+    )
+
+
+def _ratio_data():
+    gen = torch.Generator().manual_seed(7)
+    num = torch.randn(40, 2, generator=gen, dtype=D64) + 1.0
+    den = torch.randn(40, 2, generator=gen, dtype=D64)
+    val = (torch.randn(16, 2, generator=gen, dtype=D64) + 1.0, torch.randn(16, 2, generator=gen, dtype=D64))
+    return num, den, val
+
+
+def _flat(module_or_params):
+    params = module_or_params.parameters() if hasattr(module_or_params, "parameters") else module_or_params
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
+def _experiments(checkpoint):
+    """What both the workers and the single process compute: a dict of tensors."""
+    out = {}
+    for loss in ("log_variance", "kl"):
+        torch.manual_seed(SEED)
+        sampler = _sampler(loss)
+        info = [sampler.step(7) for _ in range(2)]  # 7 paths: shards of 3 and 4
+        out[f"{loss} params"] = _flat(sampler.control)
+        out[f"{loss} grads"] = torch.cat([p.grad.reshape(-1) for p in sampler.control.parameters()])
+        out[f"{loss} info"] = torch.tensor([list(i) for i in info], dtype=D64)
+    torch.manual_seed(SEED)
+    sampler = _sampler("log_variance")
+    sampler.run(num_iterations=3, batch_size=6, until=None, progress_bar=False, checkpoint=checkpoint)
+    out["run params"] = _flat(sampler.control)
+    out["run ema"] = _flat(sampler._ema_nets[0])
+    ev = sampler.log_evidence(9)
+    out["log_evidence"] = torch.stack([ev.log_z, ev.stderr, ev.lower_bound, ev.ess]).to(D64)
+    z, log_w = sampler.sample_unconstrained(9, chunk_size=4)  # last chunk of 1: rank 0 holds none
+    out["z"], out["log_w"] = z, log_w
+    return out
+
+
+def _worker(out_dir):
+    """One rank (the environment names it): seeds by rank, runs the experiments, rank 0 saves them."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    torch.manual_seed(12345 + dist.get_rank())  # differently seeded ranks: the package syncs them
+    rank = dist.get_rank()
+    out = _experiments(os.path.join(out_dir, "run.ckpt"))
+    out["world"] = torch.tensor(_distributed.world_size())
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out_dir, world=2, timeout=120):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+               OMP_NUM_THREADS="1")
+    root = os.path.dirname(HERE)
+    code = f"import sys; sys.path[:0] = [{root!r}, {HERE!r}]; import test_distributed as t; t._worker({out_dir!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=root) for r in range(world)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def distributed_and_single(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("dist"))
+    ranks = _launch(out_dir)
+    single = _experiments(None)
+    return ranks, single, out_dir
+
+
+def _close(a, b):
+    return a.shape == b.shape and torch.allclose(a.to(D64), b.to(D64), rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("loss", ["log_variance", "kl"])
+def test_a_distributed_step_equals_the_single_process_step(distributed_and_single, loss):
+    ranks, single, _ = distributed_and_single
+    assert int(ranks[0]["world"]) == 2
+    for key in (f"{loss} params", f"{loss} grads", f"{loss} info"):
+        assert _close(ranks[0][key], single[key]), key
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # the ranks agree exactly
+    assert not _close(single[f"{loss} grads"], 2 * single[f"{loss} grads"])  # the check can fail
+
+
+def test_distributed_run_evidence_and_samples_equal_the_single_process(distributed_and_single):
+    ranks, single, out_dir = distributed_and_single
+    for key in ("run params", "run ema", "log_evidence", "z", "log_w"):
+        assert _close(ranks[0][key], single[key]), key
+        assert _close(ranks[1][key], single[key]), key
+    assert os.path.isfile(os.path.join(out_dir, "run.ckpt"))  # rank 0 wrote it
+    resumed = DiffusionSampler.load(os.path.join(out_dir, "run.ckpt"), log_density=two_modes)
+    assert _close(_flat(resumed.control), single["run params"])
+
+
+def test_helpers_are_the_single_process_answer_when_not_distributed():
+    assert not _distributed.is_distributed()
+    assert (_distributed.rank(), _distributed.world_size()) == (0, 1)
+    assert _distributed.shard(7) == slice(0, 7)
+    x = torch.arange(3.0)
+    assert _distributed.all_gather_cat(x) is x
+    mean, count = _distributed.global_mean_count(x)
+    assert (float(mean), count) == (1.0, 3)
+    assert _distributed.agree(True) is True
