@@ -17,8 +17,10 @@ The package's contract under ``torchrun`` (see ``docs/distributed.md``):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,8 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "rank",
+    "rank_stream",
+    "shared_seed",
     "shard",
     "shard_sizes",
     "sync_rng_state_",
@@ -163,7 +167,8 @@ def broadcast_parameters_(modules: Iterable[torch.nn.Module], src: int = 0) -> N
     with torch.no_grad():
         for module in modules:
             for t in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(t.data, src)
+                if torch.is_floating_point(t):  # integer / bool buffers are counters and flags
+                    dist.broadcast(t.data, src)
 
 
 def sync_rng_state_(src: int = 0) -> None:
@@ -182,6 +187,21 @@ def sync_rng_state_(src: int = 0) -> None:
             torch.set_rng_state(buffer.cpu())
         else:
             torch.cuda.set_rng_state(buffer.cpu())
+
+
+def shared_seed() -> int:
+    """A seed every rank derives alike from the (synced) torch random state, without drawing from it."""
+    return int.from_bytes(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).digest()[:7], "little")
+
+
+@contextlib.contextmanager
+def rank_stream(seed: int) -> Iterator[None]:
+    """Inside: this rank's own random stream, seeded from ``(seed, rank)`` (for draws that must differ
+    between ranks, e.g. a simulator's); on exit the shared stream is as it was."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + rank()) % 2**63)
+        yield
 
 
 def agree(flag: bool, src: int = 0) -> bool:

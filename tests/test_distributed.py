@@ -16,7 +16,7 @@ import torch
 
 from pyro_sde import _distributed
 from pyro_sde.infer import DiffusionSampler
-from pyro_sde.ratio import ClassifierRatioEstimator
+from pyro_sde.ratio import ClassifierRatioEstimator, FlowGuidedGenerator
 
 D64 = torch.float64
 SEED = 100
@@ -70,6 +70,20 @@ def _experiments(checkpoint):
     out["log_evidence"] = torch.stack([ev.log_z, ev.stderr, ev.lower_bound, ev.ess]).to(D64)
     z, log_w = sampler.sample_unconstrained(9, chunk_size=4)  # last chunk of 1: rank 0 holds none
     out["z"], out["log_w"] = z, log_w
+    num, den, (val_num, val_den) = _ratio_data()
+    for name, validation in [("even", (val_num, val_den)), ("uneven", (val_num[:15], val_den))]:
+        torch.manual_seed(SEED)  # 16 + 16 validation samples are split over the ranks, 15 + 16 are not
+        estimator = ClassifierRatioEstimator(2, hidden_dim=8, num_layers=2)
+        estimator.fit(num, den, num_iterations=5, batch_size=7, lr=1e-2, ema_decay=0.9,
+                      validation=validation, validation_interval=2, progress_bar=False)
+        out[f"ratio {name} params"] = _flat(estimator)
+        out[f"ratio {name} losses"] = torch.tensor(estimator.losses, dtype=D64)
+        out[f"ratio {name} validation"] = torch.tensor([v for _, v in estimator.validation_losses], dtype=D64)
+    torch.manual_seed(SEED)
+    generator = FlowGuidedGenerator(2, num_flow_steps=3, hidden_dim=8, num_layers=2)
+    generator.fit(num, num_iterations=3, batch_size=8, progress_bar=False)
+    out["fdrl params"] = _flat(generator)
+    out["fdrl losses"] = torch.tensor(generator.losses, dtype=D64)
     return out
 
 
@@ -141,6 +155,23 @@ def test_distributed_run_evidence_and_samples_equal_the_single_process(distribut
     assert os.path.isfile(os.path.join(out_dir, "run.ckpt"))  # rank 0 wrote it
     resumed = DiffusionSampler.load(os.path.join(out_dir, "run.ckpt"), log_density=two_modes)
     assert _close(_flat(resumed.control), single["run params"])
+
+
+@pytest.mark.parametrize("split", ["even", "uneven"])
+def test_a_distributed_ratio_fit_equals_the_single_process_fit(distributed_and_single, split):
+    ranks, single, _ = distributed_and_single
+    for key in (f"ratio {split} params", f"ratio {split} losses", f"ratio {split} validation"):
+        assert _close(ranks[0][key], single[key]), key
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
+def test_a_distributed_flow_guided_fit_keeps_the_ranks_in_step(distributed_and_single):
+    """Each rank flows its own prior draws (not the single process's), so the ranks must agree."""
+    ranks, single, _ = distributed_and_single
+    assert torch.equal(ranks[0]["fdrl params"], ranks[1]["fdrl params"])
+    assert torch.equal(ranks[0]["fdrl losses"], ranks[1]["fdrl losses"])
+    assert torch.isfinite(ranks[0]["fdrl losses"]).all()
+    assert not torch.equal(ranks[0]["fdrl params"], single["fdrl params"])  # trained on other draws
 
 
 def test_helpers_are_the_single_process_answer_when_not_distributed():

@@ -238,10 +238,24 @@ class RatioEstimator(nn.Module):
         :param progress_bar: ``None`` (default): a bar on a terminal, a few plain lines in a log;
             ``True``: a bar; ``False``: nothing.
         :returns: ``self``.
+
+        Under ``torch.distributed`` each rank trains on its slice of every batch (``batch_size`` is the
+        total; data tensors are indexed from the shared random stream, sampler functions are called
+        for the rank's share in a stream of its own), the gradients are summed, and the validation
+        loss (the samples split over the ranks when their numbers divide evenly) is reduced, so every
+        rank takes the same early-stopping decision. With data tensors and a loss that is a mean over
+        the samples without random draws of its own (the classifier), a step equals the
+        single-process step with the same total batch.
         """
+        from .. import _distributed as dist
+
+        distributed = dist.is_distributed()
+        self.__dict__.pop("_validation_loss", None)  # a distributed fit's override, if one was interrupted
         _positive_int(num_iterations, "num_iterations")
         _positive_int(batch_size, "batch_size", minimum=2)
         _positive_int(validation_interval, "validation_interval")
+        if batch_size < dist.world_size():
+            raise ValueError(f"batch_size ({batch_size}) must be at least the world size ({dist.world_size()})")
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                        or not 1 <= stop_after <= num_iterations):
             raise ValueError(f"stop_after must be an int in [1, num_iterations] or None, got {stop_after!r}")
@@ -263,6 +277,7 @@ class RatioEstimator(nn.Module):
             if not isinstance(validation, (tuple, list)) or len(validation) != 2:
                 raise TypeError("validation must be a pair (x_num, x_den) of tensors")
             validation = [check_samples(v, f"validation[{i}]", self.dim, 2) for i, v in enumerate(validation)]
+        dist.sync_rng_state_()  # distributed: one random stream (rank 0's) for every rank
         sample_num, probe = _as_sampler(numerator, "numerator", self.dim, MIN_SAMPLES)
         if denominator is None:
             if not self.allows_standard_normal_denominator:
@@ -285,12 +300,27 @@ class RatioEstimator(nn.Module):
         elif bool(self.two_sided) != (denominator is not None):
             raise ValueError("continue training with the same kind of denominator as the first fit")
 
+        dist.broadcast_parameters_([self])  # the same weights on every rank
         opt = torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_iterations) if lr_schedule == "cosine"
                  else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0))
         params = [p for p in self.parameters() if p.requires_grad]
         ema = None if ema_decay is None else [p.detach().clone() for p in params]
         monitor = None
+        if distributed:  # each rank's loss is its share: the gradients are summed before each step
+            opt.register_step_pre_hook(lambda *_: dist.all_reduce_gradients_(params))
+            rows, stream_seed = dist.shard(batch_size), dist.shared_seed()
+            share = (rows.stop - rows.start) / batch_size
+            if validation is not None:
+                world = dist.world_size()
+                if all(v.shape[0] % world == 0 for v in validation):  # else every rank evaluates them all
+                    validation = [v[dist.shard(v.shape[0])] for v in validation]
+                rank_validation_loss = self._validation_loss
+
+                def _validation_loss(z_num, z_den):  # the mean over the ranks, the same on every rank
+                    return dist.all_reduce_sum(rank_validation_loss(z_num, z_den).detach() / world)
+
+                self._validation_loss = _validation_loss  # this fit only (removed below)
         if validation is not None:
             monitor = _EarlyStopping(self, params, ema, [self.standardize(v.to(probe)) for v in validation])
         losses = torch.empty(num_run, dtype=probe.dtype, device=probe.device)
@@ -302,18 +332,30 @@ class RatioEstimator(nn.Module):
                 if patience is not None and len(monitor.history) - 1 - monitor.best_index >= patience:
                     losses = losses[:i]  # the weights checked at step i are the last ones
                     break
-            x_num = self.standardize(sample_num(batch_size))
-            x_den = None if sample_den is None else self.standardize(sample_den(batch_size))
-            loss = self._loss(x_num, x_den, i / num_iterations)
+            if not distributed:
+                x_num = self.standardize(sample_num(batch_size))
+                x_den = None if sample_den is None else self.standardize(sample_den(batch_size))
+                loss = self._loss(x_num, x_den, i / num_iterations)
+            else:  # tensors: the whole batch's rows from the shared stream; functions: this rank's share
+                drawn = [None if s is None or not isinstance(d, torch.Tensor) else s(batch_size)[rows]
+                         for s, d in ((sample_num, numerator), (sample_den, denominator))]
+                with dist.rank_stream(stream_seed + i):
+                    x_num, x_den = [x if x is not None or s is None else s(rows.stop - rows.start)
+                                    for x, s in zip(drawn, (sample_num, sample_den))]
+                    x_num = self.standardize(x_num)
+                    x_den = None if x_den is None else self.standardize(x_den)
+                    loss = self._loss(x_num, x_den, i / num_iterations) * share
             optimizer_step(loss, opt, sched, ema, params, ema_decay, i)
             losses[i] = loss.detach()
             if progress_bar is not False and (i % 100 == 0 or i == num_run - 1):
                 bar.update(i + 1, {"loss": f"{loss.item():.4g}"})
         bar.close(None if losses.shape[0] == num_run else f"early stopping after {losses.shape[0]} steps")
+        losses = dist.all_reduce_sum(losses)  # distributed: the shares add up to the batch losses
         if monitor is not None:
             if monitor.history[-1][0] != losses.shape[0]:
                 monitor.check(losses.shape[0])
             self.validation_losses = monitor.history
+            self.__dict__.pop("_validation_loss", None)
             ema = monitor.best
         if ema is not None:
             with torch.no_grad():

@@ -386,7 +386,14 @@ class FlowGuidedGenerator(RatioEstimator):
         :param progress_bar: the loss on a bar on a terminal and in a few plain lines in a log (``None``,
             default), always on a bar (``True``) or nowhere (``False``).
         :returns: ``self``.
+
+        Under ``torch.distributed`` each rank flows its share of the ``batch_size`` prior draws (in a
+        random stream of its own) against its slice of the data batch (indexed from the shared
+        stream); the gradients are summed, so the ranks keep the same weights. Only rank 0 writes.
         """
+        from .. import _distributed as dist
+
+        distributed = dist.is_distributed()
         _positive_int(num_iterations, "num_iterations")
         _positive_int(batch_size, "batch_size", 2)
         _nonnegative_float(lr, "lr", positive=True)
@@ -395,6 +402,9 @@ class FlowGuidedGenerator(RatioEstimator):
             if checkpoint_path is None:
                 raise ValueError("checkpoint_every needs a checkpoint_path")
         data = check_samples(data, "data", self.dim, MIN_SAMPLES)
+        if batch_size < dist.world_size():
+            raise ValueError(f"batch_size ({batch_size}) must be at least the world size ({dist.world_size()})")
+        dist.sync_rng_state_()  # distributed: one random stream (rank 0's) for every rank
         state = self._resume if resume else None
         if resume and state is None:
             raise ValueError("resume=True needs a model loaded from a checkpoint of an unfinished fit")
@@ -410,6 +420,7 @@ class FlowGuidedGenerator(RatioEstimator):
                 self.prior_loc.copy_(ddp.loc)
                 self.prior_scale_tril.copy_(ddp.scale_tril)
         z_data = self.standardize(data)
+        dist.broadcast_parameters_([self])  # the same weights on every rank
         params = [p for p in self.network.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_iterations, eta_min=lr * lr_min_fraction)
@@ -424,14 +435,27 @@ class FlowGuidedGenerator(RatioEstimator):
                 ema = [t.to(params[0]).clone() for t in state["ema"]]
             start = state["step"]
             _set_rng_state(state["rng"], data.device)
+        rows = dist.shard(batch_size)
+        share = (rows.stop - rows.start) / batch_size
+        stream_seed = None
+        if distributed:  # each rank's loss is its share: the gradients are summed before each step
+            opt.register_step_pre_hook(lambda *_: dist.all_reduce_gradients_(params))
+            stream_seed = state.get("stream_seed") if state is not None else None
+            stream_seed = dist.shared_seed() if stream_seed is None else stream_seed
         done = [] if state is None else list(state["losses"])  # losses of the interrupted part
         losses = torch.empty(num_iterations - start, dtype=data.dtype, device=data.device)
         self.train()
         bar = _progress_bar(num_iterations, initial=start, enabled=progress_bar, desc=type(self).__name__)
         for i in range(start, num_iterations):
-            z_q = self.flow(self.sample_prior(batch_size), self.num_flow_steps)
-            z_p = z_data[torch.randint(z_data.shape[0], (batch_size,), device=z_data.device)]
-            loss = self._loss(z_q, z_p, i / num_iterations)
+            if not distributed:
+                z_q = self.flow(self.sample_prior(batch_size), self.num_flow_steps)
+                z_p = z_data[torch.randint(z_data.shape[0], (batch_size,), device=z_data.device)]
+                loss = self._loss(z_q, z_p, i / num_iterations)
+            else:
+                z_p = z_data[torch.randint(z_data.shape[0], (batch_size,), device=z_data.device)][rows]
+                with dist.rank_stream(stream_seed + i):
+                    z_q = self.flow(self.sample_prior(rows.stop - rows.start), self.num_flow_steps)
+                    loss = self._loss(z_q, z_p, i / num_iterations) * share
             optimizer_step(loss, opt, sched, ema, params, ema_decay, i)
             losses[i - start] = loss.detach()
             self.iteration += 1
@@ -442,7 +466,8 @@ class FlowGuidedGenerator(RatioEstimator):
                                     params=[p.detach().clone() for p in params],
                                     ema=None if ema is None else [t.clone() for t in ema], step=i + 1,
                                     num_iterations=num_iterations, rng=_get_rng_state(data.device),
-                                    losses=done + losses[:i + 1 - start].tolist())
+                                    losses=done + dist.all_reduce_sum(losses[:i + 1 - start]).tolist(),
+                                    **({} if stream_seed is None else {"stream_seed": stream_seed}))
                 self.save(_format_path(checkpoint_path, i + 1))
         bar.close()
         self._resume = None
@@ -451,7 +476,7 @@ class FlowGuidedGenerator(RatioEstimator):
                 torch._foreach_copy_(params, ema)
         self.eval()
         self.fitted.fill_(True)
-        lost = losses.tolist()
+        lost = dist.all_reduce_sum(losses).tolist()  # distributed: the shares add up to the batch losses
         self.losses.extend(done + lost)
         if not all(math.isfinite(v) for v in lost[-10:]):
             raise FloatingPointError("FDRL training diverged (non-finite loss); lower lr or step_size")
