@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_parameters_",
+    "check_shardable",
     "device",
     "global_mean_count",
     "init_from_env",
@@ -98,6 +99,13 @@ def shard(n: int) -> slice:
     return slice(n * r // w, n * (r + 1) // w)
 
 
+def check_shardable(n: int, name: str) -> int:
+    """``n`` items (a batch) must give every rank at least one: ``ValueError`` naming ``name`` if not."""
+    if n < world_size():
+        raise ValueError(f"{name} ({n}) must be at least the number of processes ({world_size()})")
+    return n
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """``sum_r x_r`` on every rank (a new tensor; ``x`` itself when not distributed)."""
     if not is_distributed():
@@ -130,9 +138,9 @@ def all_reduce_gradients_(params: Iterable[torch.Tensor]) -> None:
     for p in params:
         groups.setdefault((p.dtype, p.device), []).append(p)
     for group in groups.values():
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-        has_grad = torch.tensor([float(p.grad is not None) for p in group], dtype=flat.dtype, device=flat.device)
-        flat = torch.cat([flat, has_grad])
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+        has_grad = [float(p.grad is not None) for p in group]
+        flat = torch.cat(grads + [torch.tensor(has_grad, dtype=grads[0].dtype, device=grads[0].device)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for i, p in enumerate(group):
@@ -198,7 +206,8 @@ def shared_seed() -> int:
 def rank_stream(seed: int) -> Iterator[None]:
     """Inside: this rank's own random stream, seeded from ``(seed, rank)`` (for draws that must differ
     between ranks, e.g. a simulator's); on exit the shared stream is as it was."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = [torch.cuda.current_device()] if cuda else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed((seed * 1_000_003 + rank()) % 2**63)
         yield

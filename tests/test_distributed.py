@@ -111,9 +111,11 @@ def _launch(out_dir, world=2, timeout=120):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                OMP_NUM_THREADS="1")
     root = os.path.dirname(HERE)
-    code = f"import sys; sys.path[:0] = [{root!r}, {HERE!r}]; import test_distributed as t; t._worker({out_dir!r})"
+    code = (f"import sys; sys.path[:0] = [{root!r}, {HERE!r}]; import test_distributed as t; "
+            f"t._worker({out_dir!r})")
     procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=root) for r in range(world)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=root)
+             for r in range(world)]
     try:
         logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
     finally:

@@ -254,8 +254,7 @@ class RatioEstimator(nn.Module):
         _positive_int(num_iterations, "num_iterations")
         _positive_int(batch_size, "batch_size", minimum=2)
         _positive_int(validation_interval, "validation_interval")
-        if batch_size < dist.world_size():
-            raise ValueError(f"batch_size ({batch_size}) must be at least the world size ({dist.world_size()})")
+        dist.check_shardable(batch_size, "batch_size")
         if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
                                        or not 1 <= stop_after <= num_iterations):
             raise ValueError(f"stop_after must be an int in [1, num_iterations] or None, got {stop_after!r}")

@@ -402,8 +402,7 @@ class FlowGuidedGenerator(RatioEstimator):
             if checkpoint_path is None:
                 raise ValueError("checkpoint_every needs a checkpoint_path")
         data = check_samples(data, "data", self.dim, MIN_SAMPLES)
-        if batch_size < dist.world_size():
-            raise ValueError(f"batch_size ({batch_size}) must be at least the world size ({dist.world_size()})")
+        dist.check_shardable(batch_size, "batch_size")
         dist.sync_rng_state_()  # distributed: one random stream (rank 0's) for every rank
         state = self._resume if resume else None
         if resume and state is None:

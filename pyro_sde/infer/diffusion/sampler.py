@@ -392,8 +392,7 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         """``(loss, loss_value, ref_log_w)``: the (rank's share of the) differentiable loss, the loss of
         the whole batch (detached) and the whole batch's finite reference log weights."""
         self._require_potential()
-        if dist.is_distributed() and batch_size < dist.world_size():
-            raise ValueError(f"batch_size ({batch_size}) must be at least the world size ({dist.world_size()})")
+        dist.check_shardable(batch_size, "batch_size")
         log_w, behaviour_log_w, log_forward = self._training_log_weights(batch_size)
         finite = torch.isfinite(log_w)
         log_forward = None if log_forward is None else log_forward[finite]
