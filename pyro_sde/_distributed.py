@@ -39,6 +39,7 @@ __all__ = [
     "is_distributed",
     "is_main_process",
     "rank",
+    "rank_generator",
     "rank_stream",
     "shared_seed",
     "shard",
@@ -211,6 +212,15 @@ def rank_stream(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed((seed * 1_000_003 + rank()) % 2**63)
         yield
+
+
+def rank_generator(device: torch.device | str) -> torch.Generator | None:
+    """A ``torch.Generator`` on ``device`` of this rank's own, seeded from one draw of the shared
+    stream and the rank (``None`` when not distributed: draw from the global stream)."""
+    if not is_distributed():
+        return None
+    seed = int(torch.randint(2**62, ()))
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank()) % 2**63)
 
 
 def agree(flag: bool, src: int = 0) -> bool:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from pyro.infer.autoguide.initialization import init_to_uniform
 
+from .. import _distributed as dist
 from .. import diagnostics
 from .._checks import nonnegative_int, positive_int, unit_interval
 from .._progress import progress_bar as _progress_bar
@@ -150,10 +151,20 @@ def smc_step(
     moved = KernelState(x, path.log_density(beta, point), path.score(beta, x, point), point)
     step_size, acceptance = state.step_size, []
     scale = population_scale(x, log_w, proposal_scale) if num_mcmc_steps else None
+    distributed = dist.is_distributed() and num_mcmc_steps > 0
+    if distributed:  # each rank moves its slice of the (replicated) population with its own stream
+        generator = dist.rank_generator(x.device)
+        moved = _map_tensors(lambda t: t[dist.shard(x.shape[0])], moved)
     for _ in range(num_mcmc_steps):
-        moved, probs = kernel.step(fn, moved, step_size, scale=scale)
-        acceptance.append(float(probs.mean()))
+        if distributed:
+            moved, probs = kernel.step(fn, moved, step_size, scale=scale, generator=generator)
+            acceptance.append(float(dist.global_mean_count(probs)[0]))  # the same step size on every rank
+        else:
+            moved, probs = kernel.step(fn, moved, step_size, scale=scale)
+            acceptance.append(float(probs.mean()))
         step_size = adapt_step_size(step_size, acceptance[-1], kernel.target_acceptance)
+    if distributed:
+        moved = _map_tensors(dist.all_gather_cat, moved)
     evaluations = num_mcmc_steps * kernel.evaluations_per_step * x.shape[0]
     new_state = SMCState(
         particles=moved.position,
@@ -176,6 +187,14 @@ def smc_step(
         num_target_evaluations=evaluations,
     )
     return new_state, info
+
+
+def _map_tensors(fn, state):
+    """``fn`` applied to every tensor of a (Named)tuple of tensors, nested."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    values = [_map_tensors(fn, v) for v in state]
+    return type(state)(*values) if hasattr(state, "_fields") else type(state)(values)
 
 
 class SMCSampler(ParticleSampler):
@@ -313,8 +332,12 @@ class SMCSampler(ParticleSampler):
         """Run ``num_runs`` independent tempered SMC runs; ``args``/``kwargs`` go to the model. Returns
         ``self``. The preconditioner is fitted at the first run (and kept when the data change).
         ``progress_bar`` shows the temperature summed over runs (from 0 to ``num_runs``): ``True`` a
-        bar, ``None`` a bar on a terminal and plain lines in a log, ``False`` (default) nothing."""
+        bar, ``None`` a bar on a terminal and plain lines in a log, ``False`` (default) nothing.
+        Under ``torch.distributed`` every rank holds the whole population (temperatures, weights and
+        resampling computed alike from one shared random stream) and moves its slice of it."""
         self._setup_potential(args, kwargs)
+        dist.sync_rng_state_()  # distributed: one random stream (rank 0's), the particles replicated
+        dist.check_shardable(self.num_particles, "num_particles")
         self._setup_target()
         self._clear_results()
         start = time.perf_counter()
