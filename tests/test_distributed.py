@@ -10,11 +10,13 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 from pyro_sde import _distributed
+from pyro_sde.diagnostics import UnreliableEstimateWarning
 from pyro_sde.infer import DiffusionSampler, SMCSampler
 from pyro_sde.ratio import ClassifierRatioEstimator, FlowGuidedGenerator
 
@@ -31,9 +33,22 @@ def two_modes(x):
     return torch.logaddexp(a + math.log(0.3), b)
 
 
-def _sampler(loss):
+class _Interrupting:
+    """``two_modes`` that raises ``KeyboardInterrupt`` at its ``stop_at``-th call (every rank alike)."""
+
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = 0, stop_at
+
+    def __call__(self, x):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return two_modes(x)
+
+
+def _sampler(loss, log_density=two_modes):
     return DiffusionSampler(
-        log_density=two_modes, dim=2, dtype=D64, method="dis", loss=loss, num_steps=6, hidden_dim=8,
+        log_density=log_density, dim=2, dtype=D64, method="dis", loss=loss, num_steps=6, hidden_dim=8,
         num_layers=2, precondition=None, grad_clip=None, ema_decay=0.9, lr=1e-2,
     )
 
@@ -56,9 +71,10 @@ def _flat(module_or_params):
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def _experiments(checkpoint):
+def _experiments(folder):
     """What both the workers and the single process compute: a dict of tensors."""
     out = {}
+    checkpoint = None if folder is None else os.path.join(folder, "run.ckpt")
     for loss in ("log_variance", "kl"):
         torch.manual_seed(SEED)
         sampler = _sampler(loss)
@@ -71,10 +87,28 @@ def _experiments(checkpoint):
     sampler.run(num_iterations=3, batch_size=6, until=None, progress_bar=False, checkpoint=checkpoint)
     out["run params"] = _flat(sampler.control)
     out["run ema"] = _flat(sampler._ema_nets[0])
-    ev = sampler.log_evidence(9)
+    with warnings.catch_warnings():  # 9 weights: the Pareto k is not defined
+        warnings.simplefilter("ignore", UnreliableEstimateWarning)
+        ev = sampler.log_evidence(9)
     out["log_evidence"] = torch.stack([ev.log_z, ev.stderr, ev.lower_bound, ev.ess]).to(D64)
     z, log_w = sampler.sample_unconstrained(9, chunk_size=4)  # last chunk of 1: rank 0 holds none
     out["z"], out["log_w"] = z, log_w
+    counter = _Interrupting()  # calls at construction and per iteration
+    sampler = _sampler("log_variance", counter)
+    at_start = counter.calls
+    sampler.run(num_iterations=1, batch_size=6, until=None, progress_bar=False)
+    per_iteration = counter.calls - at_start
+    torch.manual_seed(SEED)
+    path = os.path.join(folder, "interrupted.ckpt")
+    sampler = _sampler("log_variance", _Interrupting(stop_at=at_start + 2 * per_iteration + 1))
+    with pytest.raises(KeyboardInterrupt):  # inside iteration 3: the file holds 2 iterations
+        sampler.run(num_iterations=4, batch_size=6, until=None, progress_bar=False, checkpoint=path,
+                    checkpoint_every=2)
+    resumed = DiffusionSampler.load(path, log_density=two_modes)
+    out["resumed from"] = torch.tensor(resumed._run_state["done"])
+    torch.manual_seed(SEED + 1)  # resume restores the saved stream
+    resumed.resume(progress_bar=False)
+    out["resumed params"] = _flat(resumed.control)
     num, den, (val_num, val_den) = _ratio_data()
     for name, validation in [("even", (val_num, val_den)), ("uneven", (val_num[:15], val_den))]:
         torch.manual_seed(SEED)  # 16 + 16 validation samples are split over the ranks, 15 + 16 are not
@@ -105,7 +139,7 @@ def _worker(out_dir):
     dist.init_process_group("gloo")
     torch.manual_seed(12345 + dist.get_rank())  # differently seeded ranks: the package syncs them
     rank = dist.get_rank()
-    out = _experiments(os.path.join(out_dir, "run.ckpt"))
+    out = _experiments(out_dir)
     out["world"] = torch.tensor(_distributed.world_size())
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -132,8 +166,9 @@ def _launch(out_dir, world=2, timeout=120):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+    failed = [f"rank {r} failed:\n{log[-3000:]}"
+              for r, (p, log) in enumerate(zip(procs, logs)) if p.returncode]
+    assert not failed, "\n".join(failed)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
@@ -141,7 +176,7 @@ def _launch(out_dir, world=2, timeout=120):
 def distributed_and_single(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist"))
     ranks = _launch(out_dir)
-    single = _experiments(None)
+    single = _experiments(str(tmp_path_factory.mktemp("single")))
     return ranks, single, out_dir
 
 
@@ -167,6 +202,13 @@ def test_distributed_run_evidence_and_samples_equal_the_single_process(distribut
     assert os.path.isfile(os.path.join(out_dir, "run.ckpt"))  # rank 0 wrote it
     resumed = DiffusionSampler.load(os.path.join(out_dir, "run.ckpt"), log_density=two_modes)
     assert _close(_flat(resumed.control), single["run params"])
+
+
+def test_a_distributed_resume_equals_the_single_process_resume(distributed_and_single):
+    ranks, single, _ = distributed_and_single
+    assert int(ranks[0]["resumed from"]) == int(single["resumed from"]) == 2
+    assert _close(ranks[0]["resumed params"], single["resumed params"])
+    assert torch.equal(ranks[0]["resumed params"], ranks[1]["resumed params"])
 
 
 @pytest.mark.parametrize("split", ["even", "uneven"])

@@ -307,6 +307,7 @@ class TrainedSampler:
             last = state["stopped"] is not None or i + 1 == state["total"]
             if checkpoint is not None and (state["done"] % checkpoint_every == 0 or last):
                 self.save(checkpoint)
+                dist.barrier()  # distributed: no rank reads the file before rank 0 has written it
             postfix = None
             if info is not None and (i % 10 == 0 or last):
                 postfix = dict(
@@ -320,8 +321,6 @@ class TrainedSampler:
             if state["stopped"] is not None:
                 break
         bar.close(state["stopped"])
-        if checkpoint is not None:
-            dist.barrier()  # rank 0 has written the last checkpoint
         for net in self._nets():
             net.eval()
         if state["failed"]:
