@@ -75,13 +75,16 @@ def _experiments(folder):
     """What both the workers and the single process compute: a dict of tensors."""
     out = {}
     checkpoint = None if folder is None else os.path.join(folder, "run.ckpt")
-    for loss in ("log_variance", "kl"):
+    for loss in ("log_variance", "kl", "rkl_ld"):
         torch.manual_seed(SEED)
         sampler = _sampler(loss)
         info = [sampler.step(7) for _ in range(2)]  # 7 paths: shards of 3 and 4
         out[f"{loss} params"] = _flat(sampler.control)
         out[f"{loss} grads"] = torch.cat([p.grad.reshape(-1) for p in sampler.control.parameters()])
         out[f"{loss} info"] = torch.tensor([list(i) for i in info], dtype=D64)
+    if _distributed.is_distributed():
+        with pytest.raises(ValueError, match="batch_size"):  # fewer paths than processes
+            sampler.step(1)
     torch.manual_seed(SEED)
     sampler = _sampler("log_variance")
     sampler.run(num_iterations=3, batch_size=6, until=None, progress_bar=False, checkpoint=checkpoint)
@@ -184,7 +187,7 @@ def _close(a, b):
     return a.shape == b.shape and torch.allclose(a.to(D64), b.to(D64), rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("loss", ["log_variance", "kl"])
+@pytest.mark.parametrize("loss", ["log_variance", "kl", "rkl_ld"])
 def test_a_distributed_step_equals_the_single_process_step(distributed_and_single, loss):
     ranks, single, _ = distributed_and_single
     assert int(ranks[0]["world"]) == 2
