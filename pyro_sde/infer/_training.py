@@ -52,6 +52,8 @@ class TrainedSampler:
     converged_ess = 0.9
     patience = 4
     min_reliable_ess = 0.1  #: a run whose last check is below this ESS ends with a warning
+    #: whether ``step`` splits its batch over ``torch.distributed`` ranks (each loss a share)
+    supports_distributed = False
 
     def _init_training(self, *, lr: float, grad_clip, final_lr_fraction: float, ema_decay):
         """Check and store the optimisation options (called by the subclass's constructor)."""
@@ -256,6 +258,8 @@ class TrainedSampler:
         return 0 if self._run_state is None else self._run_state.get("failed", 0)
 
     def _train(self, progress_bar, checkpoint, checkpoint_every):
+        if dist.is_distributed() and not self.supports_distributed:
+            raise NotImplementedError(f"{type(self).__name__} does not run under torch.distributed yet")
         state = self._run_state
         self.eval_history = state["eval_history"]
         clock = time.perf_counter()

@@ -468,6 +468,7 @@ class FlowGuidedGenerator(RatioEstimator):
                                     losses=done + dist.all_reduce_sum(losses[:i + 1 - start]).tolist(),
                                     **({} if stream_seed is None else {"stream_seed": stream_seed}))
                 self.save(_format_path(checkpoint_path, i + 1))
+                dist.barrier()  # distributed: no rank reads the file before rank 0 has written it
         bar.close()
         self._resume = None
         if ema is not None:
@@ -481,6 +482,7 @@ class FlowGuidedGenerator(RatioEstimator):
             raise FloatingPointError("FDRL training diverged (non-finite loss); lower lr or step_size")
         if checkpoint_path is not None:
             self.save(_format_path(checkpoint_path, num_iterations))
+            dist.barrier()
         return self
 
     # sampling --------------------------------------------------------------------------------

@@ -481,6 +481,7 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
             )
         return self._to_unconstrained(torch.cat(zs)), torch.cat(log_ws)
 
+    supports_distributed = True  # see docs/distributed.md
     default_num_samples = 4000  # draws of the cached evaluation (as 4 chains x 1000 of NUTS)
     num_dropped_paths = 0  #: paths of the last evaluation draw dropped for a NaN / +inf log weight
 
