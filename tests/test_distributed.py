@@ -17,7 +17,7 @@ import torch
 
 from pyro_sde import _distributed
 from pyro_sde.diagnostics import UnreliableEstimateWarning
-from pyro_sde.infer import DiffusionSampler, SMCSampler
+from pyro_sde.infer import DiffusionSampler, SCLDSampler, SMCSampler
 from pyro_sde.ratio import ClassifierRatioEstimator, FlowGuidedGenerator
 
 D64 = torch.float64
@@ -126,6 +126,11 @@ def _experiments(folder):
     generator.fit(num, num_iterations=3, batch_size=8, progress_bar=False)
     out["fdrl params"] = _flat(generator)
     out["fdrl losses"] = torch.tensor(generator.losses, dtype=D64)
+    if _distributed.is_distributed():  # a sampler that does not split its batch refuses
+        scld = SCLDSampler(log_density=two_modes, dim=2, dtype=D64, precondition=None, num_particles=8,
+                           step_size=0.1)
+        with pytest.raises(NotImplementedError, match="torch.distributed"):
+            scld.run(num_iterations=1, progress_bar=False)
     torch.manual_seed(SEED)
     smc = SMCSampler(log_density=gaussian, dim=2, dtype=D64, num_particles=128, precondition=None)
     smc.run()
