@@ -159,7 +159,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(out_dir, world=2, timeout=120):
+def _launch(out_dir, meanwhile, world=2, timeout=120):
+    """Run ``world`` worker processes and, while they run, ``meanwhile()``: ``(rank results, its result)``."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                OMP_NUM_THREADS="1")
     root = os.path.dirname(HERE)
@@ -169,6 +170,7 @@ def _launch(out_dir, world=2, timeout=120):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=root)
              for r in range(world)]
     try:
+        result = meanwhile()
         logs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
     finally:
         for p in procs:
@@ -177,14 +179,14 @@ def _launch(out_dir, world=2, timeout=120):
     failed = [f"rank {r} failed:\n{log[-3000:]}"
               for r, (p, log) in enumerate(zip(procs, logs)) if p.returncode]
     assert not failed, "\n".join(failed)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)], result
 
 
 @pytest.fixture(scope="module")
 def distributed_and_single(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    ranks = _launch(out_dir)
-    single = _experiments(str(tmp_path_factory.mktemp("single")))
+    single_dir = str(tmp_path_factory.mktemp("single"))
+    ranks, single = _launch(out_dir, lambda: _experiments(single_dir))  # the reference meanwhile
     return ranks, single, out_dir
 
 
