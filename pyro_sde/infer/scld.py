@@ -101,11 +101,14 @@ class _Trajectories(NamedTuple):
 
 def _langevin_log_increment(log_density_increment, x, x_next, forward_mean, backward_mean, u, u_next, h):
     """``log G_k = log pi_{k+1}(x') - log pi_k(x) + log B_k(x | x') - log F_k(x' | x)``, float64 of shape
-    ``x.shape[:-1]``, with ``F_k = N(forward_mean + h u, 2h I)``, ``B_k = N(backward_mean - h u', 2h I)``."""
+    ``x.shape[:-1]``, with ``F_k = N(forward_mean + h u, 2h I)``, ``B_k = N(backward_mean - h u', 2h I)``
+    (``h`` a float or a tensor broadcasting against ``x``: one step per row of states)."""
     forward_residual = (x_next - forward_mean - h * u).double()
     backward_residual = (x - backward_mean + h * u_next).double()
-    log_b_minus_log_f = (forward_residual.square().sum(-1) - backward_residual.square().sum(-1)) / (4 * h)
-    return log_density_increment + log_b_minus_log_f
+    log_b_minus_log_f = (forward_residual.square().sum(-1) - backward_residual.square().sum(-1))
+    if isinstance(h, torch.Tensor):
+        return log_density_increment + log_b_minus_log_f / (4 * h.double().squeeze(-1))
+    return log_density_increment + log_b_minus_log_f / (4 * h)
 
 
 class SCLDSampler(ParticleSampler, TrainedSampler):
@@ -233,7 +236,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self.annealing = annealing
         if not (isinstance(step_size, str) and step_size == "auto"):
             positive_float(step_size, "step_size")
-        self.step_size: float | None = None if step_size == "auto" else float(step_size)
+        #: the Langevin step ``h_k`` of each step k (K floats; "auto": tuned when the target is bound)
+        self.step_sizes: list[float] | None = None if step_size == "auto" else [float(step_size)] * num_steps
         self.step_size_acceptance: float | None = None  #: the "auto" tuning's lowest mean acceptance
         self.num_particles = positive_int(num_particles, "num_particles", minimum=2)
         self.num_runs = positive_int(num_runs, "num_runs")
@@ -297,8 +301,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             initial = self.kernel.initial_step_size(target.dim)
             self.mcmc_step_sizes = [initial] * (self.num_subtrajectories - 1)
         self._setup_optimizer()  # a checkpoint's state (its step size included) is applied here
-        if self.step_size is None:
-            self.step_size, self.step_size_acceptance = self._tune_step_size()
+        if self.step_sizes is None:
+            self.step_sizes, self.step_size_acceptance = self._tune_step_sizes()
 
     def _setup_target(self):
         """Whiten the (counted) potential; the annealing path runs in the whitened coordinates."""
@@ -314,54 +318,58 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         return [self.control]
 
     def _checkpoint_extra(self) -> dict:
-        return {"mcmc_step_sizes": list(self.mcmc_step_sizes), "step_size": self.step_size}
+        return {"mcmc_step_sizes": list(self.mcmc_step_sizes), "step_sizes": self.step_sizes}
 
     def _load_checkpoint_extra(self, extra: dict) -> None:
         if "mcmc_step_sizes" in extra:
             self.mcmc_step_sizes = list(extra["mcmc_step_sizes"])
-        if extra.get("step_size") is not None:
-            self.step_size = float(extra["step_size"])
+        if extra.get("step_sizes") is not None:
+            self.step_sizes = [float(h) for h in extra["step_sizes"]]
 
     #: candidate Langevin steps of ``step_size="auto"``, largest first
     step_size_grid = (0.25, 0.1, 0.05, 0.025, 0.01, 0.005, 0.0025, 0.001, 0.0005)
-    #: the lowest mean acceptance (over particles, at any step) that ``"auto"`` accepts
+    #: the lowest mean acceptance (over particles) that ``"auto"`` accepts at a step
     min_step_acceptance = 0.9
 
     @torch.no_grad()
-    def _tune_step_size(self, num_particles: int = 256):
-        """``(h, acceptance)``: the largest ``h`` of :attr:`step_size_grid` whose unadjusted Langevin steps
-        along the path, with the untrained control (zero) and ``num_particles`` pilot paths, have a mean
-        Metropolis acceptance of at least :attr:`min_step_acceptance` at every step: the backward kernel
-        then nearly reverses the forward one and the weights stay informative. The acceptance of a step
-        ``x -> y`` for ``pi_{k+1}`` is ``min(1, pi_{k+1}(y) B_k(x | y) / (pi_{k+1}(x) F_k(y | x)))``."""
-        path, betas = self._path, self.betas
-        acceptance = 0.0
-        for h in self.step_size_grid:
-            x = path.sample_reference(num_particles)
-            point = path.evaluate(x)
-            acceptance = 1.0
-            for k in range(self.num_steps):
-                beta = betas[k + 1]
-                forward_mean = x + h * self._drift(beta, x, point)
+    def _tune_step_sizes(self, num_particles: int = 256):
+        """``(h_0..h_{K-1}, acceptance)``: step by step along the path, with the untrained control (zero)
+        and ``num_particles`` pilot particles, the largest ``h_k`` of :attr:`step_size_grid` (at most one
+        grid level above ``h_{k-1}``) whose unadjusted Langevin step has a mean Metropolis acceptance of at
+        least :attr:`min_step_acceptance`: the backward kernel then nearly reverses the forward one and the
+        weights stay informative; the lowest acceptance is returned. The acceptance of ``x -> y`` for
+        ``pi_{k+1}`` is ``min(1, pi_{k+1}(y) B_k(x | y) / (pi_{k+1}(x) F_k(y | x)))``."""
+        path, betas, grid = self._path, self.betas, self.step_size_grid
+        x = path.sample_reference(num_particles)
+        point = path.evaluate(x)
+        level, step_sizes, lowest = 0, [], 1.0
+        for k in range(self.num_steps):
+            beta = betas[k + 1]
+            drift_x, log_pi_x = self._drift(beta, x, point), path.log_density(beta, point).double()
+            level = max(level - 1, 0)
+            while True:
+                h = grid[level]
+                forward_mean = x + h * drift_x
                 y = forward_mean + math.sqrt(2 * h) * torch.randn_like(x)
                 point_y = path.evaluate(y)
                 backward_mean = y + h * self._drift(beta, y, point_y)
-                log_ratio = (path.log_density(beta, point_y) - path.log_density(beta, point)).double()
+                log_ratio = path.log_density(beta, point_y).double() - log_pi_x
                 log_ratio = log_ratio + ((y - forward_mean).square().sum(-1)
                                          - (x - backward_mean).square().sum(-1)).double() / (4 * h)
                 rate = float(torch.nan_to_num(log_ratio, nan=-math.inf).clamp(max=0).exp().mean())
-                acceptance = min(acceptance, rate)
-                if acceptance < self.min_step_acceptance:
+                if rate >= self.min_step_acceptance or level == len(grid) - 1:
                     break
-                x, point = y, point_y
-            if acceptance >= self.min_step_acceptance:
-                return h, acceptance
-        warnings.warn(
-            f"step_size='auto': even h = {h:g} has a Langevin acceptance of {acceptance:.2f} at some step "
-            f"(< {self.min_step_acceptance}); the weights may degenerate: check the target's scale, or give "
-            "a smaller step_size", RuntimeWarning, stacklevel=4,
-        )
-        return h, acceptance
+                level += 1
+            step_sizes.append(h)
+            lowest = min(lowest, rate)
+            x, point = y, point_y
+        if lowest < self.min_step_acceptance:
+            warnings.warn(
+                f"step_size='auto': even h = {grid[-1]:g} has a Langevin acceptance of {lowest:.2f} at some "
+                f"step (< {self.min_step_acceptance}); the weights may degenerate: check the target's scale, "
+                "or give a smaller step_size", RuntimeWarning, stacklevel=4,
+            )
+        return step_sizes, lowest
 
     # ----------------------------------------------------------------------------------------
     # the particle systems
@@ -406,7 +414,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         path_log_weights)``: the final :class:`ParticleSystem` (``interacting``), the boundaries'
         :class:`SCLDInfo`, the stored :class:`_Trajectories` (``store``) and ``sum_k log G_k`` (N,)
         of each path (float64; not interacting)."""
-        path, h, betas = self._path, self.step_size, self.betas
+        path, step_sizes, betas = self._path, self.step_sizes, self.betas
         n = self.num_steps // self.num_subtrajectories
         x = path.sample_reference(num_particles)
         point = path.evaluate(x)
@@ -420,7 +428,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         )
         path_log_w = torch.zeros(num_particles, dtype=torch.float64, device=x.device)
         infos, stored = [], []
-        noise_std = math.sqrt(2 * h)
         control = self._control_fn(net)
         for j in range(self.num_subtrajectories):
             k0 = j * n
@@ -429,9 +436,9 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             states, guides, forward_means, increments = [x], [guide], [], []
             piece_log_g = torch.zeros_like(path_log_w)
             for k in range(k0, k0 + n):
-                beta_next = betas[k + 1]
+                beta_next, h = betas[k + 1], step_sizes[k]
                 forward_mean = x + h * self._drift(beta_next, x, point)
-                y = forward_mean + h * u + noise_std * torch.randn(x.shape, dtype=x.dtype, device=x.device)
+                y = forward_mean + h * u + math.sqrt(2 * h) * torch.randn(x.shape, dtype=x.dtype, device=x.device)
                 point_y = path.evaluate(y)
                 guide_y = self._drift(beta_next, y, point_y)  # also the backward kernel's drift
                 u_y = control(k + 1, y, guide_y)
@@ -488,10 +495,11 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         tau = self._taus[steps].view(-1, 1, 1)
         u = _clip(net(tau, x.reshape(J * n1, N, d), guides.reshape(J * n1, N, d)), self.control_clip)
         u = u.view(J, n1, N, d)
-        backward_means = x[:, 1:] + self.step_size * guides[:, 1:]
+        h = torch.tensor(self.step_sizes, dtype=x.dtype, device=x.device).view(J, n, 1, 1)
+        backward_means = x[:, 1:] + h * guides[:, 1:]
         log_g = _langevin_log_increment(
             trajectories.log_density_increments, x[:, :-1], x[:, 1:], forward_means, backward_means,
-            u[:, :-1], u[:, 1:], self.step_size,
+            u[:, :-1], u[:, 1:], h,
         ).sum(1)
         return torch.where(alive, log_g, torch.full_like(log_g, math.nan))
 
@@ -606,5 +614,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     def __repr__(self):
         return (
             f"SCLDSampler(num_steps={self.num_steps}, num_subtrajectories={self.num_subtrajectories}, "
-            f"step_size={self.step_size}, kernel={self.kernel!r}, iterations={len(self.losses)})"
+            f"step_sizes=[{min(self.step_sizes or [math.nan]):.3g}, {max(self.step_sizes or [math.nan]):.3g}], "
+            f"kernel={self.kernel!r}, iterations={len(self.losses)})"
         )
