@@ -2,12 +2,12 @@ r"""``SCLDSampler``: sequential controlled Langevin diffusion (Chen et al., ICLR
 
 A learned control ``u`` corrects unadjusted Langevin moves along the geometric path
 ``log pi_beta = (1 - beta) log N(0, I) + beta log rho`` (:mod:`pyro_sde.infer.annealing`, whitened
-coordinates of the preconditioner), on a grid ``0 = beta_0 < ... < beta_K = 1``. With a constant step
-``h``, ``s_b = grad log pi_b`` and ``u_k(x) = u(k / K, x, guide=s_{beta_k}(x))`` (clipped), the forward and
+coordinates of the preconditioner), on a grid ``0 = beta_0 < ... < beta_K = 1``. With Langevin steps
+``h_k``, ``s_b = grad log pi_b`` and ``u_k(x) = u(k / K, x, guide=s_{beta_k}(x))`` (clipped), the forward and
 backward kernels are those of controlled Monte Carlo diffusions (CMCD):
 
-* ``F_k(x_{k+1} | x_k) = N(x_k + h (s_{beta_{k+1}}(x_k) + u_k(x_k)), 2 h I)``,
-* ``B_k(x_k | x_{k+1}) = N(x_{k+1} + h (s_{beta_{k+1}}(x_{k+1}) - u_{k+1}(x_{k+1})), 2 h I)``,
+* ``F_k(x_{k+1} | x_k) = N(x_k + h_k (s_{beta_{k+1}}(x_k) + u_k(x_k)), 2 h_k I)``,
+* ``B_k(x_k | x_{k+1}) = N(x_{k+1} + h_k (s_{beta_{k+1}}(x_{k+1}) - u_{k+1}(x_{k+1})), 2 h_k I)``,
 * ``log G_k = log pi_{beta_{k+1}}(x_{k+1}) - log pi_{beta_k}(x_k) + log B_k - log F_k`` (float64),
 
 one target evaluation and one network call per state (``u_{k+1}(x_{k+1})`` serves ``B_k`` and
@@ -111,6 +111,21 @@ def _langevin_log_increment(log_density_increment, x, x_next, forward_mean, back
     return log_density_increment + log_b_minus_log_f / (4 * h)
 
 
+def _check_step_sizes(step_size, num_steps: int) -> list[float] | None:
+    """``step_size`` as ``K`` floats (``None`` for ``"auto"``); a clear error otherwise."""
+    if isinstance(step_size, str):
+        if step_size != "auto":
+            raise ValueError(
+                f"step_size must be 'auto', a positive float or {num_steps} of them, got {step_size!r}"
+            )
+        return None
+    if isinstance(step_size, (list, tuple)):
+        if len(step_size) != num_steps:
+            raise ValueError(f"step_size must have num_steps = {num_steps} entries, got {len(step_size)}")
+        return [positive_float(h, "step_size") for h in step_size]
+    return [positive_float(step_size, "step_size")] * num_steps
+
+
 class SCLDSampler(ParticleSampler, TrainedSampler):
     r"""Sequential controlled Langevin diffusion for a Pyro model or an unnormalised log density, with
     the evidence (see the module for the mathematics).
@@ -134,12 +149,14 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         ``num_steps``; 1 gives a learned AIS without resampling.
     :param str annealing: the temperature grid, ``"linear"`` (default) or ``"cosine"``
         (:func:`annealing_schedule`).
-    :param step_size: the Langevin step ``h`` in whitened coordinates: ``"auto"`` (default; the largest
-        of :attr:`step_size_grid` whose unadjusted steps, untrained, keep a mean Metropolis acceptance
-        of at least 0.9 at every step along the path, from 256 pilot paths: see :meth:`_tune_step_size`)
-        or a number. Explicit steps need ``h`` well below ``2 / curvature``; the weights stay exact for
-        any ``h``, but a too large one makes them useless (with a fixed ``h = 0.1`` the untrained log Z
-        of ManyWell-5 was 60-80 nats low; "auto" picks 0.01 there, and 0.1 on a whitened Gaussian).
+    :param step_size: the Langevin steps ``h_k`` in whitened coordinates (:attr:`step_sizes`):
+        ``"auto"`` (default; step by step along the path, the largest of :attr:`step_size_grid` whose
+        unadjusted step, untrained, keeps a mean Metropolis acceptance of at least 0.9 on 256 pilot
+        particles: see :meth:`_tune_step_sizes`), a number (the same ``h`` at every step) or ``K``
+        numbers. Explicit steps need ``h`` well below ``2 / curvature``; the weights stay exact for any
+        ``h``, but a too large one makes them useless (with a fixed ``h = 0.1`` the untrained log Z of
+        ManyWell-5 was 60-80 nats low; "auto" picks 0.001-0.05 along its path, 0.1-0.25 on a whitened
+        Gaussian).
     :param int num_particles: ``N`` per run of the particle systems behind the estimates (4096).
     :param int num_runs: independent particle systems (1); their spread gives the standard error.
     :param float ess_threshold: resample at a boundary when the normalised ESS is below it, in
@@ -157,7 +174,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         default a :class:`~pyro_sde.nn.ControlNetwork` that is exactly zero
         at initialisation (so that the untrained sampler is AIS with Langevin moves and resampling).
     :param int hidden_dim, num_layers: size of the default network (64, 3).
-    :param float lr: Adam learning rate (5e-3).
+    :param float lr: Adam learning rate (1e-3: at 5e-3, 40 iterations made Funnel-10's log Z 2.4 too high
+        in one of two seeds, and ManyWell-5's 1-2.5 nats low).
     :param float final_lr_fraction: geometric decay of the learning rate over a run (0.1).
     :param float grad_clip: gradient-norm clip (1.0; ``None`` to disable).
     :param float score_clip: the Langevin drift and the control's guide use ``s_beta`` clamped to
@@ -212,7 +230,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         control: torch.nn.Module | None = None,
         hidden_dim: int = 64,
         num_layers: int = 3,
-        lr: float = 5e-3,
+        lr: float = 1e-3,
         final_lr_fraction: float = 0.1,
         grad_clip: float | None = 1.0,
         score_clip: float = 100.0,
@@ -234,10 +252,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             )
         self.betas = annealing_schedule(num_steps, annealing)
         self.annealing = annealing
-        if not (isinstance(step_size, str) and step_size == "auto"):
-            positive_float(step_size, "step_size")
         #: the Langevin step ``h_k`` of each step k (K floats; "auto": tuned when the target is bound)
-        self.step_sizes: list[float] | None = None if step_size == "auto" else [float(step_size)] * num_steps
+        self.step_sizes: list[float] | None = _check_step_sizes(step_size, num_steps)
         self.step_size_acceptance: float | None = None  #: the "auto" tuning's lowest mean acceptance
         self.num_particles = positive_int(num_particles, "num_particles", minimum=2)
         self.num_runs = positive_int(num_runs, "num_runs")
@@ -438,7 +454,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             for k in range(k0, k0 + n):
                 beta_next, h = betas[k + 1], step_sizes[k]
                 forward_mean = x + h * self._drift(beta_next, x, point)
-                y = forward_mean + h * u + math.sqrt(2 * h) * torch.randn(x.shape, dtype=x.dtype, device=x.device)
+                noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+                y = forward_mean + h * u + math.sqrt(2 * h) * noise
                 point_y = path.evaluate(y)
                 guide_y = self._drift(beta_next, y, point_y)  # also the backward kernel's drift
                 u_y = control(k + 1, y, guide_y)
@@ -612,8 +629,9 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         }
 
     def __repr__(self):
+        steps = self.step_sizes or [math.nan]
         return (
             f"SCLDSampler(num_steps={self.num_steps}, num_subtrajectories={self.num_subtrajectories}, "
-            f"step_sizes=[{min(self.step_sizes or [math.nan]):.3g}, {max(self.step_sizes or [math.nan]):.3g}], "
+            f"step_sizes in [{min(steps):.3g}, {max(steps):.3g}], "
             f"kernel={self.kernel!r}, iterations={len(self.losses)})"
         )
