@@ -363,6 +363,17 @@ def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
 
 
+
+def test_checkpoint_steps_are_restored_also_from_a_single_step_checkpoint():
+    scld = _sampler(step_size=[0.05 * (k + 1) for k in range(8)])
+    extra = scld._checkpoint_extra()
+    other = _sampler(step_size=0.1)
+    other._load_checkpoint_extra(extra)
+    assert other.step_sizes == scld.step_sizes
+    other._load_checkpoint_extra({"step_size": 0.02})  # written before the per-step sizes
+    assert other.step_sizes == [0.02] * 8
+
+
 # --------------------------------------------------------------------------------------------------
 # a Pyro model end to end
 # --------------------------------------------------------------------------------------------------

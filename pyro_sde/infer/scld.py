@@ -341,6 +341,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             self.mcmc_step_sizes = list(extra["mcmc_step_sizes"])
         if extra.get("step_sizes") is not None:
             self.step_sizes = [float(h) for h in extra["step_sizes"]]
+        elif extra.get("step_size") is not None:  # a checkpoint from before the per-step sizes
+            self.step_sizes = [float(extra["step_size"])] * self.num_steps
 
     #: candidate Langevin steps of ``step_size="auto"``, largest first
     step_size_grid = (0.25, 0.1, 0.05, 0.025, 0.01, 0.005, 0.0025, 0.001, 0.0005)

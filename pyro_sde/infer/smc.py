@@ -67,8 +67,8 @@ _PROPOSAL_SCALES = ("diagonal", "dense", "identity")
 #: a particle whose moves at a temperature have a mean acceptance probability below this is "stuck"
 STUCK_ACCEPTANCE = 0.05
 #: :class:`SMCSampler` warns when more than this fraction of the particles is stuck at ``beta = 1``
-#: (Funnel-10, 4096 particles: 7-11 %, log Z 0.5-0.6 low with |error| / se 4-12; Gaussian, GMM-9,
-#: ManyWell-5: at most 0.1 %)
+#: (Funnel-10, 1024-4096 particles: 4-13 %, log Z 0.5-0.6 low with |error| / se 4-12; Gaussians,
+#: GMM-9, ManyWell-5: at most 0.1 %)
 MAX_STUCK_FRACTION = 0.03
 
 
