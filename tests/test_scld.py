@@ -6,6 +6,7 @@ identities (the loss recomputes the simulated weights; the count of target evalu
 """
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -43,9 +44,10 @@ def _random_control(dim, scale=0.3):
     return net
 
 
-def _ais_ula(target, num_particles, betas, h, control=None):
-    """Annealed importance sampling with unadjusted Langevin moves targeting pi_{k+1} and their
-    time reversal as the backward kernel, written out directly: (log weights, final particles).
+def _ais_ula(target, num_particles, betas, step_sizes, control=None):
+    """Annealed importance sampling with unadjusted Langevin moves targeting pi_{k+1} (step
+    ``step_sizes[k]``, or one float for all) and their time reversal as the backward kernel, written
+    out directly: (log weights, final particles).
     With ``control(tau, x, guide)``, the CMCD kernels: the forward drift adds ``u_k(x_k)``, the
     backward one subtracts ``u_{k+1}(x_{k+1})``, ``u_k(x) = control(k / K, x, grad log pi_k(x))``."""
     dim, K = target.dim, len(betas) - 1
@@ -66,6 +68,7 @@ def _ais_ula(target, num_particles, betas, h, control=None):
     x = torch.randn(num_particles, dim, dtype=F64)
     log_w = torch.zeros(num_particles, dtype=F64)
     for k in range(K):
+        h = step_sizes[k] if isinstance(step_sizes, list) else step_sizes
         kernel = dist.Normal(x + h * (score(betas[k + 1], x) + u(k, x)), math.sqrt(2 * h))
         y = kernel.sample()
         backward = dist.Normal(y + h * (score(betas[k + 1], y) - u(k + 1, y)), math.sqrt(2 * h))
@@ -106,11 +109,15 @@ def test_zero_control_is_ais_with_langevin_moves(annealing):
     assert torch.allclose(system.log_weights, expected - expected.logsumexp(0), rtol=0, atol=1e-10)
 
 
-def test_weights_with_a_control_are_the_cmcd_weights():
+@pytest.mark.parametrize("step_size", ["auto", [0.2, 0.05, 0.1, 0.02, 0.15, 0.08]])
+def test_weights_with_a_control_are_the_cmcd_weights(step_size):
     net = _random_control(2)
-    scld = _sampler(control=net, num_steps=6, num_subtrajectories=2, ess_threshold=1e-9, num_mcmc_steps=0)
+    scld = _sampler(control=net, num_steps=6, num_subtrajectories=2, ess_threshold=1e-9, num_mcmc_steps=0,
+                    step_size=step_size)
+    if step_size != "auto":
+        assert scld.step_sizes == step_size
     torch.manual_seed(5)
-    expected, x_expected = _ais_ula(SHIFTED, 32, scld.betas, scld.step_size, control=net)
+    expected, x_expected = _ais_ula(SHIFTED, 32, scld.betas, scld.step_sizes, control=net)
     torch.manual_seed(5)
     assert torch.allclose(scld.path_log_weights(32), expected, rtol=0, atol=1e-10)
     torch.manual_seed(5)
@@ -119,12 +126,13 @@ def test_weights_with_a_control_are_the_cmcd_weights():
     assert float(system.log_evidence) == pytest.approx(float(expected.logsumexp(0) - math.log(32)), abs=1e-10)
     # the control matters: zero control gives other weights from the same random numbers
     torch.manual_seed(5)
-    assert (_ais_ula(SHIFTED, 32, scld.betas, scld.step_size)[0] - expected).abs().max() > 0.1
+    assert (_ais_ula(SHIFTED, 32, scld.betas, scld.step_sizes)[0] - expected).abs().max() > 0.1
 
 
 def test_the_loss_recomputes_the_simulated_weights():
-    # the stored states + one batched network call give back each path's sum of log G
-    scld = _sampler(control=_random_control(2), num_steps=12, num_subtrajectories=3)
+    # the stored states + one batched network call give back each path's sum of log G (steps h_k differ)
+    step_sizes = [0.02 * (1 + k % 5) for k in range(12)]
+    scld = _sampler(control=_random_control(2), num_steps=12, num_subtrajectories=3, step_size=step_sizes)
     _, _, trajectories, path_log_w = scld._simulate(32, scld.control, interacting=False, store=True)
     assert trajectories.states.shape == (3, 5, 32, 2)
     recomputed = scld._piece_log_weights(scld.control, trajectories)
@@ -234,7 +242,7 @@ def test_target_evaluations_are_counted(kernel, options, per_move):
     K, J, batch = 8, 4, 16
     scld = _sampler(num_steps=K, num_subtrajectories=J, num_mcmc_steps=2, kernel=kernel, **options)
     tuning = scld.num_target_evaluations  # the pilot paths of step_size="auto"
-    assert tuning > 0 and tuning % 256 == 0  # 256 pilot paths, each stopped at its first failing step
+    assert tuning > 0 and tuning % 256 == 0  # 256 pilot particles, one or more candidate steps per step
     scld.step(batch)
     per_particle = 1 + K + (J - 1) * 2 * per_move  # x_0, one per Langevin step, the moves
     assert scld.num_target_evaluations - tuning == batch * per_particle
@@ -355,6 +363,17 @@ def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b)
 
 
+
+def test_checkpoint_steps_are_restored_also_from_a_single_step_checkpoint():
+    scld = _sampler(step_size=[0.05 * (k + 1) for k in range(8)])
+    extra = scld._checkpoint_extra()
+    other = _sampler(step_size=0.1)
+    other._load_checkpoint_extra(extra)
+    assert other.step_sizes == scld.step_sizes
+    other._load_checkpoint_extra({"step_size": 0.02})  # written before the per-step sizes
+    assert other.step_sizes == [0.02] * 8
+
+
 # --------------------------------------------------------------------------------------------------
 # a Pyro model end to end
 # --------------------------------------------------------------------------------------------------
@@ -404,14 +423,16 @@ def test_pyro_model_end_to_end_with_predictive():
 
 
 def test_auto_step_size_follows_the_targets_curvature():
-    """step_size="auto" picks the largest Langevin step that keeps the untrained steps' acceptance >= 0.8:
-    large on a unit Gaussian, small in ManyWell-5's stiff wells, where a fixed h = 0.1 loses tens of nats."""
+    """step_size="auto" picks, step by step, the largest Langevin step that keeps the untrained step's
+    acceptance >= 0.9: large on a unit Gaussian, small in ManyWell-5's stiff wells, where a fixed h = 0.1
+    loses tens of nats."""
     from pyro_sde.targets import Gaussian, ManyWell
 
     torch.manual_seed(0)
     unit = SCLDSampler(log_density=Gaussian(torch.zeros(3), torch.ones(3)).log_prob, dim=3,
                        precondition=None, num_steps=8, num_subtrajectories=2)
-    assert unit.step_size >= 0.1 and unit.step_size_acceptance >= unit.min_step_acceptance
+    assert len(unit.step_sizes) == 8 and min(unit.step_sizes) >= 0.1
+    assert unit.step_size_acceptance >= unit.min_step_acceptance
     wells = ManyWell(dim=5, num_wells=5, delta=4.0)
     errors = {}
     for h in ("auto", 0.1):
@@ -420,7 +441,36 @@ def test_auto_step_size_follows_the_targets_curvature():
                            precondition=None, num_particles=2048, dtype=F64)
         errors[h] = abs(float(scld.log_evidence().log_z) - wells.log_Z)
         if h == "auto":
-            assert scld.step_size <= 0.025
+            assert min(scld.step_sizes) <= 0.025 and max(scld.step_sizes) >= 2 * min(scld.step_sizes)
     assert errors["auto"] < 3.0 and errors[0.1] > 20.0
-    with pytest.raises(ValueError, match="step_size"):
-        _sampler(step_size="large")
+    for bad in ("large", [0.1] * 3, [0.1] * 7 + [-0.1]):
+        with pytest.raises(ValueError, match="step_size"):
+            _sampler(step_size=bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# tempered SMC's warning for a region its moves cannot explore (the particle samplers' diagnostics)
+# --------------------------------------------------------------------------------------------------
+def test_smc_warns_when_the_moves_are_stuck_in_a_funnels_neck():
+    """On Funnel-10 tempered SMC is ~0.5 nats low with a small error bar; the particles in the neck
+    reject almost every move (7-12 %), which the warning reports; not on a badly scaled Gaussian (0 %)."""
+    from pyro_sde.diagnostics import UnreliableEstimateWarning
+    from pyro_sde.infer import SMCSampler
+    from pyro_sde.infer.smc import MAX_STUCK_FRACTION
+    from pyro_sde.targets import Funnel
+
+    funnel = Funnel(dim=10, sigma=3.0)
+    gaussian = Gaussian(torch.zeros(10), scale=torch.linspace(0.5, 3.0, 10))
+    stuck = {}
+    for name, target in (("funnel", funnel), ("gaussian", gaussian)):
+        torch.manual_seed(0)
+        smc = SMCSampler(log_density=lambda x, t=target: t.log_prob(x.double()), dim=10, num_particles=2048,
+                         dtype=F64, precondition=None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            smc.run()
+        stuck[name] = smc.history[0][-1].stuck_fraction
+        warned = [w for w in caught if issubclass(w.category, UnreliableEstimateWarning)
+                  and "rejected" in str(w.message)]
+        assert bool(warned) == (name == "funnel"), (name, stuck[name])
+    assert stuck["funnel"] > 1.5 * MAX_STUCK_FRACTION and stuck["gaussian"] < MAX_STUCK_FRACTION / 3

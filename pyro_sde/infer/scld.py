@@ -2,12 +2,12 @@ r"""``SCLDSampler``: sequential controlled Langevin diffusion (Chen et al., ICLR
 
 A learned control ``u`` corrects unadjusted Langevin moves along the geometric path
 ``log pi_beta = (1 - beta) log N(0, I) + beta log rho`` (:mod:`pyro_sde.infer.annealing`, whitened
-coordinates of the preconditioner), on a grid ``0 = beta_0 < ... < beta_K = 1``. With a constant step
-``h``, ``s_b = grad log pi_b`` and ``u_k(x) = u(k / K, x, guide=s_{beta_k}(x))`` (clipped), the forward and
+coordinates of the preconditioner), on a grid ``0 = beta_0 < ... < beta_K = 1``. With Langevin steps
+``h_k``, ``s_b = grad log pi_b`` and ``u_k(x) = u(k / K, x, guide=s_{beta_k}(x))`` (clipped), the forward and
 backward kernels are those of controlled Monte Carlo diffusions (CMCD):
 
-* ``F_k(x_{k+1} | x_k) = N(x_k + h (s_{beta_{k+1}}(x_k) + u_k(x_k)), 2 h I)``,
-* ``B_k(x_k | x_{k+1}) = N(x_{k+1} + h (s_{beta_{k+1}}(x_{k+1}) - u_{k+1}(x_{k+1})), 2 h I)``,
+* ``F_k(x_{k+1} | x_k) = N(x_k + h_k (s_{beta_{k+1}}(x_k) + u_k(x_k)), 2 h_k I)``,
+* ``B_k(x_k | x_{k+1}) = N(x_{k+1} + h_k (s_{beta_{k+1}}(x_{k+1}) - u_{k+1}(x_{k+1})), 2 h_k I)``,
 * ``log G_k = log pi_{beta_{k+1}}(x_{k+1}) - log pi_{beta_k}(x_k) + log B_k - log F_k`` (float64),
 
 one target evaluation and one network call per state (``u_{k+1}(x_{k+1})`` serves ``B_k`` and
@@ -101,11 +101,29 @@ class _Trajectories(NamedTuple):
 
 def _langevin_log_increment(log_density_increment, x, x_next, forward_mean, backward_mean, u, u_next, h):
     """``log G_k = log pi_{k+1}(x') - log pi_k(x) + log B_k(x | x') - log F_k(x' | x)``, float64 of shape
-    ``x.shape[:-1]``, with ``F_k = N(forward_mean + h u, 2h I)``, ``B_k = N(backward_mean - h u', 2h I)``."""
+    ``x.shape[:-1]``, with ``F_k = N(forward_mean + h u, 2h I)``, ``B_k = N(backward_mean - h u', 2h I)``
+    (``h`` a float or a tensor broadcasting against ``x``: one step per row of states)."""
     forward_residual = (x_next - forward_mean - h * u).double()
     backward_residual = (x - backward_mean + h * u_next).double()
-    log_b_minus_log_f = (forward_residual.square().sum(-1) - backward_residual.square().sum(-1)) / (4 * h)
-    return log_density_increment + log_b_minus_log_f
+    log_b_minus_log_f = (forward_residual.square().sum(-1) - backward_residual.square().sum(-1))
+    if isinstance(h, torch.Tensor):
+        return log_density_increment + log_b_minus_log_f / (4 * h.double().squeeze(-1))
+    return log_density_increment + log_b_minus_log_f / (4 * h)
+
+
+def _check_step_sizes(step_size, num_steps: int) -> list[float] | None:
+    """``step_size`` as ``K`` floats (``None`` for ``"auto"``); a clear error otherwise."""
+    if isinstance(step_size, str):
+        if step_size != "auto":
+            raise ValueError(
+                f"step_size must be 'auto', a positive float or {num_steps} of them, got {step_size!r}"
+            )
+        return None
+    if isinstance(step_size, (list, tuple)):
+        if len(step_size) != num_steps:
+            raise ValueError(f"step_size must have num_steps = {num_steps} entries, got {len(step_size)}")
+        return [positive_float(h, "step_size") for h in step_size]
+    return [positive_float(step_size, "step_size")] * num_steps
 
 
 class SCLDSampler(ParticleSampler, TrainedSampler):
@@ -131,12 +149,14 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         ``num_steps``; 1 gives a learned AIS without resampling.
     :param str annealing: the temperature grid, ``"linear"`` (default) or ``"cosine"``
         (:func:`annealing_schedule`).
-    :param step_size: the Langevin step ``h`` in whitened coordinates: ``"auto"`` (default; the largest
-        of :attr:`step_size_grid` whose unadjusted steps, untrained, keep a mean Metropolis acceptance
-        of at least 0.9 at every step along the path, from 256 pilot paths: see :meth:`_tune_step_size`)
-        or a number. Explicit steps need ``h`` well below ``2 / curvature``; the weights stay exact for
-        any ``h``, but a too large one makes them useless (with a fixed ``h = 0.1`` the untrained log Z
-        of ManyWell-5 was 60-80 nats low; "auto" picks 0.01 there, and 0.1 on a whitened Gaussian).
+    :param step_size: the Langevin steps ``h_k`` in whitened coordinates (:attr:`step_sizes`):
+        ``"auto"`` (default; step by step along the path, the largest of :attr:`step_size_grid` whose
+        unadjusted step, untrained, keeps a mean Metropolis acceptance of at least 0.9 on 256 pilot
+        particles: see :meth:`_tune_step_sizes`), a number (the same ``h`` at every step) or ``K``
+        numbers. Explicit steps need ``h`` well below ``2 / curvature``; the weights stay exact for any
+        ``h``, but a too large one makes them useless (with a fixed ``h = 0.1`` the untrained log Z of
+        ManyWell-5 was 60-80 nats low; "auto" picks 0.001-0.05 along its path, 0.1-0.25 on a whitened
+        Gaussian).
     :param int num_particles: ``N`` per run of the particle systems behind the estimates (4096).
     :param int num_runs: independent particle systems (1); their spread gives the standard error.
     :param float ess_threshold: resample at a boundary when the normalised ESS is below it, in
@@ -154,7 +174,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         default a :class:`~pyro_sde.nn.ControlNetwork` that is exactly zero
         at initialisation (so that the untrained sampler is AIS with Langevin moves and resampling).
     :param int hidden_dim, num_layers: size of the default network (64, 3).
-    :param float lr: Adam learning rate (5e-3).
+    :param float lr: Adam learning rate (1e-3: at 5e-3, 40 iterations made Funnel-10's log Z 2.4 too high
+        in one of two seeds, and ManyWell-5's 1-2.5 nats low).
     :param float final_lr_fraction: geometric decay of the learning rate over a run (0.1).
     :param float grad_clip: gradient-norm clip (1.0; ``None`` to disable).
     :param float score_clip: the Langevin drift and the control's guide use ``s_beta`` clamped to
@@ -209,7 +230,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         control: torch.nn.Module | None = None,
         hidden_dim: int = 64,
         num_layers: int = 3,
-        lr: float = 5e-3,
+        lr: float = 1e-3,
         final_lr_fraction: float = 0.1,
         grad_clip: float | None = 1.0,
         score_clip: float = 100.0,
@@ -231,9 +252,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             )
         self.betas = annealing_schedule(num_steps, annealing)
         self.annealing = annealing
-        if not (isinstance(step_size, str) and step_size == "auto"):
-            positive_float(step_size, "step_size")
-        self.step_size: float | None = None if step_size == "auto" else float(step_size)
+        #: the Langevin step ``h_k`` of each step k (K floats; "auto": tuned when the target is bound)
+        self.step_sizes: list[float] | None = _check_step_sizes(step_size, num_steps)
         self.step_size_acceptance: float | None = None  #: the "auto" tuning's lowest mean acceptance
         self.num_particles = positive_int(num_particles, "num_particles", minimum=2)
         self.num_runs = positive_int(num_runs, "num_runs")
@@ -297,8 +317,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             initial = self.kernel.initial_step_size(target.dim)
             self.mcmc_step_sizes = [initial] * (self.num_subtrajectories - 1)
         self._setup_optimizer()  # a checkpoint's state (its step size included) is applied here
-        if self.step_size is None:
-            self.step_size, self.step_size_acceptance = self._tune_step_size()
+        if self.step_sizes is None:
+            self.step_sizes, self.step_size_acceptance = self._tune_step_sizes()
 
     def _setup_target(self):
         """Whiten the (counted) potential; the annealing path runs in the whitened coordinates."""
@@ -314,54 +334,60 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         return [self.control]
 
     def _checkpoint_extra(self) -> dict:
-        return {"mcmc_step_sizes": list(self.mcmc_step_sizes), "step_size": self.step_size}
+        return {"mcmc_step_sizes": list(self.mcmc_step_sizes), "step_sizes": self.step_sizes}
 
     def _load_checkpoint_extra(self, extra: dict) -> None:
         if "mcmc_step_sizes" in extra:
             self.mcmc_step_sizes = list(extra["mcmc_step_sizes"])
-        if extra.get("step_size") is not None:
-            self.step_size = float(extra["step_size"])
+        if extra.get("step_sizes") is not None:
+            self.step_sizes = [float(h) for h in extra["step_sizes"]]
+        elif extra.get("step_size") is not None:  # a checkpoint from before the per-step sizes
+            self.step_sizes = [float(extra["step_size"])] * self.num_steps
 
     #: candidate Langevin steps of ``step_size="auto"``, largest first
     step_size_grid = (0.25, 0.1, 0.05, 0.025, 0.01, 0.005, 0.0025, 0.001, 0.0005)
-    #: the lowest mean acceptance (over particles, at any step) that ``"auto"`` accepts
+    #: the lowest mean acceptance (over particles) that ``"auto"`` accepts at a step
     min_step_acceptance = 0.9
 
     @torch.no_grad()
-    def _tune_step_size(self, num_particles: int = 256):
-        """``(h, acceptance)``: the largest ``h`` of :attr:`step_size_grid` whose unadjusted Langevin steps
-        along the path, with the untrained control (zero) and ``num_particles`` pilot paths, have a mean
-        Metropolis acceptance of at least :attr:`min_step_acceptance` at every step: the backward kernel
-        then nearly reverses the forward one and the weights stay informative. The acceptance of a step
-        ``x -> y`` for ``pi_{k+1}`` is ``min(1, pi_{k+1}(y) B_k(x | y) / (pi_{k+1}(x) F_k(y | x)))``."""
-        path, betas = self._path, self.betas
-        acceptance = 0.0
-        for h in self.step_size_grid:
-            x = path.sample_reference(num_particles)
-            point = path.evaluate(x)
-            acceptance = 1.0
-            for k in range(self.num_steps):
-                beta = betas[k + 1]
-                forward_mean = x + h * self._drift(beta, x, point)
+    def _tune_step_sizes(self, num_particles: int = 256):
+        """``(h_0..h_{K-1}, acceptance)``: step by step along the path, with the untrained control (zero)
+        and ``num_particles`` pilot particles, the largest ``h_k`` of :attr:`step_size_grid` (at most one
+        grid level above ``h_{k-1}``) whose unadjusted Langevin step has a mean Metropolis acceptance of at
+        least :attr:`min_step_acceptance`: the backward kernel then nearly reverses the forward one and the
+        weights stay informative; the lowest acceptance is returned. The acceptance of ``x -> y`` for
+        ``pi_{k+1}`` is ``min(1, pi_{k+1}(y) B_k(x | y) / (pi_{k+1}(x) F_k(y | x)))``."""
+        path, betas, grid = self._path, self.betas, self.step_size_grid
+        x = path.sample_reference(num_particles)
+        point = path.evaluate(x)
+        level, step_sizes, lowest = 0, [], 1.0
+        for k in range(self.num_steps):
+            beta = betas[k + 1]
+            drift_x, log_pi_x = self._drift(beta, x, point), path.log_density(beta, point).double()
+            level = max(level - 1, 0)
+            while True:
+                h = grid[level]
+                forward_mean = x + h * drift_x
                 y = forward_mean + math.sqrt(2 * h) * torch.randn_like(x)
                 point_y = path.evaluate(y)
                 backward_mean = y + h * self._drift(beta, y, point_y)
-                log_ratio = (path.log_density(beta, point_y) - path.log_density(beta, point)).double()
+                log_ratio = path.log_density(beta, point_y).double() - log_pi_x
                 log_ratio = log_ratio + ((y - forward_mean).square().sum(-1)
                                          - (x - backward_mean).square().sum(-1)).double() / (4 * h)
                 rate = float(torch.nan_to_num(log_ratio, nan=-math.inf).clamp(max=0).exp().mean())
-                acceptance = min(acceptance, rate)
-                if acceptance < self.min_step_acceptance:
+                if rate >= self.min_step_acceptance or level == len(grid) - 1:
                     break
-                x, point = y, point_y
-            if acceptance >= self.min_step_acceptance:
-                return h, acceptance
-        warnings.warn(
-            f"step_size='auto': even h = {h:g} has a Langevin acceptance of {acceptance:.2f} at some step "
-            f"(< {self.min_step_acceptance}); the weights may degenerate: check the target's scale, or give "
-            "a smaller step_size", RuntimeWarning, stacklevel=4,
-        )
-        return h, acceptance
+                level += 1
+            step_sizes.append(h)
+            lowest = min(lowest, rate)
+            x, point = y, point_y
+        if lowest < self.min_step_acceptance:
+            warnings.warn(
+                f"step_size='auto': even h = {grid[-1]:g} has a Langevin acceptance of {lowest:.2f} at some "
+                f"step (< {self.min_step_acceptance}); the weights may degenerate: check the target's scale, "
+                "or give a smaller step_size", RuntimeWarning, stacklevel=4,
+            )
+        return step_sizes, lowest
 
     # ----------------------------------------------------------------------------------------
     # the particle systems
@@ -406,7 +432,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         path_log_weights)``: the final :class:`ParticleSystem` (``interacting``), the boundaries'
         :class:`SCLDInfo`, the stored :class:`_Trajectories` (``store``) and ``sum_k log G_k`` (N,)
         of each path (float64; not interacting)."""
-        path, h, betas = self._path, self.step_size, self.betas
+        path, step_sizes, betas = self._path, self.step_sizes, self.betas
         n = self.num_steps // self.num_subtrajectories
         x = path.sample_reference(num_particles)
         point = path.evaluate(x)
@@ -420,7 +446,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         )
         path_log_w = torch.zeros(num_particles, dtype=torch.float64, device=x.device)
         infos, stored = [], []
-        noise_std = math.sqrt(2 * h)
         control = self._control_fn(net)
         for j in range(self.num_subtrajectories):
             k0 = j * n
@@ -429,9 +454,10 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             states, guides, forward_means, increments = [x], [guide], [], []
             piece_log_g = torch.zeros_like(path_log_w)
             for k in range(k0, k0 + n):
-                beta_next = betas[k + 1]
+                beta_next, h = betas[k + 1], step_sizes[k]
                 forward_mean = x + h * self._drift(beta_next, x, point)
-                y = forward_mean + h * u + noise_std * torch.randn(x.shape, dtype=x.dtype, device=x.device)
+                noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+                y = forward_mean + h * u + math.sqrt(2 * h) * noise
                 point_y = path.evaluate(y)
                 guide_y = self._drift(beta_next, y, point_y)  # also the backward kernel's drift
                 u_y = control(k + 1, y, guide_y)
@@ -488,10 +514,11 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         tau = self._taus[steps].view(-1, 1, 1)
         u = _clip(net(tau, x.reshape(J * n1, N, d), guides.reshape(J * n1, N, d)), self.control_clip)
         u = u.view(J, n1, N, d)
-        backward_means = x[:, 1:] + self.step_size * guides[:, 1:]
+        h = torch.tensor(self.step_sizes, dtype=x.dtype, device=x.device).view(J, n, 1, 1)
+        backward_means = x[:, 1:] + h * guides[:, 1:]
         log_g = _langevin_log_increment(
             trajectories.log_density_increments, x[:, :-1], x[:, 1:], forward_means, backward_means,
-            u[:, :-1], u[:, 1:], self.step_size,
+            u[:, :-1], u[:, 1:], h,
         ).sum(1)
         return torch.where(alive, log_g, torch.full_like(log_g, math.nan))
 
@@ -604,7 +631,9 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         }
 
     def __repr__(self):
+        steps = self.step_sizes or [math.nan]
         return (
             f"SCLDSampler(num_steps={self.num_steps}, num_subtrajectories={self.num_subtrajectories}, "
-            f"step_size={self.step_size}, kernel={self.kernel!r}, iterations={len(self.losses)})"
+            f"step_sizes in [{min(steps):.3g}, {max(steps):.3g}], "
+            f"kernel={self.kernel!r}, iterations={len(self.losses)})"
         )
