@@ -98,7 +98,8 @@ class TestAmortisedBridgeOnOU:
 
         batched = lp(thetas)
         single = torch.stack([lp(th) for th in thetas])
-        assert batched.shape == (3,) and torch.allclose(batched, single, rtol=0, atol=1e-10)
+        # to float32 round-off: the network (float32 weights) sees each member's theta in another matmul
+        assert batched.shape == (3,) and torch.allclose(batched, single, rtol=0, atol=1e-5)
 
     def test_outside_the_trained_range_warns_or_raises(self, amortised):
         sde = OrnsteinUhlenbeck(theta=t64(5.0), mean=0.0, sigma=t64(0.8))

@@ -226,7 +226,9 @@ class LearnedBridge:
         """Minimise :func:`stable_score_loss` on fresh forward Euler paths; ``draw(n)`` gives the SDE the
         ``n`` paths follow (a batch of ``n`` parameter values, or one) and its conditioning vector."""
         dtype, device = starts.dtype, starts.device
-        self.network.to(device=device, dtype=dtype)  # the network follows the data's dtype / device
+        # the network follows the data's device; its weights keep their dtype (float32 by default: 3x
+        # faster to train than float64 on CPU, and the proposal's weights stay exact in any precision)
+        self.network.to(device=device)
         self.network.horizon.fill_(float(horizon))
         opt = torch.optim.Adam(self.network.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, num_iterations, eta_min=lr / 20)
