@@ -11,7 +11,7 @@ from torch import nn
 
 from pyro_sde.infer.bridge import AmortisedBridge, LearnedBridge, ScoreNetwork
 from pyro_sde.sde.distributions import DiscretelyObservedSDE
-from pyro_sde.sde.models import CIR, OrnsteinUhlenbeck
+from pyro_sde.sde.models import CIR, LandmarkBrownian, OrnsteinUhlenbeck
 
 D64 = torch.float64
 BOX = {"theta": (0.5, 3.0), "sigma": (0.5, 1.2)}
@@ -187,7 +187,7 @@ class TestScoreNetworkAndProposal:
         s = bridge._score(t64(0.3), x, u, sde.diffusion_factor(None, None), torch.randn(5, 2, dtype=D64))
         assert torch.allclose(s, -(x - u) / (0.36 * 0.3), atol=1e-12)
 
-    @pytest.mark.parametrize("model", ["ou", "cir"])
+    @pytest.mark.parametrize("model", ["ou", "cir", "landmarks"])
     def test_precomputed_context_equals_the_plain_network_call(self, model):
         # the proposal's fast path (context once, one step per substep; a constant diffusion factored
         # once) gives the weights of the plain per-substep network call, for a trained-looking network
@@ -206,8 +206,10 @@ class TestScoreNetworkAndProposal:
 
         if model == "ou":
             sde = OrnsteinUhlenbeck(theta=t64(1.2), mean=0.0, sigma=t64(0.7), dim=2)
-        else:
+        elif model == "cir":
             sde = CIR(t64(1.0), t64(1.0), t64(0.5), dim=2)
+        else:  # a constant full (triangular) diffusion factor
+            sde = LandmarkBrownian(t64([[0.0], [0.6]]), t64(0.5), gamma=0.5)
         u, v = torch.rand(3, 2, dtype=D64) + 0.5, torch.rand(3, 2, dtype=D64) + 0.5
         noise = torch.randn(7, 5, 3, 2, dtype=D64)
         dt = t64([0.4, 0.8, 1.0])

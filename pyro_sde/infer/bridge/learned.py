@@ -383,26 +383,30 @@ class LearnedBridge:
         if fast:
             cast = dtype != u.dtype
             ctx = net.context(s_rel.to(dtype), u.to(dtype), None if cond is None else cond.to(dtype))
+        step = delta.unsqueeze(-1)
         if const:
             log_q = log_q - (M - 1) * L0.log_abs_det()
             kicks = step_sd.unsqueeze(1) * L0.matvec(noise)  # sqrt(rho delta) L xi, (M - 1, N, *B, d)
+        if const and L0.diagonal:  # z = (x - u) / (L0 sqrt(s)), delta a s = delta L0 p / sqrt(s)
+            to_z, from_p = 1 / (L0.tril * sqrt_s), step * L0.tril / sqrt_s
         states = [x]
         for k in range(M - 1):
             t = t0 + s_rel[k]
             b = sde.f(t, x)
             if fast:  # p from the precomputed context; s = L0^{-T} p / sqrt(s)
-                z = L0.solve(x - u) / sqrt_s[k]
+                z = (x - u) * to_z[k] if const and L0.diagonal else L0.solve(x - u) / sqrt_s[k]
                 p = net.step(z.to(dtype) if cast else z, (ctx[0][k], ctx[1][k]))
                 p = p.to(u.dtype) if cast else p
             else:
                 p = L0.rmatvec(self._score(s_rel[k], x, u, L0, cond)) * sqrt_s[k]
-            if const:  # a s = L L^T L^{-T} p / sqrt(s) = L p / sqrt(s)
-                a_score = L0.matvec(p) / sqrt_s[k]
-                x = x + delta.unsqueeze(-1) * (a_score - b) + kicks[k]
+            if const and L0.diagonal:
+                x = x + (p * from_p[k] - step * b) + kicks[k]
+            elif const:  # a s = L L^T L^{-T} p / sqrt(s) = L p / sqrt(s)
+                x = x + step * (L0.matvec(p) / sqrt_s[k] - b) + kicks[k]
             else:
                 L = sde.diffusion_factor(t, x)
                 a_score = L.matvec(L.rmatvec(L0.solve_transpose(p) / sqrt_s[k]))
-                x = x + delta.unsqueeze(-1) * (a_score - b) + step_sd[k] * L.matvec(noise[k])
+                x = x + step * (a_score - b) + step_sd[k] * L.matvec(noise[k])
                 log_q = log_q - L.log_abs_det()
             states.append(x)
         states.append(u.expand_as(x))
