@@ -72,6 +72,7 @@ class AmortisedBridge(LearnedBridge):
         self.parameters, self.out_of_range, self.hidden_dim = parameters, out_of_range, hidden_dim
         self.parameter_names: list[str] | None = None
         self.low = self.high = self.center = self.scale = self.log_scale = None
+        self._bounds = None  # (low, high) with the slack, cached for the checks on every call
 
     # -- the conditioning vector ---------------------------------------------------------------
     def parameter_vector(self, sde: SDE) -> tuple[torch.Tensor, list[str]]:
@@ -171,6 +172,7 @@ class AmortisedBridge(LearnedBridge):
             return batch, self._normalise(theta)
 
         self._train(draw, starts, horizon, num_iterations, num_paths, num_steps, lr, progress_bar)
+        self._bounds = None
         return self
 
     # -- proposal ------------------------------------------------------------------------------
@@ -186,9 +188,10 @@ class AmortisedBridge(LearnedBridge):
         if theta.shape[-1] != self.low.numel():
             raise ValueError(f"the SDE has {theta.shape[-1]} parameter coordinates ({', '.join(names)}); the "
                              f"bridge was trained on {self.low.numel()} ({', '.join(self.parameter_names)})")
-        low, high = self.low.to(theta), self.high.to(theta)
-        slack = _RANGE_SLACK * (high - low) + 1e-9 * (1 + high.abs())
-        return (theta < low - slack) | (theta > high + slack)
+        if self._bounds is None or self._bounds[0].dtype != theta.dtype:
+            slack = _RANGE_SLACK * (self.high - self.low) + 1e-9 * (1 + self.high.abs())
+            self._bounds = ((self.low - slack).to(theta), (self.high + slack).to(theta))
+        return (theta < self._bounds[0]) | (theta > self._bounds[1])
 
     def _prepare(self, sde):
         if self.low is None:
@@ -225,6 +228,7 @@ class AmortisedBridge(LearnedBridge):
         self.parameter_names = list(state["names"])
         for key in ("low", "high", "center", "scale", "log_scale"):
             setattr(self, key, state[key])
+        self._bounds = None
 
 
 def _with_params(sde: SDE, values: dict) -> SDE:
