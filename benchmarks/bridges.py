@@ -21,7 +21,13 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import DOC, machine, markdown_table, write_section  # noqa: E402
 
-from pyro_sde.infer.bridge import LearnedBridge, ScoreNetwork, bridge_log_prob, bridge_log_weights  # noqa: E402
+from pyro_sde.infer.bridge import (  # noqa: E402
+    AmortisedBridge,
+    LearnedBridge,
+    ScoreNetwork,
+    bridge_log_prob,
+    bridge_log_weights,
+)
 from pyro_sde.sde.distributions import DiscretelyObservedSDE  # noqa: E402
 from pyro_sde.sde.models import CIR, GeometricBrownianMotion, LandmarkBrownian, OrnsteinUhlenbeck  # noqa: E402
 
@@ -208,17 +214,27 @@ def plot_bias(curves, Ms, path):
     plt.close(fig)
 
 
+def _box(sde, factor=2.0):
+    """``{name: (value / factor, value * factor)}`` for the SDE's positive scalar parameters."""
+    return {k: (v.item() / factor, v.item() * factor) for k, v in sde.params().items()
+            if v.dim() == 0 and v.item() > 0}
+
+
 def accuracy(R, N, M, quick):
     rows = []
     for name, sde, u, v, exact, iters in problems():
-        proposals = ["euler", "forward", "mdb", "guided_euler", "guided", "learned"]
+        proposals = ["euler", "forward", "mdb", "guided_euler", "guided", "learned", "amortised"]
         for prop in proposals:
             uu, vv = u.expand(R, -1), v.expand(R, -1)
-            if prop == "learned":
+            if prop in ("learned", "amortised"):
                 t = time.perf_counter()
-                bridge = LearnedBridge(u.shape[-1]).fit(
-                    sde, u[None], 1.0, num_iterations=iters // (4 if quick else 1), progress_bar=False
-                )
+                n_it = iters // (4 if quick else 1)
+                if prop == "learned":
+                    bridge = LearnedBridge(u.shape[-1]).fit(sde, u[None], 1.0, num_iterations=n_it,
+                                                            progress_bar=False)
+                else:  # one fit over [value / 2, 2 value] for every positive parameter, evaluated inside
+                    bridge = AmortisedBridge(u.shape[-1]).fit(sde, u[None], 1.0, parameter_box=_box(sde),
+                                                              num_iterations=n_it, progress_bar=False)
                 fit_s = time.perf_counter() - t
                 with torch.no_grad():
                     lw = bridge.log_weights(sde, 0.0, 1.0, uu, vv, num_particles=N, num_substeps=M)
@@ -242,7 +258,8 @@ def timing(repeats=30):
     series of 200 intervals (all intervals in one batched call)."""
     rows = []
     for n_int in (1, 200):
-        for prop in ("exact", "euler", "forward", "mdb", "mdb+R", "guided_euler", "guided", "learned"):
+        for prop in ("exact", "euler", "forward", "mdb", "mdb+R", "guided_euler", "guided", "learned",
+                     "amortised"):
             theta, sigma = t64(2.0).requires_grad_(), t64(1.0).requires_grad_()
             times = torch.arange(n_int + 1, dtype=D64)
             x = torch.randn(n_int + 1, 1, dtype=D64)
@@ -250,6 +267,10 @@ def timing(repeats=30):
             if prop == "learned":
                 sde0 = OrnsteinUhlenbeck(theta=t64(2.0), mean=0.0, sigma=t64(1.0))
                 proposal = LearnedBridge(1).fit(sde0, x[:-1], 1.0, num_iterations=20, progress_bar=False)
+            if prop == "amortised":
+                sde0 = OrnsteinUhlenbeck(theta=t64(2.0), mean=0.0, sigma=t64(1.0))
+                proposal = AmortisedBridge(1).fit(sde0, x[:-1], 1.0, parameter_box=_box(sde0),
+                                                  num_iterations=20, progress_bar=False)
 
             def run(backward, theta=theta, sigma=sigma, times=times, proposal=proposal, x=x, rich=rich):
                 sde = OrnsteinUhlenbeck(theta=theta, mean=0.0, sigma=sigma)
@@ -266,7 +287,7 @@ def timing(repeats=30):
                     lp.backward()
 
             res = []
-            reps = max(3, repeats // 10) if prop == "learned" and n_int > 1 else repeats
+            reps = max(3, repeats // 10) if prop in ("learned", "amortised") and n_int > 1 else repeats
             for backward in (False, True):
                 ctx = torch.enable_grad() if backward else torch.no_grad()
                 with ctx:
@@ -348,6 +369,18 @@ def learned_map(times, x, horizon, M, rounds=((16, 500), (64, 500), (64, 500))):
     return est, k + 1
 
 
+def amortised_bridge(x, horizon, iterations=1000):
+    """Amortised bridge: one fit over theta in [0.5, 3], sigma in [0.4, 1.6], for every MAP below."""
+    import pyro
+
+    pyro.set_rng_seed(0)
+    sde = OrnsteinUhlenbeck(theta=t64(1.0), mean=0.0, sigma=t64(1.0))
+    return AmortisedBridge(1, hidden_dim=32).fit(
+        sde, x[:-1], horizon, parameter_box={"theta": (0.5, 3.0), "sigma": (0.4, 1.6)},
+        num_iterations=iterations, progress_bar=False,
+    )
+
+
 RECOVERY = dict(n=200, theta=1.5, sigma=0.8, min_gap=0.3, max_gap=1.3, M=20)  # theta x gap up to 2
 
 
@@ -413,6 +446,15 @@ def recovery(steps, with_learned=True):
         t = time.perf_counter()
         est, k = learned_map(times, x, hi, M)
         row("learned", f"16x{M}, then 64x{M}", f"L-BFGS, {k} fit rounds", est, time.perf_counter() - t)
+        t = time.perf_counter()
+        bridge = amortised_bridge(x, hi)
+        fit_s = time.perf_counter() - t
+        init = {"theta": t64(1.0), "sigma": t64(1.0)}
+        for rich in (False, True):
+            t = time.perf_counter()
+            est, _ = lbfgs_map(times, x, bridge, 64, M, init, richardson=rich)
+            name = "amortised" + (" + Richardson" if rich else "")
+            row(name, f"64x{M}", f"L-BFGS, one fit ({fit_s:.0f} s)", est, time.perf_counter() - t)
     return rows, se
 
 
@@ -482,7 +524,9 @@ landmarks: 20 landmarks x 2 (d=40), fixed Gaussian kernel (alpha=1, gamma=0.02),
 RMSE and bias of log p-hat against the exact (continuous-time) log-density; they include the O(1/M) Euler
 bias that every Euler-ratio estimator shares (forward, mdb, guided_euler: unbiased for the M-step Euler
 density); `guided` (continuous-time weight) is exact on the linear models (OU, landmarks).
-`fit s`: training time of the learned bridge.
+`fit s`: training time of the learned bridges; `learned` is fitted at the problem's parameters,
+`amortised` (`AmortisedBridge`) once over [value / 2, 2 value] for every positive parameter (box), the
+same iterations, and evaluated at the problem's parameters.
 
 {markdown_table(["problem", "proposal", "ESS %", "RMSE", "bias", "fit s"], acc)}"""
     if sections:
@@ -511,7 +555,9 @@ goal: within 0.2 SE with M = 20 substeps.
 L-BFGS: `pyro_sde.infer.lbfgs_map` (AutoDelta guide, `torch.optim.LBFGS`; the common-random-number
 objective is deterministic) from theta = sigma = 1. SVI: `pyro.infer.SVI` with ClippedAdam (lr 0.05,
 decay 0.99). Learned bridge (hidden width 32, horizon 1.3): fit at the current estimate (500 iterations),
-L-BFGS MAP, refit at the new estimate, until it moves < 2 %.
+L-BFGS MAP, refit at the new estimate, until it moves < 2 %. Amortised bridge (`AmortisedBridge`, hidden
+width 32): one fit over theta in [0.5, 3], sigma in [0.4, 1.6] (1000 iterations, time in the optimiser
+column), then L-BFGS MAPs with and without Richardson, no refits.
 
 {markdown_table(cols, rec)}"""
     _write(sections, previous, parts)

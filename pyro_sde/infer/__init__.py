@@ -1,7 +1,7 @@
 """Inference algorithms: learned diffusion samplers, tempered SMC and diffusion-bridge importance sampling."""
 
 from . import annealing, bridge, kernels
-from .bridge import LearnedBridge, bridge_log_weights
+from .bridge import AmortisedBridge, LearnedBridge, bridge_log_weights
 from .chains import Chains
 from .diffusion import DiffusionSampler, StepInfo
 from .map import lbfgs_map
@@ -11,6 +11,7 @@ from .scld import SCLDInfo, SCLDSampler
 from .smc import SMCInfo, SMCSampler, SMCState
 
 __all__ = [
+    "AmortisedBridge",
     "Chains",
     "DiffusionSampler",
     "LearnedBridge",
