@@ -199,3 +199,28 @@ class TestRowsLinear:
         for g, e in zip(grads, expected):
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
         assert math.isfinite(sum(float(g.abs().sum()) for g in grads))
+
+
+class TestChunkedNetwork:
+    @pytest.mark.parametrize("tau_shape", ["grid", "scalar", "per_row"])
+    def test_chunks_give_the_numbers_of_one_call(self, tau_shape):
+        net = ControlNetwork(3, hidden_dim=8, num_layers=2).double()
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        x, guide = torch.randn(7, 5, 3, dtype=D64), torch.randn(7, 5, 3, dtype=D64)
+        taus = {"grid": torch.rand(7, 1, 1), "scalar": torch.tensor(0.3), "per_row": torch.rand(7, 5, 1)}
+        tau = taus[tau_shape]
+        outputs, grads = [], []
+        for chunk_rows in (None, 10, 1):  # one call; slices of 2 steps; one step per slice
+            net.chunk_rows = chunk_rows
+            out = net(tau.double(), x, guide)
+            outputs.append(out)
+            grads.append(torch.autograd.grad(out.square().sum(), list(net.parameters())))
+        for out, g in zip(outputs[1:], grads[1:]):
+            torch.testing.assert_close(out, outputs[0], rtol=1e-13, atol=1e-13)
+            for a, b in zip(g, grads[0]):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def test_chunk_rows_is_checked(self):
+        with pytest.raises(ValueError, match="chunk_rows"):
+            ControlNetwork(2, chunk_rows=0)

