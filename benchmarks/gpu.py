@@ -1,0 +1,110 @@
+"""Iterations per second of DiffusionSampler training at batch 2048 x 200 steps on the present device.
+
+For d = 2, 10, 50 (8-mode Gaussian mixture, closed-form score, method "dis", log-variance loss):
+ours (``backend="euler"``), the same through ``torchsde.sdeint`` (``backend="torchsde"``) and the raw
+network cost (K no-grad forwards of batch N + one forward/backward of K * N rows). Runs on CUDA when
+available, else on the CPU (the section then says so). Goal on one H100-class GPU: >= 17 it/s, d <= 50.
+
+``--check-sync`` first runs one training simulation + loss backward under
+``torch.cuda.set_sync_debug_mode("error")`` (CUDA only): it fails if the step loop reads a device
+tensor on the host.
+
+    python benchmarks/gpu.py [--dims 2 10 50] [--repeats 5] [--check-sync] [--smoke] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from _report import machine, markdown_table, write_section
+from diffusion_step import BATCH, STEPS, make_sampler, raw_network, sampler_iteration
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def iterations_per_second(fn, device, repeats: int, warmup: int = 2) -> float:
+    """Median of ``1 / seconds`` over ``repeats`` calls (the device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        rates.append(1.0 / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def check_no_sync(device, steps, batch):
+    """One training simulation + loss backward with CUDA's sync debug mode set to raise."""
+    sampler = make_sampler(2, steps, device=device)
+    sampler.step(batch)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampler._training_log_weights(batch)[0].sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print("check no host synchronisation in the training simulation and loss: OK")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[2, 10, 50])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--no-torchsde", action="store_true", help="skip the torchsde column")
+    parser.add_argument("--check-sync", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="batch 64 x 20 steps, d = 2, 1 repeat")
+    parser.add_argument("--write", action="store_true", help="write the gpu section of docs/benchmarks.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    batch, steps, repeats, dims = (64, 20, 1, [2]) if args.smoke else (BATCH, STEPS, args.repeats, args.dims)
+    if args.check_sync and device.type == "cuda":
+        check_no_sync(device, steps, batch)
+    rows = []
+    for dim in dims:
+        ours = iterations_per_second(sampler_iteration(make_sampler(dim, steps, device=device), batch),
+                                     device, repeats)
+        theirs = float("nan")
+        if not args.no_torchsde:
+            torchsde = make_sampler(dim, steps, backend="torchsde", device=device)
+            theirs = iterations_per_second(sampler_iteration(torchsde, batch), device, max(1, repeats // 2))
+        raw = iterations_per_second(raw_network(dim, steps, batch, device=device), device, repeats)
+        rows.append([dim, ours, theirs, raw, ours / theirs, raw / ours])
+        print(rows[-1], flush=True)
+    table = markdown_table(
+        ["d", "ours it/s", "torchsde it/s", "raw network it/s", "ours / torchsde", "raw / ours (cost ratio)"],
+        rows,
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device: {name}\n{table}")
+    if args.write and not args.smoke:
+        write_section(
+            "gpu",
+            f"""## Training iterations per second on one device (`benchmarks/gpu.py`)
+
+Batch {batch} x {steps} steps, method "dis", log-variance loss, default network (3 x 64), an 8-mode
+Gaussian mixture with a closed-form score, float32; median of {repeats} iterations after 2 warm-ups.
+Device: **{name}**; load average {load:.1f}. Goal on one H100-class GPU: >= 17 it/s for d <= 50.
+*raw network*: K no-grad forwards of batch N + one forward/backward of the K * N rows (in one call).
+Regenerate on a GPU machine with `python benchmarks/gpu.py --check-sync --write`.
+
+{table}
+""",
+        )
+
+
+if __name__ == "__main__":
+    main()
