@@ -224,3 +224,30 @@ class TestChunkedNetwork:
     def test_chunk_rows_is_checked(self):
         with pytest.raises(ValueError, match="chunk_rows"):
             ControlNetwork(2, chunk_rows=0)
+
+
+class TestCompiledControl:
+    @pytest.mark.slow  # torch.compile's tracing: ~10 s on 2 cores
+    def test_compiled_state_branch_gives_the_eager_numbers(self):
+        # the "aot_eager" backend traces the branch and its backward as torch.compile does, without
+        # inductor's code generation (minutes on this machine; the benchmark checks inductor)
+        net = ControlNetwork(2, hidden_dim=8, num_layers=2).double()
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        tau, x, guide = torch.rand(4, 1, 1, dtype=D64), torch.randn(4, 6, 2, dtype=D64), torch.randn(4, 6, 2)
+        results = []
+        for backend in (None, "aot_eager"):
+            net.compiled = backend
+            out = net(tau, x, guide.double())
+            results.append((out, torch.autograd.grad(out.square().sum(), list(net.parameters()))))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-13, atol=1e-13)
+        for a, b in zip(results[1][1], results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    def test_sampler_compile_flags_its_networks_and_checks_the_argument(self):
+        sampler = _sampler(compile=True)
+        sampler._control_fn(sampler.control, False)
+        assert sampler.control.compiled == "inductor"
+        assert _sampler().control.compiled is None
+        with pytest.raises(TypeError, match="compile"):
+            _sampler(compile="yes")

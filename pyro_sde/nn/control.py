@@ -65,6 +65,28 @@ def _linear(x, weight, bias):
     return F.linear(x, weight, bias)
 
 
+def _state_branch(weights, hidden, guide_scale, x, guide):
+    """``W_L gelu(... gelu(W_0 x + b_0 + hidden)) + b_L + guide_scale * guide``; ``weights`` is
+    ``(W_0, b_0, ..., W_L, b_L)``."""
+    h = _linear(x, weights[0], weights[1]) + hidden
+    for i in range(2, len(weights), 2):
+        h = _linear(F.gelu(h), weights[i], weights[i + 1])
+    if guide is not None:
+        h = h + guide_scale * guide
+    return h
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_state_branch(backend: str):
+    """:func:`_state_branch` through ``torch.compile(backend=backend)``, built on first use and
+    shared by all networks (the weights are arguments: one graph per input shape)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_state_branch, dynamic=False, backend=backend)
+    return _COMPILED[backend]
+
+
 def _mlp(sizes, activation=nn.GELU):
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -108,6 +130,9 @@ class ControlNetwork(nn.Module):
             raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self.dim = dim
         self.chunk_rows = chunk_rows
+        #: ``torch.compile`` backend of the state branch (``DiffusionSampler(compile=True)`` sets
+        #: ``"inductor"``), or None: eager
+        self.compiled: str | None = None
         self.time_embedding = FourierTimeEmbedding(num_frequencies)
         width = 2 * num_frequencies
         self.time_net = _mlp([width, hidden_dim, hidden_dim])
@@ -158,12 +183,11 @@ class ControlNetwork(nn.Module):
         ])
 
     def _state_branch(self, hidden, guide_scale, x, guide):
-        h = _linear(x, self.state_net.weight, self.state_net.bias) + hidden
-        for layer in self._linears:
-            h = _linear(F.gelu(h), layer.weight, layer.bias)
-        if guide is not None:
-            h = h + guide_scale * guide
-        return h
+        weights = (self.state_net.weight, self.state_net.bias) + tuple(
+            t for layer in self._linears for t in (layer.weight, layer.bias)
+        )
+        branch = _compiled_state_branch(self.compiled) if self.compiled else _state_branch
+        return branch(weights, hidden, guide_scale, x, guide)
 
     def forward(
         self, tau: float | torch.Tensor, x: torch.Tensor, guide: torch.Tensor | None = None
