@@ -59,6 +59,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 10, 50])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-torchsde", action="store_true", help="skip the torchsde column")
     parser.add_argument("--check-sync", action="store_true")
@@ -75,12 +76,15 @@ def main():
     rows = []
     for dim in dims:
         ours = iterations_per_second(sampler_iteration(make_sampler(dim, steps, device=device), batch),
-                                     device, repeats)
+                                     device, repeats, args.warmup)
         theirs = float("nan")
         if not args.no_torchsde:
             torchsde = make_sampler(dim, steps, backend="torchsde", device=device)
-            theirs = iterations_per_second(sampler_iteration(torchsde, batch), device, max(1, repeats // 2))
-        raw = iterations_per_second(raw_network(dim, steps, batch, device=device), device, repeats)
+            theirs = iterations_per_second(
+                sampler_iteration(torchsde, batch), device, max(1, repeats // 2), args.warmup
+            )
+        raw_cost = raw_network(dim, steps, batch, device=device)
+        raw = iterations_per_second(raw_cost, device, repeats, args.warmup)
         rows.append([dim, ours, theirs, raw, ours / theirs, raw / ours])
         print(rows[-1], flush=True)
     table = markdown_table(
@@ -96,7 +100,8 @@ def main():
             f"""## Training iterations per second on one device (`benchmarks/gpu.py`)
 
 Batch {batch} x {steps} steps, method "dis", log-variance loss, default network (3 x 64), an 8-mode
-Gaussian mixture with a closed-form score, float32; median of {repeats} iterations after 2 warm-ups.
+Gaussian mixture with a closed-form score, float32; median of {repeats} iterations after
+{args.warmup} warm-up(s).
 Device: **{name}**; load average {load:.1f}. Goal on one H100-class GPU: >= 17 it/s for d <= 50.
 *raw network*: K no-grad forwards of batch N + one forward/backward of the K * N rows (in one call).
 Regenerate on a GPU machine with `python benchmarks/gpu.py --check-sync --write`.
