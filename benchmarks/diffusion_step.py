@@ -14,7 +14,8 @@ Side by side, in the same run (the load of a shared machine drifts; read the rat
 The target is an 8-mode isotropic Gaussian mixture with a closed-form score (the sampler's cost,
 not the target's).
 
-    python benchmarks/diffusion_step.py [--dims 2 10] [--repeats 3] [--threads 2] [--smoke] [--write]
+    python benchmarks/diffusion_step.py [--dims 2 10] [--batch 2048] [--steps 200] [--repeats 3]
+        [--threads 2] [--smoke] [--write] [--grid-study]
 """
 
 from __future__ import annotations
@@ -154,6 +155,8 @@ def grid_study(steps_list=(10, 20, 50, 100, 200), dim=10, num_paths=4096, mean=2
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 10])
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="batch 64 x 20 steps, 1 repeat")
@@ -178,7 +181,7 @@ estimates are unbiased in ``Z`` at any K; the step count only sets the weights' 
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batch, steps, repeats = (64, 20, 1) if args.smoke else (BATCH, STEPS, args.repeats)
+    batch, steps, repeats = (64, 20, 1) if args.smoke else (args.batch, args.steps, args.repeats)
     rows = []
     for dim in args.dims:
         ours = time_it(sampler_iteration(make_sampler(dim, steps), batch), repeats)
