@@ -184,15 +184,19 @@ estimates are unbiased in ``Z`` at any K; the step count only sets the weights' 
     batch, steps, repeats = (64, 20, 1) if args.smoke else (args.batch, args.steps, args.repeats)
     rows = []
     for dim in args.dims:
-        ours = time_it(sampler_iteration(make_sampler(dim, steps), batch), repeats)
+        def timed(name, fn, dim=dim):
+            seconds = time_it(fn, repeats)
+            print(f"d={dim} {name}: {seconds:.3f} s/it", flush=True)
+            return seconds
+
+        ours = timed("ours", sampler_iteration(make_sampler(dim, steps), batch))
         one_call = ControlNetwork(dim, chunk_rows=None)
-        off = time_it(sampler_iteration(make_sampler(dim, steps, control=one_call), batch), repeats)
-        authors = time_it(authors_iteration(make_sampler(dim, steps), batch), repeats)
-        torchsde = time_it(sampler_iteration(make_sampler(dim, steps, backend="torchsde"), batch), repeats)
-        raw = time_it(raw_network(dim, steps, batch), repeats)
-        raw_chunked = time_it(raw_network(dim, steps, batch, chunk_rows=16384), repeats)
+        off = timed("levers off", sampler_iteration(make_sampler(dim, steps, control=one_call), batch))
+        authors = timed("authors", authors_iteration(make_sampler(dim, steps), batch))
+        torchsde = timed("torchsde", sampler_iteration(make_sampler(dim, steps, backend="torchsde"), batch))
+        raw = timed("raw", raw_network(dim, steps, batch))
+        raw_chunked = timed("raw chunked", raw_network(dim, steps, batch, chunk_rows=16384))
         rows.append([dim, ours, off, authors, torchsde, raw, raw_chunked, ours / authors, ours / raw])
-        print(rows[-1], flush=True)
     header = [
         "d", "ours s/it", "ours, levers off", "authors' loop (re-stated)", "torchsde", "raw network",
         "raw network, chunked", "ours / authors", "ours / raw network",
