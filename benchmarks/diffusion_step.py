@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
+import time
 
 import torch
-from _report import machine, markdown_table, time_it, write_section
+from _report import machine, markdown_table, write_section
 
 from pyro_sde.diagnostics import log_evidence
 from pyro_sde.infer import DiffusionSampler
@@ -152,6 +154,20 @@ def grid_study(steps_list=(10, 20, 50, 100, 200), dim=10, num_paths=4096, mean=2
     return markdown_table(header, rows)
 
 
+def time_interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each ``fn()``, the calls taken in turn (one warm-up each): on a shared machine
+    the load drifts between rounds, not within one, so the ratios stay fair."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 10])
@@ -184,19 +200,21 @@ estimates are unbiased in ``Z`` at any K; the step count only sets the weights' 
     batch, steps, repeats = (64, 20, 1) if args.smoke else (args.batch, args.steps, args.repeats)
     rows = []
     for dim in args.dims:
-        def timed(name, fn, dim=dim):
-            seconds = time_it(fn, repeats)
-            print(f"d={dim} {name}: {seconds:.3f} s/it", flush=True)
-            return seconds
-
-        ours = timed("ours", sampler_iteration(make_sampler(dim, steps), batch))
         one_call = ControlNetwork(dim, chunk_rows=None)
-        off = timed("levers off", sampler_iteration(make_sampler(dim, steps, control=one_call), batch))
-        authors = timed("authors", authors_iteration(make_sampler(dim, steps), batch))
-        torchsde = timed("torchsde", sampler_iteration(make_sampler(dim, steps, backend="torchsde"), batch))
-        raw = timed("raw", raw_network(dim, steps, batch))
-        raw_chunked = timed("raw chunked", raw_network(dim, steps, batch, chunk_rows=16384))
-        rows.append([dim, ours, off, authors, torchsde, raw, raw_chunked, ours / authors, ours / raw])
+        t = time_interleaved(
+            {
+                "ours": sampler_iteration(make_sampler(dim, steps), batch),
+                "levers off": sampler_iteration(make_sampler(dim, steps, control=one_call), batch),
+                "authors": authors_iteration(make_sampler(dim, steps), batch),
+                "torchsde": sampler_iteration(make_sampler(dim, steps, backend="torchsde"), batch),
+                "raw": raw_network(dim, steps, batch),
+                "raw chunked": raw_network(dim, steps, batch, chunk_rows=16384),
+            },
+            repeats,
+        )
+        print(f"d={dim}", {k: round(v, 3) for k, v in t.items()}, flush=True)
+        rows.append([dim, t["ours"], t["levers off"], t["authors"], t["torchsde"], t["raw"], t["raw chunked"],
+                     t["ours"] / t["authors"], t["ours"] / t["raw"]])
     header = [
         "d", "ours s/it", "ours, levers off", "authors' loop (re-stated)", "torchsde", "raw network",
         "raw network, chunked", "ours / authors", "ours / raw network",
@@ -210,7 +228,7 @@ estimates are unbiased in ``Z`` at any K; the step count only sets the weights' 
             f"""## Cost of a training iteration (`benchmarks/diffusion_step.py`)
 
 Batch {batch} x {steps} Euler steps, method "dis", log-variance loss, default network (3 x 64, GELU),
-an 8-mode Gaussian mixture with a closed-form score; median of {repeats} iterations after one warm-up;
+an 8-mode Gaussian mixture with a closed-form score; median of {repeats} rounds (the columns timed in turn) after one warm-up;
 machine: {machine()}, load average {load:.1f} at the end (the columns were measured in the same run:
 read the ratios). Goals: <= 0.5x the authors' per-iteration time, within 1.5x of the raw network cost
 (K no-grad forwards of batch N + one forward/backward of K * N rows in one call).
