@@ -228,8 +228,8 @@ estimates are unbiased in ``Z`` at any K; the step count only sets the weights' 
             f"""## Cost of a training iteration (`benchmarks/diffusion_step.py`)
 
 Batch {batch} x {steps} Euler steps, method "dis", log-variance loss, default network (3 x 64, GELU),
-an 8-mode Gaussian mixture with a closed-form score; median of {repeats} rounds (the columns timed in turn) after one warm-up;
-machine: {machine()}, load average {load:.1f} at the end (the columns were measured in the same run:
+an 8-mode Gaussian mixture with a closed-form score; median of {repeats} rounds (the columns timed in
+turn) after one warm-up; machine: {machine()}, load average {load:.1f} at the end (a shared machine:
 read the ratios). Goals: <= 0.5x the authors' per-iteration time, within 1.5x of the raw network cost
 (K no-grad forwards of batch N + one forward/backward of K * N rows in one call).
 
