@@ -9,7 +9,7 @@ available, else on the CPU (the section then says so). Goal on one H100-class GP
 ``torch.cuda.set_sync_debug_mode("error")`` (CUDA only): it fails if the step loop reads a device
 tensor on the host.
 
-    python benchmarks/gpu.py [--dims 2 10 50] [--repeats 5] [--check-sync] [--smoke] [--write]
+    python benchmarks/gpu.py [--dims 2 10 50] [--repeats 5] [--check-sync] [--compile] [--smoke] [--write]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--no-torchsde", action="store_true", help="skip the torchsde column")
+    parser.add_argument("--compile", action="store_true", help="add a column with compile=True")
     parser.add_argument("--check-sync", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="batch 64 x 20 steps, d = 2, 1 repeat")
     parser.add_argument("--write", action="store_true", help="write the gpu section of docs/benchmarks.md")
@@ -85,12 +86,15 @@ def main():
             )
         raw_cost = raw_network(dim, steps, batch, device=device)
         raw = iterations_per_second(raw_cost, device, repeats, args.warmup)
-        rows.append([dim, ours, theirs, raw, ours / theirs, raw / ours])
+        row = [dim, ours, theirs, raw, ours / theirs, raw / ours]
+        if args.compile:  # the first iterations compile (minutes): warm up longer
+            compiled = sampler_iteration(make_sampler(dim, steps, device=device, compile=True), batch)
+            row.append(iterations_per_second(compiled, device, repeats, args.warmup + 3))
+        rows.append(row)
         print(rows[-1], flush=True)
-    table = markdown_table(
-        ["d", "ours it/s", "torchsde it/s", "raw network it/s", "ours / torchsde", "raw / ours (cost ratio)"],
-        rows,
-    )
+    header = ["d", "ours it/s", "torchsde it/s", "raw network it/s", "ours / torchsde",
+              "raw / ours (cost ratio)"]
+    table = markdown_table(header + (["ours, compile=True, it/s"] if args.compile else []), rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device: {name}\n{table}")
@@ -104,7 +108,7 @@ Gaussian mixture with a closed-form score, float32; median of {repeats} iteratio
 {args.warmup} warm-up(s).
 Device: **{name}**; load average {load:.1f}. Goal on one H100-class GPU: >= 17 it/s for d <= 50.
 *raw network*: K no-grad forwards of batch N + one forward/backward of the K * N rows (in one call).
-Regenerate on a GPU machine with `python benchmarks/gpu.py --check-sync --write`.
+Regenerate on a GPU machine with `python benchmarks/gpu.py --check-sync --compile --write`.
 
 {table}
 """,
