@@ -237,6 +237,9 @@ read the ratios). Goals: <= 0.5x the authors' per-iteration time, within 1.5x of
 loop*: the sde_sampler training step re-stated on our chain (the control with autograd at every
 step, its time branch on every row, one backward through the K steps); *raw network, chunked*: the
 same network cost with the K * N rows in slices of 16384.
+`DiffusionSampler(compile=True)` is no column: on this CPU it ran at the eager speed (6.0 vs 5.9 s/it at
+2048 x 200, d = 2, 1 thread) after 130 s of compilation, so it stays off by default (see `benchmarks/gpu.py`
+for the GPU, where fusing the step's small kernels is what can pay).
 
 {table}
 """,
