@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 from _report import machine, markdown_table, write_section
-from diffusion_step import BATCH, STEPS, make_sampler, raw_network, sampler_iteration
+from diffusion_step import BATCH, STEPS, make_sampler, raw_network, sampler_iteration, time_interleaved
 
 
 def _sync(device):
@@ -29,18 +27,14 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def iterations_per_second(fn, device, repeats: int, warmup: int = 2) -> float:
-    """Median of ``1 / seconds`` over ``repeats`` calls (the device synchronised around each)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def synchronised(fn, device):
+    """``fn`` followed by a device synchronisation (so that a call's wall time is its cost)."""
+
+    def run():
         fn()
         _sync(device)
-        rates.append(1.0 / (time.perf_counter() - start))
-    return statistics.median(rates)
+
+    return run
 
 
 def check_no_sync(device, steps, batch):
@@ -76,20 +70,25 @@ def main():
         check_no_sync(device, steps, batch)
     rows = []
     for dim in dims:
-        ours = iterations_per_second(sampler_iteration(make_sampler(dim, steps, device=device), batch),
-                                     device, repeats, args.warmup)
-        theirs = float("nan")
+        fns = {"ours": sampler_iteration(make_sampler(dim, steps, device=device), batch)}
         if not args.no_torchsde:
             torchsde = make_sampler(dim, steps, backend="torchsde", device=device)
-            theirs = iterations_per_second(
-                sampler_iteration(torchsde, batch), device, max(1, repeats // 2), args.warmup
-            )
-        raw_cost = raw_network(dim, steps, batch, device=device)
-        raw = iterations_per_second(raw_cost, device, repeats, args.warmup)
-        row = [dim, ours, theirs, raw, ours / theirs, raw / ours]
-        if args.compile:  # the first iterations compile (minutes): warm up longer
+            fns["torchsde"] = sampler_iteration(torchsde, batch)
+        fns["raw"] = raw_network(dim, steps, batch, device=device)
+        if args.compile:
             compiled = sampler_iteration(make_sampler(dim, steps, device=device, compile=True), batch)
-            row.append(iterations_per_second(compiled, device, repeats, args.warmup + 3))
+            for _ in range(args.warmup + 2):  # the first iterations compile (minutes)
+                compiled()
+            fns["compiled"] = compiled
+        for _ in range(args.warmup - 1):
+            for fn in fns.values():
+                fn()
+        seconds = time_interleaved({k: synchronised(fn, device) for k, fn in fns.items()}, repeats)
+        rate = {k: 1.0 / v for k, v in seconds.items()}
+        theirs = rate.get("torchsde", float("nan"))
+        row = [dim, rate["ours"], theirs, rate["raw"], rate["ours"] / theirs, rate["raw"] / rate["ours"]]
+        if args.compile:
+            row.append(rate["compiled"])
         rows.append(row)
         print(rows[-1], flush=True)
     header = ["d", "ours it/s", "torchsde it/s", "raw network it/s", "ours / torchsde",
@@ -104,8 +103,8 @@ def main():
             f"""## Training iterations per second on one device (`benchmarks/gpu.py`)
 
 Batch {batch} x {steps} steps, method "dis", log-variance loss, default network (3 x 64), an 8-mode
-Gaussian mixture with a closed-form score, float32; median of {repeats} iterations after
-{args.warmup} warm-up(s).
+Gaussian mixture with a closed-form score, float32; median of {repeats} rounds (the columns timed in
+turn, the device synchronised after each call) after {args.warmup} warm-up(s).
 Device: **{name}**; load average {load:.1f}. Goal on one H100-class GPU: >= 17 it/s for d <= 50.
 *raw network*: K no-grad forwards of batch N + one forward/backward of the K * N rows (in one call).
 Regenerate on a GPU machine with `python benchmarks/gpu.py --check-sync --compile --write`.
