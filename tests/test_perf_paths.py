@@ -207,7 +207,8 @@ class TestChunkedNetwork:
         net = ControlNetwork(3, hidden_dim=8, num_layers=2).double()
         for p in net.parameters():
             torch.nn.init.normal_(p, std=0.5)
-        x, guide = torch.randn(7, 5, 3, dtype=D64), torch.randn(7, 5, 3, dtype=D64)
+        x = torch.randn(7, 5, 3, dtype=D64, requires_grad=True)  # as on the reparametrised (KL) path
+        guide = torch.randn(7, 5, 3, dtype=D64)
         taus = {"grid": torch.rand(7, 1, 1), "scalar": torch.tensor(0.3), "per_row": torch.rand(7, 5, 1)}
         tau = taus[tau_shape]
         outputs, grads = [], []
@@ -215,7 +216,7 @@ class TestChunkedNetwork:
             net.chunk_rows = chunk_rows
             out = net(tau.double(), x, guide)
             outputs.append(out)
-            grads.append(torch.autograd.grad(out.square().sum(), list(net.parameters())))
+            grads.append(torch.autograd.grad(out.square().sum(), [x] + list(net.parameters())))
         for out, g in zip(outputs[1:], grads[1:]):
             torch.testing.assert_close(out, outputs[0], rtol=1e-13, atol=1e-13)
             for a, b in zip(g, grads[0]):

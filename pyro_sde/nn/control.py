@@ -170,16 +170,16 @@ class ControlNetwork(nn.Module):
         if self.chunk_rows is None or x.dim() < 2 or rows <= self.chunk_rows or x.shape[0] < 2:
             return self._state_branch(hidden, guide_scale, x, guide)
         step = max(1, self.chunk_rows * x.shape[0] // rows)  # slices of dim 0 per chunk
-        lead = x.dim()
+        num_chunks = -(-x.shape[0] // step)
 
-        def part(t, i):  # the slice of t that meets x[i : i + step] under broadcasting
-            if t is None or t.dim() < lead or t.shape[0] == 1:
-                return t
-            return t[i : i + step]
+        def parts(t):  # t's slices that meet x's (split: one gradient concatenation, no zero fill)
+            if t is None or t.dim() < x.dim() or t.shape[0] == 1:
+                return [t] * num_chunks
+            return t.split(step)
 
         return torch.cat([
-            self._state_branch(part(hidden, i), part(guide_scale, i), x[i : i + step], part(guide, i))
-            for i in range(0, x.shape[0], step)
+            self._state_branch(*args)
+            for args in zip(parts(hidden), parts(guide_scale), x.split(step), parts(guide))
         ])
 
     def _state_branch(self, hidden, guide_scale, x, guide):
