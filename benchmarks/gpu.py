@@ -92,10 +92,13 @@ def main():
         rows.append(row)
         print(rows[-1], flush=True)
     header = ["d", "ours it/s", "torchsde it/s", "raw network it/s", "ours / torchsde",
-              "raw / ours (cost ratio)"]
+              "ours s/it / raw s/it"]
     table = markdown_table(header + (["ours, compile=True, it/s"] if args.compile else []), rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpu_note = "" if device.type == "cuda" else (
+        "\n**No GPU was present: these are CPU numbers**; the GPU goal is not measured here.\n"
+    )
     print(f"device: {name}\n{table}")
     if args.write and not args.smoke:
         write_section(
@@ -108,7 +111,7 @@ turn, the device synchronised after each call) after {args.warmup} warm-up(s).
 Device: **{name}**; load average {load:.1f}. Goal on one H100-class GPU: >= 17 it/s for d <= 50.
 *raw network*: K no-grad forwards of batch N + one forward/backward of the K * N rows (in one call).
 Regenerate on a GPU machine with `python benchmarks/gpu.py --check-sync --compile --write`.
-
+{cpu_note}
 {table}
 """,
         )
