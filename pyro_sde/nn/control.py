@@ -29,6 +29,64 @@ class FourierTimeEmbedding(nn.Module):
         return torch.cat([phase.sin(), phase.cos()], dim=-1)
 
 
+class _RowsLinear(torch.autograd.Function):
+    """``x W^T + b`` on many rows whose weight gradient puts the narrow side first: ``g^T x`` when
+    ``d_out <= d_in``, ``(x^T g)^T`` otherwise (a ``narrow x rows`` by ``rows x wide`` product).
+
+    Same numbers as :func:`torch.nn.functional.linear`. On CPU (MKL) autograd's ``wide x rows`` by
+    ``rows x narrow`` product for the ``64 -> d`` output layer costs ~10x more at K*N ~ 4e5 rows
+    (0.5 s vs 0.05 s at batch 2048 x 200 steps). The backward uses differentiable ops (double
+    backward works).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        rows_grad, rows_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            d_out, d_in = weight.shape
+            grad_weight = rows_grad.t() @ rows_x if d_out <= d_in else (rows_x.t() @ rows_grad).t()
+        if ctx.needs_input_grad[2]:
+            grad_bias = rows_grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def _linear(x, weight, bias):
+    """``F.linear``; through :class:`_RowsLinear` for a non-square weight that needs a gradient."""
+    if weight.shape[0] != weight.shape[1] and weight.requires_grad and torch.is_grad_enabled():
+        return _RowsLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _state_branch(weights, hidden, guide_scale, x, guide):
+    """``W_L gelu(... gelu(W_0 x + b_0 + hidden)) + b_L + guide_scale * guide``; ``weights`` is
+    ``(W_0, b_0, ..., W_L, b_L)``."""
+    h = _linear(x, weights[0], weights[1]) + hidden
+    for i in range(2, len(weights), 2):
+        h = _linear(F.gelu(h), weights[i], weights[i + 1])
+    if guide is not None:
+        h = h + guide_scale * guide
+    return h
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_state_branch(backend: str):
+    """:func:`_state_branch` through ``torch.compile(backend=backend)``, built on first use and
+    shared by all networks (the weights are arguments: one graph per input shape)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_state_branch, dynamic=False, backend=backend)
+    return _COMPILED[backend]
+
+
 def _mlp(sizes, activation=nn.GELU):
     layers = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -46,6 +104,9 @@ class ControlNetwork(nn.Module):
     :param int num_layers: hidden layers of the state-time network (3).
     :param int num_frequencies: Fourier features of time (64).
     :param float guide_scale_init: initial value of ``NN_t`` (the bias of its last layer).
+    :param int chunk_rows: inputs of more rows are evaluated in slices along their first axis of
+        about this many rows (16384; ``None``: one call). Same numbers; on CPU the batched loss
+        (K * N rows) runs ~1.7x faster forward + backward, its activations staying in cache.
 
     Shapes: ``tau`` broadcastable to ``x.shape[:-1] + (1,)`` (a per-step scalar is cheap: the time
     branch then runs on one row), ``x`` and ``guide`` ``(..., d)``; returns ``(..., d)``.
@@ -59,11 +120,19 @@ class ControlNetwork(nn.Module):
         num_layers: int = 3,
         num_frequencies: int = 64,
         guide_scale_init: float = 1.0,
+        chunk_rows: int | None = 16384,
     ):
         super().__init__()
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                       or chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
         self.dim = dim
+        self.chunk_rows = chunk_rows
+        #: ``torch.compile`` backend of the state branch (``DiffusionSampler(compile=True)`` sets
+        #: ``"inductor"``), or None: eager
+        self.compiled: str | None = None
         self.time_embedding = FourierTimeEmbedding(num_frequencies)
         width = 2 * num_frequencies
         self.time_net = _mlp([width, hidden_dim, hidden_dim])
@@ -94,14 +163,31 @@ class ControlNetwork(nn.Module):
         x: torch.Tensor,
         guide: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The state branch given :meth:`time_features` (functional: no module dispatch per layer)."""
+        """The state branch given :meth:`time_features` (functional: no module dispatch per layer),
+        in slices of ``chunk_rows`` rows along the first axis of ``x``."""
         hidden, guide_scale = time_features
-        h = F.linear(x, self.state_net.weight, self.state_net.bias) + hidden
-        for layer in self._linears:
-            h = F.linear(F.gelu(h), layer.weight, layer.bias)
-        if guide is not None:
-            h = h + guide_scale * guide
-        return h
+        rows = x.shape[:-1].numel()
+        if self.chunk_rows is None or x.dim() < 2 or rows <= self.chunk_rows or x.shape[0] < 2:
+            return self._state_branch(hidden, guide_scale, x, guide)
+        step = max(1, self.chunk_rows * x.shape[0] // rows)  # slices of dim 0 per chunk
+        num_chunks = -(-x.shape[0] // step)
+
+        def parts(t):  # t's slices that meet x's (split: one gradient concatenation, no zero fill)
+            if t is None or t.dim() < x.dim() or t.shape[0] == 1:
+                return [t] * num_chunks
+            return t.split(step)
+
+        return torch.cat([
+            self._state_branch(*args)
+            for args in zip(parts(hidden), parts(guide_scale), x.split(step), parts(guide))
+        ])
+
+    def _state_branch(self, hidden, guide_scale, x, guide):
+        weights = (self.state_net.weight, self.state_net.bias) + tuple(
+            t for layer in self._linears for t in (layer.weight, layer.bias)
+        )
+        branch = _compiled_state_branch(self.compiled) if self.compiled else _state_branch
+        return branch(weights, hidden, guide_scale, x, guide)
 
     def forward(
         self, tau: float | torch.Tensor, x: torch.Tensor, guide: torch.Tensor | None = None

@@ -16,6 +16,7 @@ Everything here works on a :class:`~pyro_sde.sde.reference.ReferenceProcess` cha
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -95,6 +96,30 @@ def log_ratio_increment(
     raise ValueError(f"unknown reference kind {kind!r}")
 
 
+#: reference -> (a_k, c_k, s_k, b_k) as Python floats, read once from the CPU float64 grid
+_STEP_FLOATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_floats(reference: ReferenceProcess) -> tuple[list, list, list, list]:
+    """``(a, c, s, b)`` per step as Python floats (``b`` is ``[None] * K`` for a forward reference).
+
+    Read from the float64 grid on the CPU once per reference: the step loop then neither builds tiny
+    tensors nor copies from the simulation's device (no host synchronisation on a GPU).
+    """
+    floats = _STEP_FLOATS.get(reference)
+    if floats is None:
+        coef = reference.coefficients(torch.float64, "cpu")
+        b = coef.backward_scale
+        floats = (
+            coef.drift_scale.tolist(),
+            coef.control_scale.tolist(),
+            coef.noise_std.tolist(),
+            b.tolist() if b is not None else [None] * reference.num_steps,
+        )
+        _STEP_FLOATS[reference] = floats
+    return floats
+
+
 def _check_x0(reference: ReferenceProcess, x0: torch.Tensor):
     if not isinstance(x0, torch.Tensor) or x0.dim() != 2:
         raise ValueError(f"x0 must be a tensor of shape (num_samples, dim), got {getattr(x0, 'shape', x0)}")
@@ -129,9 +154,9 @@ def euler_maruyama(
         noise = torch.randn((K,) + x0.shape, dtype=x0.dtype, device=x0.device)
     elif noise.shape != (K,) + x0.shape:
         raise ValueError(f"noise must have shape {(K,) + tuple(x0.shape)}, got {tuple(noise.shape)}")
-    # Python floats keep the loop free of tiny tensor ops; the grid stays a tensor for the network.
-    a, c, s = coef.drift_scale.tolist(), coef.control_scale.tolist(), coef.noise_std.tolist()
-    b = coef.backward_scale.tolist() if coef.backward_scale is not None else [None] * K
+    # Python floats keep the loop free of tiny tensor ops and of device-to-host copies; the grid
+    # stays a tensor (on x0's device) for the network.
+    a, c, s, b = _step_floats(reference)
     exact_residual = noise_scale == 1.0
     x = x0
     states, controls = [x0], []

@@ -123,6 +123,10 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         plate; where that fails, ``torch.func.vmap`` over one particle; where that fails too, a sequential
         loop with a warning that states the slowdown), or ``"plate"``, ``"vmap"``, ``"sequential"``.
     :param dtype, device: with ``log_density`` only (a model's tensors decide otherwise).
+    :param bool compile: evaluate the default :class:`~pyro_sde.nn.ControlNetwork` (simulation and loss
+        passes) through ``torch.compile`` (False; the first iterations pay the compilation, tens of
+        seconds; see the ``diffusion_step`` benchmark for what it buys). A custom ``control`` is used
+        as given.
     """
 
     def __init__(
@@ -157,8 +161,12 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         vectorize: str | bool = "auto",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        compile: bool = False,
     ):
         check_target(model, log_density, score)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        self.compile = compile
         if method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if backend not in _BACKENDS:
@@ -274,6 +282,8 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
     def _control_fn(self, net, differentiable, guides=None):
         """``control_fn(k, t, z)`` of ``net`` for the integrator; records step k's guide in ``guides``."""
         T, p = self.reference.T, self._target
+        if self.compile and isinstance(net, ControlNetwork):
+            net.compiled = "inductor"  # a plain flag: EMA copies and checkpoints carry no compiled code
         forward = None
         if hasattr(net, "time_features"):  # evaluate the time branch once for the whole grid
             tau = self.reference.coefficients(p.dtype, p.device).times[:-1] / T
