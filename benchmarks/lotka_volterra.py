@@ -1,4 +1,4 @@
-"""Stochastic Lotka-Volterra: the SMC posterior of ``examples/stochastic_lotka_volterra.py`` against long NUTS.
+"""Stochastic Lotka-Volterra: the SMC posterior of ``examples/stochastic_lotka_volterra.py`` against NUTS.
 
 Ground truth: NUTS (Pyro) on the joint posterior of the five log parameters and the latent Euler path between
 the observations (data augmentation, ``M`` substeps a gap): ``p(theta) prod_i prod_m N(x_{m+1}; x_m +
@@ -148,7 +148,8 @@ def compute(args, save):
                   num_substeps=substeps, proposal=proposal)
         samples, log_weights = smc.get_weighted_samples()
         out[proposal] = {
-            "cpu": time.process_time() - start, "temperatures": smc.num_temperatures[0], "particles": particles,
+            "cpu": time.process_time() - start, "temperatures": smc.num_temperatures[0],
+            "particles": particles,
             "log_evidence": tuple(float(v) for v in smc.log_evidence()[:2]),
             "samples": {k: samples[k].detach() for k in PARAMS}, "log_weights": log_weights.detach(),
         }
@@ -240,7 +241,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="short chains, nothing written")
     args = parser.parse_args(argv)
     if args.quick:
-        args.chains, args.warmup, args.samples, args.smc_particles, args.continuous_particles = 2, 30, 30, 64, 64
+        args.chains, args.warmup, args.samples = 2, 30, 30
+        args.smc_particles, args.continuous_particles = 64, 64
     torch.set_num_threads(1)
     if args.report_only:
         out = torch.load(args.results, weights_only=False)

@@ -52,7 +52,8 @@ def simulate(num_intervals: int = 20, gap: float = 1.0, seed: int = 1):
 def model(times, log_obs, *, proposal="guided_euler", num_particles=32, num_substeps=10, seed=0):
     """Log-normal priors on the five parameters; the observed log populations' bridge likelihood."""
     params = {
-        k: pyro.sample(k, dist.LogNormal(torch.tensor(loc, dtype=D64), scale)) for k, (loc, scale) in PRIORS.items()
+        k: pyro.sample(k, dist.LogNormal(torch.tensor(loc, dtype=D64), scale))
+        for k, (loc, scale) in PRIORS.items()
     }
     likelihood = DiscretelyObservedSDE(
         StochasticLotkaVolterra(**params), times, proposal=proposal, num_particles=num_particles,
@@ -68,7 +69,8 @@ def fit(times, log_obs, *, smc_particles=512, bridge_particles=32, num_substeps=
     # two MAP starts and a small importance check suffice for the preconditioner of a unimodal posterior
     smc = SMCSampler(model, num_particles=smc_particles,
                      precondition_options={"num_starts": 2, "num_draws": 256, "svi_steps": 50})
-    return smc.run(times, log_obs, proposal=proposal, num_particles=bridge_particles, num_substeps=num_substeps)
+    return smc.run(times, log_obs, proposal=proposal, num_particles=bridge_particles,
+                   num_substeps=num_substeps)
 
 
 def main(argv=None):

@@ -572,14 +572,15 @@ def _log_bessel_i(order, z):
 
 
 class StochasticLotkaVolterra(SDE):
-    """Predator-prey Lotka-Volterra with multiplicative noise (state: prey ``X1``, predators ``X2``, both > 0).
+    """Predator-prey Lotka-Volterra with multiplicative noise (state: prey ``X1``, predators ``X2``, > 0).
 
     ``dX1 = X1 (alpha - beta X2) dt + sigma X1 dW1``, ``dX2 = X2 (delta X1 - gamma) dt + sigma X2 dW2``.
     With ``log_scale=True`` (default) the state is ``Y = log X`` and the model is its exact Ito transform
-    ``dY1 = (alpha - beta e^{Y2} - sigma^2 / 2) dt + sigma dW1``, ``dY2 = (delta e^{Y1} - gamma - sigma^2 / 2) dt
-    + sigma dW2``: constant diffusion, every Euler state positive after ``exp``, and densities in ``Y``
-    (``p_X(x) = p_Y(log x) / (x1 x2)``). With ``log_scale=False`` the state is ``X`` itself (Euler steps may
-    leave the positive quadrant). No closed-form transition density.
+    ``dY1 = (alpha - beta e^{Y2} - sigma^2 / 2) dt + sigma dW1``,
+    ``dY2 = (delta e^{Y1} - gamma - sigma^2 / 2) dt + sigma dW2``: constant diffusion, every Euler state
+    positive after ``exp``, and densities in ``Y`` (``p_X(x) = p_Y(log x) / (x1 x2)``). With
+    ``log_scale=False`` the state is ``X`` itself (Euler steps may leave the positive quadrant). No
+    closed-form transition density.
 
     :param alpha: prey growth rate (> 0). :param beta: predation rate (> 0). :param gamma: predator death rate
         (> 0). :param delta: predator growth per prey (> 0). :param sigma: noise scale (> 0), common to both
