@@ -129,15 +129,21 @@ def comparison_rows(reference, candidates):
     return rows
 
 
+def compute_nuts(args):
+    """The NUTS chains' draws and cost, with the run's options and load."""
+    times, log_obs = simulate()
+    M, load, start = args.substeps, os.getloadavg()[0], time.process_time()
+    nuts, wall = run_nuts(times, log_obs, M, num_chains=args.chains, warmup=args.warmup, samples=args.samples)
+    return {"log_theta": nuts, "cpu": time.process_time() - start, "wall": wall, "load": load,
+            "dim": 5 + (times.numel() - 1) * (M - 1) * 2, "args": vars(args)}
+
+
 def compute(args, save):
     """Run the NUTS chains and the SMC fits (``save(out)`` after each): every number the report needs."""
     times, log_obs = simulate()
     M = args.substeps
     out = {"load": os.getloadavg()[0], "args": vars(args)}
-    start = time.process_time()
-    nuts, wall = run_nuts(times, log_obs, M, num_chains=args.chains, warmup=args.warmup, samples=args.samples)
-    out["nuts"] = {"log_theta": nuts, "cpu": time.process_time() - start, "wall": wall,
-                   "dim": 5 + (times.numel() - 1) * (M - 1) * 2}
+    out["nuts"] = compute_nuts(args)
     save(out)
     fits = [("guided_euler", M, args.smc_particles)]
     if args.continuous_particles:
@@ -171,7 +177,8 @@ def resampled(result, num_samples=4000, seed=0):
 def report(out, write):
     import arviz as az
 
-    args, M = out["args"], out["args"]["substeps"]
+    M, n = out["args"]["substeps"], out["nuts"]
+    nuts_args = n.get("args", out["args"])
     nuts_theta = out["nuts"]["log_theta"].exp()
     nuts_idata = az.from_dict(posterior={k: nuts_theta[..., j].numpy() for j, k in enumerate(PARAMS)})
     rhat, ess = az.rhat(nuts_idata), az.ess(nuts_idata)
@@ -189,7 +196,6 @@ def report(out, write):
     header.append("NUTS half vs half: W1/sd")
     rows = comparison_rows(nuts_theta, [draws[label] for label, _ in fits])
     table = markdown_table(header, [r + [f[-2]] for r, f in zip(rows, floor)])
-    n = out["nuts"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     smc_notes = "; ".join(
@@ -197,13 +203,14 @@ def report(out, write):
         f"{out[label]['temperatures']} temperatures, log evidence {out[label]['log_evidence'][0]:.2f} +- "
         f"{out[label]['log_evidence'][1]:.2f}" for label, substeps in fits
     )
+    chains = f"{nuts_args['chains']} chains x ({nuts_args['warmup']} warm-up + {nuts_args['samples']}) draws"
     notes = (
-        f"NUTS: {args['chains']} chains x ({args['warmup']} warm-up + {args['samples']}) draws over "
-        f"{n['dim']} dimensions, {n['cpu']:.0f} s CPU ({n['wall']:.0f} s wall); max R-hat {max_rhat:.3f}, "
-        f"min bulk ESS {min_ess:.0f}. SMC with {args['bridges']} bridges per interval: {smc_notes}. W1/sd: "
-        "Wasserstein-1 distance to the NUTS draws over the NUTS sd; KS: two-sample Kolmogorov-Smirnov "
-        f"statistic (4000 resampled SMC draws). Load average {out['load']:.1f} at the start ({machine()}; "
-        f"commit {commit})."
+        f"NUTS: {chains} over {n['dim']} dimensions, {n['cpu']:.0f} s CPU ({n['wall']:.0f} s wall, load "
+        f"average {n.get('load', out['load']):.1f} at its start); max R-hat {max_rhat:.3f}, min bulk ESS "
+        f"{min_ess:.0f}. SMC with {out['args']['bridges']} bridges per interval: {smc_notes} (load average "
+        f"{out['load']:.1f} at the start). W1/sd: Wasserstein-1 distance to the NUTS draws over the NUTS sd; "
+        f"KS: two-sample Kolmogorov-Smirnov statistic (4000 resampled SMC draws). {machine()}; "
+        f"commit {commit}."
     )
     print(table)
     print(notes)
@@ -238,14 +245,23 @@ def main(argv=None):
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "lotka_volterra.pt"),
                         help="where the draws are saved (and read back with --report-only)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table from saved draws")
+    parser.add_argument("--nuts-results", default=None,
+                        help="with --nuts-only: where the NUTS draws go; with --report-only: NUTS draws that "
+                        "replace those in --results")
+    parser.add_argument("--nuts-only", action="store_true", help="only the NUTS chains, into --nuts-results")
     parser.add_argument("--quick", action="store_true", help="short chains, nothing written")
     args = parser.parse_args(argv)
     if args.quick:
         args.chains, args.warmup, args.samples = 2, 30, 30
         args.smc_particles, args.continuous_particles = 64, 64
     torch.set_num_threads(1)
+    if args.nuts_only:
+        torch.save(compute_nuts(args), args.nuts_results)
+        return
     if args.report_only:
         out = torch.load(args.results, weights_only=False)
+        if args.nuts_results:
+            out["nuts"] = torch.load(args.nuts_results, weights_only=False)
     else:
         out = compute(args, (lambda out: None) if args.quick else (lambda out: torch.save(out, args.results)))
     report(out, write=not args.quick)
