@@ -143,19 +143,20 @@ def compute(args, save):
     times, log_obs = simulate()
     M = args.substeps
     out = {"load": os.getloadavg()[0], "args": vars(args)}
-    out["nuts"] = compute_nuts(args)
-    save(out)
+    if not args.smc_only:
+        out["nuts"] = compute_nuts(args)
+        save(out)
     fits = [("guided_euler", M, args.smc_particles)]
     if args.continuous_particles:
         fits.append(("guided", 2 * M, args.continuous_particles))
     for proposal, substeps, particles in fits:
-        start = time.process_time()
+        start, load = time.process_time(), os.getloadavg()[0]
         smc = fit(times, log_obs, smc_particles=particles, bridge_particles=args.bridges,
                   num_substeps=substeps, proposal=proposal)
         samples, log_weights = smc.get_weighted_samples()
         out[proposal] = {
             "cpu": time.process_time() - start, "temperatures": smc.num_temperatures[0],
-            "particles": particles,
+            "particles": particles, "load": load,
             "log_evidence": tuple(float(v) for v in smc.log_evidence()[:2]),
             "samples": {k: samples[k].detach() for k in PARAMS}, "log_weights": log_weights.detach(),
         }
@@ -201,16 +202,16 @@ def report(out, write):
     smc_notes = "; ".join(
         f"{label} ({substeps} substeps): {out[label]['particles']} particles, {out[label]['cpu']:.0f} s CPU, "
         f"{out[label]['temperatures']} temperatures, log evidence {out[label]['log_evidence'][0]:.2f} +- "
-        f"{out[label]['log_evidence'][1]:.2f}" for label, substeps in fits
+        f"{out[label]['log_evidence'][1]:.2f}, load average {out[label].get('load', out['load']):.1f}"
+        for label, substeps in fits
     )
     chains = f"{nuts_args['chains']} chains x ({nuts_args['warmup']} warm-up + {nuts_args['samples']}) draws"
     notes = (
         f"NUTS: {chains} over {n['dim']} dimensions, {n['cpu']:.0f} s CPU ({n['wall']:.0f} s wall, load "
         f"average {n.get('load', out['load']):.1f} at its start); max R-hat {max_rhat:.3f}, min bulk ESS "
-        f"{min_ess:.0f}. SMC with {out['args']['bridges']} bridges per interval: {smc_notes} (load average "
-        f"{out['load']:.1f} at the start). W1/sd: Wasserstein-1 distance to the NUTS draws over the NUTS sd; "
-        f"KS: two-sample Kolmogorov-Smirnov statistic (4000 resampled SMC draws). {machine()}; "
-        f"commit {commit}."
+        f"{min_ess:.0f}. SMC with {out['args']['bridges']} bridges per interval: {smc_notes}. W1/sd: "
+        "Wasserstein-1 distance to the NUTS draws over the NUTS sd; KS: two-sample Kolmogorov-Smirnov "
+        f"statistic (4000 resampled SMC draws). {machine()}; commit {commit}."
     )
     print(table)
     print(notes)
@@ -249,6 +250,9 @@ def main(argv=None):
                         help="with --nuts-only: where the NUTS draws go; with --report-only: NUTS draws that "
                         "replace those in --results")
     parser.add_argument("--nuts-only", action="store_true", help="only the NUTS chains, into --nuts-results")
+    parser.add_argument("--smc-only", action="store_true", help="only the SMC fits, into --results")
+    parser.add_argument("--smc-results", default=None,
+                        help="with --report-only: SMC fits that replace those in --results")
     parser.add_argument("--quick", action="store_true", help="short chains, nothing written")
     args = parser.parse_args(argv)
     if args.quick:
@@ -262,6 +266,9 @@ def main(argv=None):
         out = torch.load(args.results, weights_only=False)
         if args.nuts_results:
             out["nuts"] = torch.load(args.nuts_results, weights_only=False)
+        if args.smc_results:
+            extra = torch.load(args.smc_results, weights_only=False)
+            out.update({k: extra[k] for k in ("guided_euler", "guided") if k in extra})
     else:
         out = compute(args, (lambda out: None) if args.quick else (lambda out: torch.save(out, args.results)))
     report(out, write=not args.quick)
