@@ -229,7 +229,12 @@ def report(out, write):
     labels = [f"SMC {label} (M={substeps})" for label, substeps in fits] + [f"NUTS (M={M})"]
     axes = az.plot_density([to_inference_data(draws[label]) for label, _ in fits] + [nuts_idata],
                            data_labels=labels, var_names=list(PARAMS), shade=0.1, figsize=(12, 6))
-    axes.ravel()[0].figure.savefig(IMG, dpi=80, bbox_inches="tight")
+    for ax, name in zip(axes.ravel(), PARAMS):
+        ax.axvline(TRUTH[name], color="k", linestyle=":", linewidth=1)  # the truth
+    axes.ravel()[-1].set_visible(False)  # 5 parameters on a 2 x 3 grid
+    figure = axes.ravel()[0].figure
+    figure.tight_layout()
+    figure.savefig(IMG, dpi=80, bbox_inches="tight")
     print(f"wrote {DOC} and {IMG}")
 
 
