@@ -14,7 +14,7 @@ Euler posterior is from the SDE's own.
 Writes the table into the "Worked example" section of ``docs/bridges.md`` and the ArviZ density plot
 ``docs/img/lotka_volterra_posterior.png``.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/lotka_volterra.py [--chains 4 --warmup 500 --samples 1000]``
+Run: ``OMP_NUM_THREADS=1 python benchmarks/lotka_volterra.py [--chains 4 --warmup 300 --samples 1500]``
 (``--quick``: short chains, no files written).
 """
 
@@ -242,7 +242,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--samples", type=int, default=600)
+    parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--substeps", type=int, default=10)
     parser.add_argument("--smc-particles", type=int, default=512)
     parser.add_argument("--bridges", type=int, default=32)
