@@ -244,7 +244,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--samples", type=int, default=1500)
     parser.add_argument("--substeps", type=int, default=10)
-    parser.add_argument("--smc-particles", type=int, default=512)
+    parser.add_argument("--smc-particles", type=int, default=2048)
     parser.add_argument("--bridges", type=int, default=32)
     parser.add_argument("--continuous-particles", type=int, default=256,
                         help="SMC particles of the continuous-time (guided) fit; 0 skips it")
