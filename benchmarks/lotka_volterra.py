@@ -256,8 +256,8 @@ def main(argv=None):
                         "replace those in --results")
     parser.add_argument("--nuts-only", action="store_true", help="only the NUTS chains, into --nuts-results")
     parser.add_argument("--smc-only", action="store_true", help="only the SMC fits, into --results")
-    parser.add_argument("--smc-results", default=None,
-                        help="with --report-only: SMC fits that replace those in --results")
+    parser.add_argument("--smc-results", nargs="+", default=(),
+                        help="with --report-only: SMC fits that replace those in --results, in order")
     parser.add_argument("--quick", action="store_true", help="short chains, nothing written")
     args = parser.parse_args(argv)
     if args.quick:
@@ -271,8 +271,8 @@ def main(argv=None):
         out = torch.load(args.results, weights_only=False)
         if args.nuts_results:
             out["nuts"] = torch.load(args.nuts_results, weights_only=False)
-        if args.smc_results:
-            extra = torch.load(args.smc_results, weights_only=False)
+        for path in args.smc_results:
+            extra = torch.load(path, weights_only=False)
             out.update({k: extra[k] for k in ("guided_euler", "guided") if k in extra})
     else:
         out = compute(args, (lambda out: None) if args.quick else (lambda out: torch.save(out, args.results)))
