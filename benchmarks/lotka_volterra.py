@@ -276,6 +276,8 @@ def main(argv=None):
             out.update({k: extra[k] for k in ("guided_euler", "guided") if k in extra})
     else:
         out = compute(args, (lambda out: None) if args.quick else (lambda out: torch.save(out, args.results)))
+        if args.smc_only:  # no NUTS draws to compare with: report with --report-only --nuts-results
+            return
     report(out, write=not args.quick)
 
 
