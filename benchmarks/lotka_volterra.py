@@ -265,6 +265,8 @@ def main(argv=None):
         args.smc_particles, args.continuous_particles = 64, 64
     torch.set_num_threads(1)
     if args.nuts_only:
+        if not args.nuts_results:
+            parser.error("--nuts-only needs --nuts-results")
         torch.save(compute_nuts(args), args.nuts_results)
         return
     if args.report_only:
