@@ -246,7 +246,7 @@ def main(argv=None):
     parser.add_argument("--substeps", type=int, default=10)
     parser.add_argument("--smc-particles", type=int, default=2048)
     parser.add_argument("--bridges", type=int, default=32)
-    parser.add_argument("--continuous-particles", type=int, default=256,
+    parser.add_argument("--continuous-particles", type=int, default=1024,
                         help="SMC particles of the continuous-time (guided) fit; 0 skips it")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "lotka_volterra.pt"),
                         help="where the draws are saved (and read back with --report-only)")
