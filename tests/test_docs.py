@@ -29,6 +29,8 @@ EXAMPLES = {  # script -> whether it is slow (each takes 10-25 s with --smoke on
     "sde_parameter_inference.py": True,
     "simplex_diffusion.py": True,
     "fdrl_digits.py": True,
+    "stochastic_lotka_volterra.py": True,
+    "distributed_sampler.py": True,
 }
 # the modules whose __all__ is the public API, each with an automodule directive in docs/api/
 API_MODULES = [

@@ -34,6 +34,7 @@ __all__ = [
     "OrnsteinUhlenbeck",
     "GeometricBrownianMotion",
     "CIR",
+    "StochasticLotkaVolterra",
     "LandmarkBrownian",
     "KunitaFlow",
     "gaussian_kernel",
@@ -568,6 +569,66 @@ def _log_bessel_i(order, z):
         total = total + term
     hankel = z_h - 0.5 * (2 * math.pi * z_h).log() + total.log()
     return torch.where(use_series, series, hankel)
+
+
+class StochasticLotkaVolterra(SDE):
+    """Predator-prey Lotka-Volterra with multiplicative noise (state: prey ``X1``, predators ``X2``, > 0).
+
+    ``dX1 = X1 (alpha - beta X2) dt + sigma X1 dW1``, ``dX2 = X2 (delta X1 - gamma) dt + sigma X2 dW2``.
+    With ``log_scale=True`` (default) the state is ``Y = log X`` and the model is its exact Ito transform
+    ``dY1 = (alpha - beta e^{Y2} - sigma^2 / 2) dt + sigma dW1``,
+    ``dY2 = (delta e^{Y1} - gamma - sigma^2 / 2) dt + sigma dW2``: constant diffusion, every Euler state
+    positive after ``exp``, and densities in ``Y`` (``p_X(x) = p_Y(log x) / (x1 x2)``). With
+    ``log_scale=False`` the state is ``X`` itself (Euler steps may leave the positive quadrant). No
+    closed-form transition density.
+
+    :param alpha: prey growth rate (> 0). :param beta: predation rate (> 0). :param gamma: predator death rate
+        (> 0). :param delta: predator growth per prey (> 0). :param sigma: noise scale (> 0), common to both
+        species. All of shape ``batch_shape``.
+    :param bool log_scale: state ``log X`` (default) or ``X``.
+    """
+
+    def __init__(
+        self,
+        alpha: float | torch.Tensor = 1.0,
+        beta: float | torch.Tensor = 0.5,
+        gamma: float | torch.Tensor = 1.0,
+        delta: float | torch.Tensor = 0.5,
+        sigma: float | torch.Tensor = 0.1,
+        *,
+        log_scale: bool = True,
+    ):
+        super().__init__(2)
+        if not isinstance(log_scale, bool):
+            raise TypeError(f"log_scale must be a bool, got {type(log_scale).__name__}")
+        values = {n: _check_positive(n, v) for n, v in
+                  (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("delta", delta), ("sigma", sigma))}
+        self.register_params(**{n: (v, 0) for n, v in values.items()})
+        self.log_scale = log_scale
+        self.state_independent_diffusion = log_scale
+
+    def _rates(self, y):
+        """``(alpha - beta X2, delta X1 - gamma)`` per unit of each species, shape ``y.shape``."""
+        x1, x2 = (y.exp() if self.log_scale else y).unbind(-1)
+        prey, predator = self.alpha - self.beta * x2, self.delta * x1 - self.gamma
+        return torch.stack(torch.broadcast_tensors(prey, predator), -1)
+
+    def f(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rates = self._rates(y)
+        if self.log_scale:
+            return rates - 0.5 * self.sigma.unsqueeze(-1) ** 2
+        return y * rates
+
+    def g(self, t: float | torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma.unsqueeze(-1)
+        if self.log_scale:
+            return sigma.expand(torch.broadcast_shapes(sigma.shape[:-1], y.shape[:-1]) + (2,))
+        return sigma * y
+
+    def diffusion_factor(self, t: float | torch.Tensor | None, y: torch.Tensor | None) -> DiffusionFactor:
+        if self.log_scale:  # a constant: no need to expand it to the states
+            return DiffusionFactor(self.sigma.unsqueeze(-1).expand(self.sigma.shape + (2,)), True)
+        return DiffusionFactor(self.g(t, y), True)
 
 
 # --------------------------------------------------------------------------------------------------
