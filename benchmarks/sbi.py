@@ -162,19 +162,20 @@ def main(argv=None):
     ap.add_argument("--from-results", action="store_true",
                     help="only write the docs section from the rows in benchmarks/results/sbi.jsonl")
     ap.add_argument("--append", action="store_true", help="add the rows to the results file (docs untouched)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the results file (JSON rows)")
     ap.add_argument("--wall-minutes", type=float, default=float("nan"),
                     help="with --from-results: the runs' total wall")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     if args.from_results:
-        rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
         wall = 60 * args.wall_minutes
     else:
-        RESULTS.parent.mkdir(exist_ok=True)
+        args.results.parent.mkdir(exist_ok=True)
         rows = []
         mode = "a" if args.append else "w"
-        with open(os.devnull if args.no_write else RESULTS, mode) as log:  # one JSON row per line, as it goes
+        with open(os.devnull if args.no_write else args.results, mode) as log:  # a row a line, as it goes
             for budget in args.budgets:
                 for task in args.tasks:
                     rows += run_task(task, budget, args.observations, args.estimators, args.num_c2st,
@@ -203,7 +204,8 @@ sbi {sbi.__version__}; total wall {wall / 60:.0f} min.
 
 Per task and budget one set of simulations is shared by every method; each trains once and is evaluated on
 every observation. Ours: `RatioLikelihood.from_simulations(theta, x, prior=prior, estimator=...)` with its
-defaults (2x64 MLP, batch 256, lr 3e-3, early stopping on 10 % held out, patience 20 epochs); sbi: `NRE_A` /
+defaults (2x64 MLP, batch clip(N_train // 8, 32, 256), lr 3e-3, early stopping on 10 % held out, patience
+20 epochs); sbi: `NRE_A` /
 `NRE_C` with their defaults (residual net, batch 200, lr 5e-4, stop after 20 epochs). Every ratio is sampled
 by the same `RatioPosterior` (tempered SMC from the prior, 2048 particles), so C2ST compares the ratios.
 C2ST: sbibm's (accuracy of a 5-fold MLP classifier, 0.5 perfect) on {args.num_c2st} draws against as many
