@@ -163,9 +163,19 @@ class TestLikelihood:
         est = lik.estimator
         steps = len(est.losses)
         checks = est.validation_losses
-        assert steps < 20_000 and steps % math.ceil(900 / 256) == 0
+        assert steps < 20_000 and steps % math.ceil(900 / 112) == 0  # batch 900 // 8 = 112: 9 steps an epoch
         best = min(range(len(checks)), key=lambda i: checks[i][1])
         assert len(checks) - 1 - best == 3  # stopped 3 epochs after the best
+
+    @pytest.mark.parametrize("n, batch", [(100, 32), (1000, 112), (4000, 256)])
+    def test_default_batch_gives_at_least_8_steps_an_epoch(self, n, batch):
+        """``clip(N_train // 8, 32, 256)`` rows a step: validation checks every ``ceil(N_train / batch)``."""
+        torch.manual_seed(0)
+        theta, x = simulate(n)
+        lik = RatioLikelihood.from_simulations(theta, x, prior=PRIOR, estimator="classifier",
+                                               max_num_iterations=40)
+        n_train = n - math.ceil(0.1 * n)
+        assert [s for s, _ in lik.estimator.validation_losses][:2] == [0, math.ceil(n_train / batch)]
 
     def test_embedding_network_is_trained(self):
         torch.manual_seed(0)
