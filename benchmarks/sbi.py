@@ -195,17 +195,26 @@ def main(argv=None):
 
 Regenerate (needs `sbi`, `sbibm`): `OMP_NUM_THREADS=1 python benchmarks/sbi.py --tasks ... --budgets ...
 --observations ...` writes one JSON row per (task, budget, method, observation) to
-`benchmarks/results/sbi.jsonl`; `--append` adds rows (here: the time-score estimators on slcp and
-two_moons at 100,000 simulations), `--from-results` rewrites this section from that file. Rows here:
-tasks {", ".join(tasks)}; simulations {", ".join(map(str, budgets))}; observations
-{", ".join(map(str, observations))}; {len(rows)} rows. Machine: {machine()}; load average when written
-{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (2 cores shared with other jobs, load 4-6 during the runs);
-sbi {sbi.__version__}; total wall {wall / 60:.0f} min.
+`benchmarks/results/sbi.jsonl`; `--append` adds rows, `--results PATH` uses another file, `--from-results`
+rewrites this section from the file. Rows here: tasks {", ".join(tasks)}; simulations
+{", ".join(map(str, budgets))}; observations {", ".join(map(str, observations))}; {len(rows)} rows. Machine:
+{machine()}; load average when written {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (2 cores shared
+with other jobs: load 4-6 during the first runs, 8-12 during the later ones); sbi {sbi.__version__}; total
+wall {wall / 60:.0f} min.
+
+The rows come from several runs, each with the same seed, so that a method retrained to add observations
+gets the same simulations and network (its CPU seconds in the table are from its first run): at 1,000
+simulations one run of every method on observations 1-5 (after the default batch became
+`clip(N_train // 8, 32, 256)`); at 10,000 observations 1-2 in one run (with the time-score estimators on
+slcp), 3-5 appended later; at 100,000 two_moons on observations 1-2 (first run), and ours on
+gaussian_linear, gaussian_mixture and slcp on observations 1-5. sbi's NRE-A / NRE-C at 100,000 on those
+three tasks were not run: on two_moons they took 330 / 471 CPU seconds, and on 2 cores shared by about ten
+processes the six trainings would have needed 2-4 hours of wall, beyond this benchmark's hour.
 
 Per task and budget one set of simulations is shared by every method; each trains once and is evaluated on
 every observation. Ours: `RatioLikelihood.from_simulations(theta, x, prior=prior, estimator=...)` with its
-defaults (2x64 MLP, batch clip(N_train // 8, 32, 256), lr 3e-3, early stopping on 10 % held out, patience
-20 epochs); sbi: `NRE_A` /
+defaults (2x64 MLP, batch `clip(N_train // 8, 32, 256)`, lr 3e-3, early stopping on 10 % held out,
+patience 20 epochs); sbi: `NRE_A` /
 `NRE_C` with their defaults (residual net, batch 200, lr 5e-4, stop after 20 epochs). Every ratio is sampled
 by the same `RatioPosterior` (tempered SMC from the prior, 2048 particles), so C2ST compares the ratios.
 C2ST: sbibm's (accuracy of a 5-fold MLP classifier, 0.5 perfect) on {args.num_c2st} draws against as many
