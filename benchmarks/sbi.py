@@ -162,19 +162,20 @@ def main(argv=None):
     ap.add_argument("--from-results", action="store_true",
                     help="only write the docs section from the rows in benchmarks/results/sbi.jsonl")
     ap.add_argument("--append", action="store_true", help="add the rows to the results file (docs untouched)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the results file (JSON rows)")
     ap.add_argument("--wall-minutes", type=float, default=float("nan"),
                     help="with --from-results: the runs' total wall")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     if args.from_results:
-        rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
         wall = 60 * args.wall_minutes
     else:
-        RESULTS.parent.mkdir(exist_ok=True)
+        args.results.parent.mkdir(exist_ok=True)
         rows = []
         mode = "a" if args.append else "w"
-        with open(os.devnull if args.no_write else RESULTS, mode) as log:  # one JSON row per line, as it goes
+        with open(os.devnull if args.no_write else args.results, mode) as log:  # a row a line, as it goes
             for budget in args.budgets:
                 for task in args.tasks:
                     rows += run_task(task, budget, args.observations, args.estimators, args.num_c2st,
@@ -194,16 +195,26 @@ def main(argv=None):
 
 Regenerate (needs `sbi`, `sbibm`): `OMP_NUM_THREADS=1 python benchmarks/sbi.py --tasks ... --budgets ...
 --observations ...` writes one JSON row per (task, budget, method, observation) to
-`benchmarks/results/sbi.jsonl`; `--append` adds rows (here: the time-score estimators on slcp and
-two_moons at 100,000 simulations), `--from-results` rewrites this section from that file. Rows here:
-tasks {", ".join(tasks)}; simulations {", ".join(map(str, budgets))}; observations
-{", ".join(map(str, observations))}; {len(rows)} rows. Machine: {machine()}; load average when written
-{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (2 cores shared with other jobs, load 4-6 during the runs);
-sbi {sbi.__version__}; total wall {wall / 60:.0f} min.
+`benchmarks/results/sbi.jsonl`; `--append` adds rows, `--results PATH` uses another file, `--from-results`
+rewrites this section from the file. Rows here: tasks {", ".join(tasks)}; simulations
+{", ".join(map(str, budgets))}; observations {", ".join(map(str, observations))}; {len(rows)} rows. Machine:
+{machine()}; load average when written {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (2 cores shared
+with other jobs: load 4-6 during the first runs, 8-12 during the later ones); sbi {sbi.__version__}; total
+wall {wall / 60:.0f} min.
+
+The rows come from several runs, each with the same seed, so that a method retrained to add observations
+gets the same simulations and network (its CPU seconds in the table are from its first run): at 1,000
+simulations one run of every method on observations 1-5 (after the default batch became
+`clip(N_train // 8, 32, 256)`); at 10,000 observations 1-2 in one run (with the time-score estimators on
+slcp), 3-5 appended later; at 100,000 only two_moons, observations 1-2 (first run). 100,000 simulations on
+the other three tasks were not run: sbi's NRE-A / NRE-C took 330 / 471 CPU seconds on two_moons, and on
+2 cores shared by about ten processes (a process got 10-15 % of a core) the six trainings alone would have
+needed hours of wall, beyond this benchmark's hour.
 
 Per task and budget one set of simulations is shared by every method; each trains once and is evaluated on
 every observation. Ours: `RatioLikelihood.from_simulations(theta, x, prior=prior, estimator=...)` with its
-defaults (2x64 MLP, batch 256, lr 3e-3, early stopping on 10 % held out, patience 20 epochs); sbi: `NRE_A` /
+defaults (2x64 MLP, batch `clip(N_train // 8, 32, 256)`, lr 3e-3, early stopping on 10 % held out,
+patience 20 epochs); sbi: `NRE_A` /
 `NRE_C` with their defaults (residual net, batch 200, lr 5e-4, stop after 20 epochs). Every ratio is sampled
 by the same `RatioPosterior` (tempered SMC from the prior, 2048 particles), so C2ST compares the ratios.
 C2ST: sbibm's (accuracy of a 5-fold MLP classifier, 0.5 perfect) on {args.num_c2st} draws against as many

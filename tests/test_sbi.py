@@ -163,9 +163,19 @@ class TestLikelihood:
         est = lik.estimator
         steps = len(est.losses)
         checks = est.validation_losses
-        assert steps < 20_000 and steps % math.ceil(900 / 256) == 0
+        assert steps < 20_000 and steps % math.ceil(900 / 112) == 0  # batch 900 // 8 = 112: 9 steps an epoch
         best = min(range(len(checks)), key=lambda i: checks[i][1])
         assert len(checks) - 1 - best == 3  # stopped 3 epochs after the best
+
+    @pytest.mark.parametrize("n, batch", [(100, 32), (1000, 112), (4000, 256)])
+    def test_default_batch_gives_at_least_8_steps_an_epoch(self, n, batch):
+        """``clip(N_train // 8, 32, 256)`` rows a step: validation checks every ``ceil(N_train / batch)``."""
+        torch.manual_seed(0)
+        theta, x = simulate(n)
+        lik = RatioLikelihood.from_simulations(theta, x, prior=PRIOR, estimator="classifier",
+                                               max_num_iterations=40)
+        n_train = n - math.ceil(0.1 * n)
+        assert [s for s, _ in lik.estimator.validation_losses][:2] == [0, math.ceil(n_train / batch)]
 
     def test_embedding_network_is_trained(self):
         torch.manual_seed(0)
@@ -324,6 +334,115 @@ class TestPosterior:
         pdf = normal.log_prob(b).exp() - normal.log_prob(a).exp()
         mean = 0.9 - 0.3 * pdf / (normal.cdf(b) - normal.cdf(a))
         assert abs(draws[:, 0].mean() - mean) < 0.03 and abs(draws[:, 1].mean() + mean) < 0.03
+
+
+# a prior over two sites: a ~ N(0, 1), b ~ N(0, 2^2) in a plate of 2; x = B [b, a] + sigma eps (3 values)
+B2 = torch.tensor([[1.0, 0.0, 0.5], [0.3, -1.0, 0.0], [0.0, 0.4, 1.0]])  # columns: b_1, b_2, a
+PRIOR2_COV = torch.diag(torch.tensor([4.0, 4.0, 1.0]))  # of rows [b, a] (sites=["b", "a"])
+POST2_COV = torch.linalg.inv(torch.linalg.inv(PRIOR2_COV) + B2.T @ B2 / SIGMA**2)
+X2_OBS = torch.tensor([0.8, -0.5, 1.2])
+
+
+def two_site_prior():
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    with pyro.plate("p", 2):
+        b = pyro.sample("b", dist.Normal(0.0, 2.0))
+    return a, b
+
+
+def two_site_simulator(params):  # {"a": (N,), "b": (N, 2)} -> (N, 3)
+    theta = torch.cat([params["b"], params["a"][:, None]], -1)
+    return theta @ B2.T + SIGMA * torch.randn(theta.shape[0], 3)
+
+
+def two_site_log_ratio(theta, x):  # theta rows [b_1, b_2, a]
+    lik = dist.MultivariateNormal(theta @ B2.T, SIGMA**2 * torch.eye(3)).log_prob(x)
+    marg = dist.MultivariateNormal(torch.zeros(3), B2 @ PRIOR2_COV @ B2.T + SIGMA**2 * torch.eye(3))
+    return lik - marg.log_prob(x)
+
+
+class TestSeveralSites:
+    def test_exact_ratio_posterior_in_sites_order(self):
+        """Sites ``["b", "a"]``: rows ``[b_1, b_2, a]``; posterior N(C B^T x / sigma^2, C), log Z = 0."""
+        est = ClassifierRatioEstimator(6, network=ExactLogRatio(two_site_log_ratio, 3))
+        est.fitted.fill_(True)
+        lik = RatioLikelihood.from_fitted(est, prior=two_site_prior, sites=["b", "a"])
+        assert dict(lik.sites) == {"b": (2,), "a": ()}
+        torch.manual_seed(0)
+        post = lik.posterior(X2_OBS)
+        truth = dist.MultivariateNormal(POST2_COV @ B2.T @ X2_OBS / SIGMA**2, POST2_COV)
+        draws = post.sample((4000,))
+        assert draws.shape == (4000, 3)
+        assert (draws.mean(0) - truth.mean).abs().max() < 0.04
+        assert (torch.cov(draws.T) - POST2_COV).abs().max() < 0.02
+        theta = truth.sample((5,))
+        assert torch.allclose(post.log_prob(theta), truth.log_prob(theta), atol=0.03)
+        prior_lp = (dist.Normal(0.0, 2.0).log_prob(theta[:, :2]).sum(-1)
+                    + dist.Normal(0.0, 1.0).log_prob(theta[:, 2]))
+        assert torch.allclose(lik._prior().log_prob(theta), prior_lp, atol=1e-5)
+        samples, log_w = post.get_weighted_samples()
+        assert samples["b"].shape[1:] == (2,) and samples["a"].dim() == 1
+        assert torch.equal(torch.cat([samples["b"], samples["a"][:, None]], -1),
+                           post.prior.constrain(post.smc.get_weighted_samples()[0]["x"].to(post.dtype))[0])
+
+    def test_fitted_from_the_simulator_matches_the_analytic_posterior(self):
+        """10,000 simulations from a two-site prior model (default sites order ``a, b``: rows ``[a, b]``)."""
+        torch.manual_seed(0)
+        lik = RatioLikelihood(two_site_prior, two_site_simulator, "classifier")
+        lik.fit(10_000, max_num_iterations=600)
+        assert list(lik.sites) == ["a", "b"] and lik.theta_dim == 3
+        torch.manual_seed(1)
+        draws = lik.posterior(X2_OBS).sample((4000,))[:, [1, 2, 0]]  # -> [b_1, b_2, a]
+        mean = POST2_COV @ B2.T @ X2_OBS / SIGMA**2
+        assert (draws.mean(0) - mean).abs().max() < 0.08
+        assert (torch.cov(draws.T) - POST2_COV).abs().max() < 0.03
+
+    def test_dependent_sites_and_constrained_supports(self):
+        """``s ~ HalfNormal(1)``, ``z ~ N(s, 1)`` (2 of them): the prior's log density conditions z on s;
+        draws stay in the support; -inf outside it."""
+        def prior():
+            s = pyro.sample("s", dist.HalfNormal(1.0))
+            with pyro.plate("p", 2):
+                pyro.sample("z", dist.Normal(s, 1.0))
+
+        def log_ratio(theta, x):
+            return -(theta[..., 1:] - x).square().sum(-1)
+
+        est = ClassifierRatioEstimator(5, network=ExactLogRatio(log_ratio, 3))
+        est.fitted.fill_(True)
+        lik = RatioLikelihood.from_fitted(est, prior=prior)
+        flat = lik._prior()
+        theta = torch.tensor([[0.5, 0.1, -0.3], [2.0, 1.0, 0.0], [-1.0, 0.0, 0.0]])
+        want = (dist.HalfNormal(1.0).log_prob(theta[:2, 0])
+                + dist.Normal(theta[:2, :1], 1.0).log_prob(theta[:2, 1:]).sum(-1))
+        lp = flat.log_prob(theta)
+        assert torch.allclose(lp[:2], want) and lp[2] == -math.inf
+        u = torch.randn(7, 3)
+        back, log_det = flat.constrain(u)
+        assert torch.allclose(flat.unconstrain(back), u, atol=1e-5)
+        assert torch.allclose(log_det, u[:, 0])  # exp: log |d theta / du| = u
+        torch.manual_seed(0)
+        draws = lik.posterior(torch.tensor([0.5, -0.5])).sample((500,))
+        assert (draws[:, 0] > 0).all()
+
+    def test_bad_sites(self):
+        theta = torch.randn(100, 2)
+        x = torch.randn(100, 3)
+        with pytest.raises(ValueError, match=r"theta must have shape \(N, 3\).*b: \(2,\), a: \(\)"):
+            RatioLikelihood.from_simulations(theta, x, prior=two_site_prior, sites=["b", "a"])
+        with pytest.raises(ValueError, match="sites must name the prior's latent sites"):
+            RatioLikelihood.from_simulations(torch.randn(100, 3), x, prior=two_site_prior, sites=["b", "c"])
+        with pytest.raises(ValueError, match="distinct site names"):
+            RatioLikelihood(two_site_prior, sites=["a", "a"])
+
+        def moving_support():
+            s = pyro.sample("s", dist.HalfNormal(1.0))
+            pyro.sample("z", dist.Uniform(0.0, s))
+
+        est = ClassifierRatioEstimator(3, network=ExactLogRatio(lambda t, x: t.sum(-1) * 0, 2))
+        est.fitted.fill_(True)
+        with pytest.raises(NotImplementedError, match="site 'z'"):
+            RatioLikelihood.from_fitted(est, prior=moving_support).posterior(torch.zeros(1))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 from pyro import poutine
 from pyro.distributions import Distribution
 from pyro.infer import Predictive
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
 from .. import diagnostics
@@ -86,54 +87,109 @@ def make_sbi_estimator(name: str, theta_dim: int, x_dim: int, *, embedding: torc
     return klass(dim, **options)
 
 
+def _default_batch_size(num_train: int) -> int:
+    """``clip(num_train // 8, 32, 256)``: at least 8 steps per epoch (fewer rows per step on small data)."""
+    return max(32, min(256, num_train // 8))
+
+
 class _FlatPrior:
-    """A prior distribution over one site of shape ``shape``, seen on flattened rows ``(..., D)``, with the
-    bijection ``theta = T(u)`` from unconstrained ``u`` (``biject_to(support)``)."""
+    """A Pyro prior model over latent sites ``sites`` (name -> shape, in theta's column order), seen on
+    flattened rows ``(..., D)`` (each site's value flattened, concatenated in that order, as ``simulate``
+    does), with the per-site bijections ``theta_k = T_k(u_k)`` from unconstrained ``u``
+    (``biject_to(support)``). ``log_prob`` runs the model conditioned on the rows, so a site's distribution
+    may depend on earlier sites' values; supports may not (checked on two prior traces)."""
 
-    def __init__(self, distribution: Distribution, shape):
-        self.distribution, self.shape = distribution, torch.Size(shape)
-        self.dim = self.shape.numel()
-        self.transform = biject_to(distribution.support)
-        if tuple(self.transform.inverse_shape(self.shape)) != tuple(self.shape):
-            raise NotImplementedError("posterior() needs a prior whose unconstrained space has its shape")
-        self._reduce = len(self.shape) - len(distribution.event_shape)  # batch dims of the site to sum
+    def __init__(self, model: Callable, sites: dict[str, torch.Size]):
+        self.model, self.sites = model, {k: torch.Size(v) for k, v in sites.items()}
+        self.sizes = [int(shape.numel()) for shape in self.sites.values()]
+        self.dim = sum(self.sizes)
         with torch.random.fork_rng(devices=[]):
-            self._inside = distribution.sample()  # a point of the support, to evaluate in place of others
+            traces = [poutine.trace(model).get_trace() for _ in range(2)]
+        self.transforms, self._batch_dims = {}, {}
+        for name, shape in self.sites.items():
+            fns = [trace.nodes[name]["fn"] for trace in traces]
+            if not _same_support(fns[0].support, fns[1].support):
+                raise NotImplementedError(f"posterior() needs supports that do not depend on other sites; "
+                                          f"site {name!r} has {fns[0].support} varying between prior draws")
+            transform = biject_to(fns[0].support)
+            if tuple(transform.inverse_shape(shape)) != tuple(shape):
+                raise NotImplementedError(f"posterior() needs sites whose unconstrained space has their "
+                                          f"shape; site {name!r} ({fns[0].support}) has not")
+            self.transforms[name] = transform
+            self._batch_dims[name] = len(fns[0].batch_shape)
+        self._plate_nesting = max([0, *self._batch_dims.values()])
+        self._inside = torch.cat([traces[0].nodes[k]["value"].reshape(-1) for k in self.sites])  # (D,)
 
-    def _sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t.sum(tuple(range(-self._reduce, 0))) if self._reduce else t
-
-    def unflatten(self, theta: torch.Tensor) -> torch.Tensor:
-        return theta.reshape(theta.shape[:-1] + self.shape)
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``(..., D)`` -> ``{site: (..., *shape)}``."""
+        out = {}
+        for (name, shape), part in zip(self.sites.items(), theta.split(self.sizes, -1)):
+            out[name] = part.reshape(theta.shape[:-1] + shape)
+        return out
 
     def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
-        """``log p(theta)`` of rows ``(..., D) -> (...)``; ``-inf`` outside the support."""
-        value = self.unflatten(theta)
-        inside = self._sum((~self.distribution.support.check(value)).to(theta.dtype)) == 0
-        safe = torch.where(self.unflatten(inside[..., None].expand_as(theta)), value, self.sample_like(value))
-        lp = self._sum(self.distribution.log_prob(safe)).to(theta.dtype)
-        return torch.where(inside, lp, torch.full_like(lp, -math.inf))
+        """``log p(theta)`` of rows ``(..., D) -> (...)`` (the model's joint log density, float64 sums);
+        ``-inf`` outside the support."""
+        lead = theta.shape[:-1]
+        rows = theta.reshape(-1, self.dim)
+        n = rows.shape[0]
+        values = {}  # (n, 1 x (nesting - site batch dims), *shape): sites line up with the model's plates
+        for name, value in self.unflatten(rows).items():
+            pad = (1,) * (self._plate_nesting - self._batch_dims[name])
+            values[name] = value.reshape((n,) + pad + self.sites[name])
+        with pyro.validation_enabled(False), pyro.plate("_rows", n, dim=-self._plate_nesting - 1):
+            trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace()
+        lp = rows.new_zeros(n, dtype=torch.float64)
+        inside = torch.ones(n, dtype=torch.bool, device=rows.device)
+        for name in self.sites:
+            fn, value = trace.nodes[name]["fn"], trace.nodes[name]["value"]
+            inside = inside & fn.support.check(value).reshape(n, -1).all(-1)
+            lp = lp + fn.log_prob(value).reshape(n, -1).double().sum(-1)
+        lp = torch.where(inside, lp, torch.full_like(lp, -math.inf))
+        return lp.to(theta.dtype).reshape(lead)
 
-    def sample_like(self, value, flat: bool = False):
-        """A fixed point of the support, broadcast to ``value`` (site-shaped, or rows ``(..., D)``)."""
-        point = self._inside.reshape(-1) if flat else self._inside
-        return point.to(value).expand_as(value)
+    def sample_like(self, rows: torch.Tensor) -> torch.Tensor:
+        """A fixed point of the support (one prior draw), broadcast to rows ``(..., D)``."""
+        return self._inside.to(rows).expand_as(rows)
 
     def sample(self, n: int) -> torch.Tensor:
-        return self.distribution.sample((n,)).reshape(n, self.dim)
+        """``n`` prior draws as rows ``(n, D)``."""
+        draws = Predictive(self.model, num_samples=n, return_sites=list(self.sites), parallel=True)()
+        return torch.cat([draws[k].reshape(n, -1) for k in self.sites], -1)
 
     def constrain(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta, log |det dT/du|)`` for unconstrained rows ``u`` ``(..., D)``."""
-        uu = self.unflatten(u)
-        value = self.transform(uu)
-        log_det = self.transform.log_abs_det_jacobian(uu, value)
-        event = self.transform.codomain.event_dim
-        if len(self.shape) > event:
-            log_det = log_det.sum(tuple(range(event - len(self.shape), 0)))
-        return value.reshape(u.shape), log_det
+        lead = u.shape[:-1]
+        parts, log_det = [], u.new_zeros(lead)
+        for name, uu in self.unflatten(u).items():
+            transform = self.transforms[name]
+            value = transform(uu)
+            parts.append(value.reshape(lead + (-1,)))
+            log_det = log_det + transform.log_abs_det_jacobian(uu, value).reshape(lead + (-1,)).sum(-1)
+        return torch.cat(parts, -1), log_det
 
     def unconstrain(self, theta: torch.Tensor) -> torch.Tensor:
-        return self.transform.inv(self.unflatten(theta)).reshape(theta.shape)
+        lead = theta.shape[:-1]
+        return torch.cat([self.transforms[k].inv(v).reshape(lead + (-1,))
+                          for k, v in self.unflatten(theta).items()], -1)
+
+
+def _same_support(a, b) -> bool:
+    """Whether two constraints are the same (same type and equal parameters)."""
+    if type(a) is not type(b):
+        return False
+    for key, va in vars(a).items():
+        vb = vars(b).get(key)
+        if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
+            if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape
+                    and bool(torch.equal(va, vb))):
+                return False
+        elif hasattr(va, "check") and hasattr(vb, "check"):  # a wrapped constraint
+            if not _same_support(va, vb):
+                return False
+        elif va != vb:
+            return False
+    return True
 
 
 def _prior_model(distribution: Distribution) -> Callable:
@@ -156,17 +212,21 @@ class RatioLikelihood:
         lik.posterior(x_obs).sample((1000,))        # or NUTS on lik.posterior_model(x_obs)
 
     :param prior: a Pyro model (no observed sites) sampling the parameters, or a distribution over one
-        parameter (``batch_shape ()``; its site is called ``"theta"``).
+        parameter (``batch_shape ()``; its site is called ``"theta"``). :meth:`posterior` evaluates the
+        model on batches of parameters (leading dimension), so it must broadcast (plates with ``dim=``).
     :param callable simulator: ``dict site -> (N, *shape)`` tensors ``-> (N, d_x)`` simulated data (it may
         solve an SDE: only samples are needed, never its likelihood); None with given simulations.
     :param estimator: a name from :data:`ESTIMATORS` (default ``"contrastive"``, NRE-C: the most accurate on
         sbibm's tasks; built at the first fit) or a
         :class:`RatioEstimator` over ``d_theta + d_x`` dims (parameters flattened in site order, then ``x``).
     :param dict estimator_options: options of :func:`make_sbi_estimator` with a name.
+    :param sites: the prior's latent site names in theta's column order (each site's value flattened,
+        then concatenated; default: the order in which the prior samples them).
     """
 
     def __init__(self, prior: Callable | Distribution, simulator: Callable | None = None,
-                 estimator: str | RatioEstimator = "contrastive", *, estimator_options: dict | None = None):
+                 estimator: str | RatioEstimator = "contrastive", *, estimator_options: dict | None = None,
+                 sites: list[str] | tuple[str, ...] | None = None):
         if isinstance(estimator, str):
             if estimator not in ESTIMATORS:
                 raise ValueError(f"estimator must be one of {ESTIMATORS} or a RatioEstimator, "
@@ -176,11 +236,14 @@ class RatioLikelihood:
         elif estimator_options:
             raise ValueError("estimator_options go with an estimator name, not an estimator object")
         self._flat_prior: _FlatPrior | None = None
+        if sites is not None and (isinstance(sites, str) or not all(isinstance(k, str) for k in sites)
+                                  or len(set(sites)) != len(sites) or not sites):
+            raise ValueError(f"sites must be a list of distinct site names, got {sites!r}")
+        self._site_order = None if sites is None else list(sites)
         if isinstance(prior, Distribution):
             if tuple(prior.batch_shape) != ():
                 raise ValueError("a prior distribution must have batch_shape () (use .to_event()), got "
                                  f"{tuple(prior.batch_shape)}")
-            self._flat_prior = _FlatPrior(prior, prior.event_shape)
             prior = _prior_model(prior)
         elif not callable(prior):
             raise TypeError(f"prior must be a Pyro model or a distribution, got {type(prior).__name__}")
@@ -196,22 +259,26 @@ class RatioLikelihood:
     @classmethod
     def from_simulations(cls, theta: torch.Tensor, x: torch.Tensor, *, prior: Callable | Distribution,
                          estimator: str | RatioEstimator = "contrastive",
-                         estimator_options: dict | None = None, **fit_options: Any) -> RatioLikelihood:
-        """A likelihood fitted on given pairs: ``theta`` ``(N, d_theta)`` (sites flattened in order) drawn
-        from ``prior``, ``x`` ``(N, d_x)`` (or ``(N, *shape)``, flattened) simulated at them.
+                         estimator_options: dict | None = None, sites: list[str] | None = None,
+                         **fit_options: Any) -> RatioLikelihood:
+        """A likelihood fitted on given pairs: ``theta`` ``(N, d_theta)`` drawn from ``prior`` (its sites'
+        values flattened and concatenated in ``sites`` order), ``x`` ``(N, d_x)`` (or ``(N, *shape)``,
+        flattened) simulated at them.
 
         :param prior: as in the constructor (the posterior needs it; it is not sampled here).
-        :param fit_options: as :meth:`fit_simulations`.
+        :param sites: as in the constructor. :param fit_options: as :meth:`fit_simulations`.
         """
-        lik = cls(prior, None, estimator, estimator_options=estimator_options)
+        lik = cls(prior, None, estimator, estimator_options=estimator_options, sites=sites)
         return lik.fit_simulations(theta, x, **fit_options)
 
     @classmethod
-    def from_fitted(cls, estimator: RatioEstimator, *, prior: Callable | Distribution) -> RatioLikelihood:
+    def from_fitted(cls, estimator: RatioEstimator, *, prior: Callable | Distribution,
+                    sites: list[str] | None = None) -> RatioLikelihood:
         """A likelihood around an already fitted estimator over rows ``[theta, x]`` (e.g. a saved one, or
-        another library's network wrapped as a :class:`RatioEstimator`); ``prior`` as in the constructor."""
+        another library's network wrapped as a :class:`RatioEstimator`); ``prior``, ``sites`` as in the
+        constructor."""
         check_fitted(estimator)
-        lik = cls(prior, None, estimator)
+        lik = cls(prior, None, estimator, sites=sites)
         lik._record_sites()
         lik.x_dim = estimator.dim - lik.theta_dim
         if lik.x_dim < 1:
@@ -220,22 +287,20 @@ class RatioLikelihood:
         return lik
 
     def _record_sites(self, *args, **kwargs):
-        """Site shapes (and a one-site prior's distribution) from one prior trace, leaving the RNG as it was
-        (so that given simulations and the simulator's own give the same fit under one seed)."""
+        """Site shapes (in ``sites=`` order) from one prior trace, leaving the RNG as it was (so that given
+        simulations and the simulator's own give the same fit under one seed)."""
         with torch.random.fork_rng(devices=[]):
             trace = poutine.trace(self.prior).get_trace(*args, **kwargs)
-        sites = {name: site for name, site in trace.nodes.items()
-                 if site["type"] == "sample" and not site["is_observed"]}
+        sites = {name: site for name, site in trace.nodes.items()  # latent sample sites, not plates
+                 if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)}
         if not sites:
             raise ValueError("the prior has no latent sample sites")
         if self.sites is None:
-            self.sites = {name: site["value"].shape for name, site in sites.items()}
-            if self._flat_prior is None and len(sites) == 1:
-                (site,) = sites.values()
-                try:
-                    self._flat_prior = _FlatPrior(site["fn"], site["value"].shape)
-                except NotImplementedError:
-                    pass
+            order = list(sites) if self._site_order is None else self._site_order
+            if sorted(order) != sorted(sites):
+                raise ValueError(f"sites must name the prior's latent sites {sorted(sites)} (any order), got "
+                                 f"{order}")
+            self.sites = {name: sites[name]["value"].shape for name in order}
         return trace
 
     @property
@@ -248,14 +313,16 @@ class RatioLikelihood:
         return torch.cat([params[k].reshape(n, -1) for k in self.sites], -1)
 
     def simulate(self, num_simulations: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(theta, x)``: ``(N, d_theta)`` flattened prior draws and ``(N, d_x)`` simulations."""
+        """``(theta, x)``: ``(N, d_theta)`` flattened prior draws (drawn in one vectorised prior call) and
+        ``(N, d_x)`` simulations."""
         if self.simulator is None:
             raise RuntimeError("this likelihood has no simulator (built from given simulations)")
         positive_int(num_simulations, "num_simulations")
-        params = Predictive(self.prior, num_samples=num_simulations)(*args, **kwargs)
+        params = Predictive(self.prior, num_samples=num_simulations, parallel=True)(*args, **kwargs)
         self._record_sites(*args, **kwargs)
-        theta = self._flatten({k: params[k] for k in self.sites}, num_simulations)
-        x = self.simulator({k: params[k] for k in self.sites})
+        params = {k: params[k].reshape((num_simulations,) + self.sites[k]) for k in self.sites}
+        theta = self._flatten(params, num_simulations)
+        x = self.simulator(params)
         x = check_samples(x.reshape(num_simulations, -1), "simulator output")
         return theta, x
 
@@ -265,7 +332,7 @@ class RatioLikelihood:
         return self.fit_simulations(theta, x, **fit_options)
 
     def fit_simulations(self, theta: torch.Tensor, x: torch.Tensor, *, validation_fraction: float = 0.1,
-                        patience: int = 20, batch_size: int = 256, lr: float | None = None,
+                        patience: int = 20, batch_size: int | None = None, lr: float | None = None,
                         max_num_iterations: int | None = None, **fit_kwargs: Any) -> RatioLikelihood:
         """Fit ``r`` on joint pairs against re-paired ones (``theta_i`` with ``x_j`` at random ``i, j``).
 
@@ -274,6 +341,9 @@ class RatioLikelihood:
         learning rate, and stop after ``patience`` epochs without improvement (keeping the best weights), or
         at ``max_num_iterations`` steps (default ``max(2000, 50 epochs)``); ``lr`` defaults to 3e-3. Others
         train for ``num_iterations`` (2000) with a cosine schedule from ``lr`` (default 1e-3).
+        ``batch_size`` defaults to ``clip(N_train // 8, 32, 256)``: at least 8 steps an epoch, so that on
+        small data sets, where the 2000-step floor rather than early stopping ends training, the training
+        cost scales with the data (``batch x steps``) instead of being that of 2000 full-size batches.
 
         :param theta: ``(N, d_theta)``. :param x: ``(N, d_x)`` or ``(N, *shape)``.
         :param fit_kwargs: overrides of :meth:`RatioEstimator.fit`'s options (e.g. ``ema_decay``,
@@ -282,6 +352,11 @@ class RatioLikelihood:
         """
         if self.sites is None:
             self._record_sites()
+        theta = torch.as_tensor(theta)
+        if theta.dim() != 2 or theta.shape[-1] != self.theta_dim:
+            shapes = ", ".join(f"{k}: {tuple(v)}" for k, v in self.sites.items())
+            raise ValueError(f"theta must have shape (N, {self.theta_dim}): the prior's sites ({shapes}) "
+                             f"flattened in that order; got {tuple(theta.shape)}")
         theta = check_samples(theta, "theta", self.theta_dim, 2)
         x = torch.as_tensor(x)
         if x.dim() < 2 or x.shape[0] != theta.shape[0]:
@@ -313,13 +388,14 @@ class RatioLikelihood:
             shifted = torch.roll(torch.arange(n_val, device=theta.device), 1)  # theta_{i-1} with x_i
             validation = (torch.cat([theta_val, x_val], -1), torch.cat([theta_val[shifted], x_val], -1))
             theta, x = theta[train], x[train]
+            batch_size = _default_batch_size(theta.shape[0]) if batch_size is None else batch_size
             batch_size = min(batch_size, theta.shape[0])
             epoch = math.ceil(theta.shape[0] / batch_size)
             cap = max(2000, 50 * epoch) if max_num_iterations is None else max_num_iterations
             options.update(num_iterations=cap, validation=validation, patience=patience,
                            validation_interval=epoch, lr_schedule="constant", lr=3e-3 if lr is None else lr)
         else:
-            batch_size = min(batch_size, n)
+            batch_size = min(256 if batch_size is None else batch_size, n)
             options.update(num_iterations=2000, lr=1e-3 if lr is None else lr)
         options.update(batch_size=batch_size)
         options.update(fit_kwargs)
@@ -374,10 +450,13 @@ class RatioLikelihood:
         return isinstance(self.estimator, RatioEstimator) and self.estimator.is_fitted
 
     def _prior(self) -> _FlatPrior:
+        """The prior on flattened rows (built at first use; ``NotImplementedError`` for sites whose support
+        depends on other sites or whose unconstrained space has another shape: use
+        :meth:`posterior_model` with NUTS there)."""
         if self._flat_prior is None:
-            raise NotImplementedError(
-                "posterior() needs a prior over one site (a distribution, or a model with one latent site "
-                "whose support maps to its own shape); use posterior_model(x_obs) with NUTS instead")
+            if self.sites is None:
+                raise RuntimeError("call fit or from_simulations first")
+            self._flat_prior = _FlatPrior(self.prior, self.sites)
         return self._flat_prior
 
     def posterior(self, x_obs: torch.Tensor, **options: Any) -> RatioPosterior:
@@ -408,7 +487,7 @@ class RatioPosterior:
     unconstrained coordinates, with a Gaussian reference moment-matched to prior draws: the particles start
     spread over the whole prior, so separated modes are found and weighted by their mass.
 
-    :param likelihood: fitted, with a one-site prior. :param x_obs: the observation (``d_x`` values).
+    :param likelihood: fitted. :param x_obs: the observation (``d_x`` values).
     :param int num_particles: SMC particles per run (2048). :param int num_runs: independent runs (1).
     :param dict smc_options: further :class:`~pyro_sde.infer.SMCSampler` options.
     """
@@ -441,12 +520,17 @@ class RatioPosterior:
         theta = torch.as_tensor(theta, dtype=self.dtype, device=self.device)
         lp = self.prior.log_prob(theta)
         inside = torch.isfinite(lp)
-        safe = torch.where(inside[..., None], theta, self.prior.sample_like(theta, flat=True))
+        safe = torch.where(inside[..., None], theta, self.prior.sample_like(theta))
         return torch.where(inside, lp + self.likelihood.log_ratio(safe, self.x_obs), lp)
 
     def _log_density_unconstrained(self, u: torch.Tensor) -> torch.Tensor:
-        theta, log_det = self.prior.constrain(u)
-        return self.prior.log_prob(theta) + log_det + self.likelihood.log_ratio(theta, self.x_obs)
+        """The posterior density of ``u`` (Jacobian included); ``-inf`` where ``T(u)`` overflows (e.g. ``exp``
+        of a far move), with zero gradient there."""
+        with torch.no_grad():
+            ok = torch.isfinite(self.prior.constrain(u)[0]).all(-1)
+        theta, log_det = self.prior.constrain(torch.where(ok[..., None], u, torch.zeros_like(u)))
+        out = self.prior.log_prob(theta) + log_det + self.likelihood.log_ratio(theta, self.x_obs)
+        return torch.where(ok, out, torch.full_like(out, -math.inf))
 
     @property
     def smc(self) -> SMCSampler:
@@ -476,15 +560,7 @@ class RatioPosterior:
         samples, log_w = self.smc.get_weighted_samples(num_samples)
         with torch.no_grad():
             theta = self.prior.constrain(samples["x"].to(self.dtype))[0]
-        return self._unflatten_sites(theta), log_w
-
-    def _unflatten_sites(self, theta: torch.Tensor) -> dict:
-        out, start = {}, 0
-        for name, shape in self.likelihood.sites.items():
-            k = int(torch.Size(shape).numel())
-            out[name] = theta[..., start : start + k].reshape(theta.shape[:-1] + torch.Size(shape))
-            start += k
-        return out
+        return self.prior.unflatten(theta), log_w
 
     @torch.no_grad()
     def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
