@@ -18,6 +18,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from _interrupt import Interrupting
 
 import pyro_sde
 from pyro_sde import DiffusionSampler
@@ -384,36 +385,32 @@ def test_load_checkpoint_round_trips_plain_values(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # kill and resume
 # ------------------------------------------------------------------------------------------------
-class _Interrupting:
-    """A log density that raises KeyboardInterrupt on its ``stop_at``-th call (Ctrl-C mid-run)."""
+def _shifted_gaussian(x):
+    return _gaussian_log_density(x) - 0.3 * x[..., 0]
 
-    def __init__(self, stop_at=None):
-        self.calls, self.stop_at = 0, stop_at
 
-    def __call__(self, x):
-        self.calls += 1
-        if self.calls == self.stop_at:
-            raise KeyboardInterrupt
-        return _gaussian_log_density(x) - 0.3 * x[..., 0]
+def _interrupting(stop_at=None):
+    """``_shifted_gaussian`` that raises KeyboardInterrupt at its ``stop_at``-th call (Ctrl-C mid-run)."""
+    return Interrupting(_shifted_gaussian, stop_at)
 
 
 def test_second_interruption_after_resume_loses_no_work_and_stays_bit_identical(tmp_path):
     options = dict(dim=2, num_steps=8, hidden_dim=16, num_layers=1, ema_decay=0.9, precondition=None)
     torch.manual_seed(1)
-    full = DiffusionSampler(log_density=_Interrupting(), **options)
+    full = DiffusionSampler(log_density=_interrupting(), **options)
     full.run(num_iterations=12, batch_size=16, progress_bar=False)
 
     path = tmp_path / "run.pt"
     calls = 9  # log-density calls per iteration: 8 guides + the boundary (and 1 probe at construction)
     torch.manual_seed(1)
-    first = DiffusionSampler(log_density=_Interrupting(stop_at=1 + calls * 4 + 1), **options)
+    first = DiffusionSampler(log_density=_interrupting(stop_at=1 + calls * 4 + 1), **options)
     with pytest.raises(KeyboardInterrupt):  # inside iteration 5: the file holds 3 iterations
         first.run(num_iterations=12, batch_size=16, progress_bar=False, checkpoint=path, checkpoint_every=3)
-    second = DiffusionSampler.load(path, log_density=_Interrupting(stop_at=calls * 5 + 2))
+    second = DiffusionSampler.load(path, log_density=_interrupting(stop_at=calls * 5 + 2))
     assert second._run_state["done"] == 3
     with pytest.raises(KeyboardInterrupt):  # inside iteration 9 of 12; resume checkpointed to `path`
         second.resume(progress_bar=False)
-    third = DiffusionSampler.load(path, log_density=_Interrupting())
+    third = DiffusionSampler.load(path, log_density=_interrupting())
     assert third._run_state["done"] == 6  # not 3: the resumed run kept checkpointing to the same file
     torch.manual_seed(123)  # the checkpoint's random state is restored by resume
     third.resume(progress_bar=False)
@@ -425,7 +422,7 @@ def test_second_interruption_after_resume_loses_no_work_and_stays_bit_identical(
 def test_resume_checkpoint_options(tmp_path):
     path, elsewhere = tmp_path / "run.pt", tmp_path / "elsewhere.pt"
     torch.manual_seed(0)
-    s = DiffusionSampler(log_density=_Interrupting(stop_at=1 + 11 * 3 + 1), dim=2, num_steps=10,
+    s = DiffusionSampler(log_density=_interrupting(stop_at=1 + 11 * 3 + 1), dim=2, num_steps=10,
                          hidden_dim=16, num_layers=1, precondition=None)
     with pytest.raises(KeyboardInterrupt):  # inside iteration 4 (11 calls per iteration, 1 probe)
         s.run(num_iterations=10, batch_size=8, until=None, progress_bar=False, checkpoint=path,

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _interrupt import Interrupting
 
 from pyro_sde.infer import DiffusionSampler
 from pyro_sde.targets import GMM9
@@ -129,33 +130,25 @@ def test_ema_weights_follow_the_warm_up_formula():
         DiffusionSampler(log_density=GMM9().log_prob, dim=2, ema_decay=1.5)
 
 
-class _Interrupting:
-    """A log density that raises KeyboardInterrupt on its ``stop_at``-th call (Ctrl-C mid-run)."""
-
-    def __init__(self, stop_at=None):
-        self.calls, self.stop_at, self.target = 0, stop_at, GMM9()
-
-    def __call__(self, x):
-        self.calls += 1
-        if self.calls == self.stop_at:
-            raise KeyboardInterrupt
-        return self.target.log_prob(x)
+def _interrupting(stop_at=None):
+    """``GMM9().log_prob`` that raises KeyboardInterrupt at its ``stop_at``-th call (Ctrl-C mid-run)."""
+    return Interrupting(GMM9().log_prob, stop_at)
 
 
 @pytest.mark.parametrize("method", ["dis", "bridge"])
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, method):
     options = dict(dim=2, method=method, num_steps=8, ema_decay=0.9, precondition=None)
     torch.manual_seed(1)
-    full = DiffusionSampler(log_density=_Interrupting(), **options)
+    full = DiffusionSampler(log_density=_interrupting(), **options)
     full.run(num_iterations=12, batch_size=32, progress_bar=False)
 
     path = tmp_path / "sampler.pt"
     torch.manual_seed(1)
     # 9 log-density calls per iteration (8 guides + the boundary): interrupt inside iteration 8
-    broken = DiffusionSampler(log_density=_Interrupting(stop_at=9 * 7 + 4), **options)
+    broken = DiffusionSampler(log_density=_interrupting(stop_at=9 * 7 + 4), **options)
     with pytest.raises(KeyboardInterrupt):
         broken.run(num_iterations=12, batch_size=32, progress_bar=False, checkpoint=path, checkpoint_every=5)
-    resumed = DiffusionSampler.load(path, log_density=_Interrupting())
+    resumed = DiffusionSampler.load(path, log_density=_interrupting())
     assert resumed._run_state["done"] == 5 and len(resumed.losses) == 5
     torch.manual_seed(123)  # the checkpoint's random state is restored by resume
     resumed.resume(progress_bar=False)

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from _interrupt import Interrupting
 
 from pyro_sde import _distributed
 from pyro_sde.diagnostics import UnreliableEstimateWarning
@@ -33,17 +34,9 @@ def two_modes(x):
     return torch.logaddexp(a + math.log(0.3), b)
 
 
-class _Interrupting:
-    """``two_modes`` that raises ``KeyboardInterrupt`` at its ``stop_at``-th call (every rank alike)."""
-
-    def __init__(self, stop_at=None):
-        self.calls, self.stop_at = 0, stop_at
-
-    def __call__(self, x):
-        self.calls += 1
-        if self.calls == self.stop_at:
-            raise KeyboardInterrupt
-        return two_modes(x)
+def _interrupting(stop_at=None):
+    """``two_modes`` that raises KeyboardInterrupt at its ``stop_at``-th call (Ctrl-C mid-run)."""
+    return Interrupting(two_modes, stop_at)
 
 
 def _sampler(loss, log_density=two_modes):
@@ -96,14 +89,14 @@ def _experiments(folder):
     out["log_evidence"] = torch.stack([ev.log_z, ev.stderr, ev.lower_bound, ev.ess]).to(D64)
     z, log_w = sampler.sample_unconstrained(9, chunk_size=4)  # last chunk of 1: rank 0 holds none
     out["z"], out["log_w"] = z, log_w
-    counter = _Interrupting()  # calls at construction and per iteration
+    counter = _interrupting()  # calls at construction and per iteration
     sampler = _sampler("log_variance", counter)
     at_start = counter.calls
     sampler.run(num_iterations=1, batch_size=6, until=None, progress_bar=False)
     per_iteration = counter.calls - at_start
     torch.manual_seed(SEED)
     path = os.path.join(folder, "interrupted.ckpt")
-    sampler = _sampler("log_variance", _Interrupting(stop_at=at_start + 2 * per_iteration + 1))
+    sampler = _sampler("log_variance", _interrupting(stop_at=at_start + 2 * per_iteration + 1))
     with pytest.raises(KeyboardInterrupt):  # inside iteration 3: the file holds 2 iterations
         sampler.run(num_iterations=4, batch_size=6, until=None, progress_bar=False, checkpoint=path,
                     checkpoint_every=2)

@@ -12,6 +12,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from _interrupt import Interrupting
 from pyro.infer import Predictive
 
 import pyro_sde
@@ -320,17 +321,9 @@ def test_non_finite_density_at_the_start_raises(density, match):
         scld.sample_particles(16)
 
 
-class _Interrupting:
-    """SHIFTED's log density that raises KeyboardInterrupt on its ``stop_at``-th call (Ctrl-C mid-run)."""
-
-    def __init__(self, stop_at=None):
-        self.calls, self.stop_at = 0, stop_at
-
-    def __call__(self, x):
-        self.calls += 1
-        if self.calls == self.stop_at:
-            raise KeyboardInterrupt
-        return SHIFTED.log_prob(x)
+def _interrupting(stop_at=None):
+    """``SHIFTED.log_prob`` that raises KeyboardInterrupt at its ``stop_at``-th call (Ctrl-C mid-run)."""
+    return Interrupting(SHIFTED.log_prob, stop_at)
 
 
 def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
@@ -339,7 +332,7 @@ def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
     options = dict(dim=2, dtype=F64, precondition=gaussian, num_steps=4, num_subtrajectories=2, hidden_dim=8,
                    num_layers=1, ema_decay=0.9, num_mcmc_steps=1)
     run = dict(num_iterations=6, batch_size=16, until=None, progress_bar=False)
-    density = _Interrupting()
+    density = _interrupting()
     torch.manual_seed(1)
     full = SCLDSampler(log_density=density, **options)
     at_start = density.calls
@@ -347,10 +340,10 @@ def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
     per_iteration = (density.calls - at_start) // 6
     path = tmp_path / "scld.pt"
     torch.manual_seed(1)
-    first = SCLDSampler(log_density=_Interrupting(stop_at=at_start + 4 * per_iteration + 1), **options)
+    first = SCLDSampler(log_density=_interrupting(stop_at=at_start + 4 * per_iteration + 1), **options)
     with pytest.raises(KeyboardInterrupt):  # inside iteration 5: the file holds 3 iterations
         first.run(**run, checkpoint=path, checkpoint_every=3)
-    second = SCLDSampler.load(path, log_density=_Interrupting())
+    second = SCLDSampler.load(path, log_density=_interrupting())
     assert second._run_state["done"] == 3 and len(second.losses) == 3
     assert second.mcmc_step_sizes[0] != second.kernel.initial_step_size(2)  # the adapted one is restored
     torch.manual_seed(123)  # the checkpoint's random state is restored by resume
