@@ -1,6 +1,7 @@
 """Pyro model -> unconstrained batched log density."""
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -157,3 +158,19 @@ def test_improper_uniform_with_factor():
     pot = ModelPotential(model)
     z = torch.randn(6, 2)
     assert torch.allclose(pot.log_density(z), -0.5 * (z**2).sum(-1), atol=1e-6)
+
+
+def test_initial_point_search_is_quiet_about_nan_points():
+    """Pyro's search for a valid initial point retries where the density is NaN; the user sees no
+    "Encountered NaN" warning for those tries, and the point found is valid."""
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.validation_enabled(False):  # a likelihood that overflows to NaN, as a simulator can
+            pyro.factor("f", torch.where(z < -1.0, torch.zeros(()), torch.tensor(float("nan"))))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pot = ModelPotential(model)
+    assert not [w for w in caught if "Encountered NaN" in str(w.message)]
+    assert float(pot.initial_params[0]) < -1.0  # the only region where the density is finite

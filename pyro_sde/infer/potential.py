@@ -13,6 +13,7 @@ Batched evaluation runs the model once under an outer particle plate (like
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -300,6 +301,15 @@ def _short(error: Exception, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+@contextlib.contextmanager
+def _quiet_nan():
+    """Silence Pyro's "Encountered NaN" warnings while set-up probes points of the model's choosing:
+    Pyro's initial-point search retries such points and the probes compare NaN with NaN."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+        yield
+
+
 class ModelPotential(Potential):
     """The unconstrained log joint of a Pyro model with its observations, batched.
 
@@ -390,10 +400,11 @@ class ModelPotential(Potential):
         self.max_plate_nesting = max_plate_nesting
 
         try:
-            init, self._potential_fn, self.transforms, _ = initialize_model(
-                model, model_args, model_kwargs,
-                max_plate_nesting=max_plate_nesting, init_strategy=init_fn,
-            )
+            with _quiet_nan():
+                init, self._potential_fn, self.transforms, _ = initialize_model(
+                    model, model_args, model_kwargs,
+                    max_plate_nesting=max_plate_nesting, init_strategy=init_fn,
+                )
         except ValueError as e:
             if "cannot find valid initial params" not in str(e):
                 raise
@@ -414,7 +425,8 @@ class ModelPotential(Potential):
         self.initial_params = torch.cat([init[n].reshape(-1) for n in self._names]).detach()
         self.site_supports = {s["name"]: s["fn"].support for s in latents}  # constrained supports
         self.num_model_errors = 0  # particles at which the model raised (log density -inf)
-        self.vectorize_mode = self._choose_mode(request)
+        with _quiet_nan():
+            self.vectorize_mode = self._choose_mode(request)
 
     # -- packing -------------------------------------------------------------------------------
     def _unpack(self, z):
