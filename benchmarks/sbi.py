@@ -206,10 +206,10 @@ The rows come from several runs, each with the same seed, so that a method retra
 gets the same simulations and network (its CPU seconds in the table are from its first run): at 1,000
 simulations one run of every method on observations 1-5 (after the default batch became
 `clip(N_train // 8, 32, 256)`); at 10,000 observations 1-2 in one run (with the time-score estimators on
-slcp), 3-5 appended later; at 100,000 only two_moons, observations 1-2 (first run). 100,000 simulations on
-the other three tasks were not run: sbi's NRE-A / NRE-C took 330 / 471 CPU seconds on two_moons, and on
-2 cores shared by about ten processes (a process got 10-15 % of a core) the six trainings alone would have
-needed hours of wall, beyond this benchmark's hour.
+slcp), 3-5 appended later; at 100,000 observations 1-2: two_moons in the first run, the other three
+tasks in a later one on a quieter machine (load about 1-2; classifier, contrastive, sbi NRE-A / NRE-C;
+35 min). At 100,000 our estimators end at their default cap of 50 epochs (17,600 steps) on three tasks
+before early stopping: sbi's NRE-C, trained with 6-19x our CPU, is better on gaussian_mixture and slcp.
 
 Per task and budget one set of simulations is shared by every method; each trains once and is evaluated on
 every observation. Ours: `RatioLikelihood.from_simulations(theta, x, prior=prior, estimator=...)` with its
