@@ -339,7 +339,7 @@ class RatioLikelihood:
         Estimators with early stopping (the classifiers) hold out ``validation_fraction`` of the pairs,
         check the validation loss once per epoch (``ceil(N_train / batch_size)`` steps) at a constant
         learning rate, and stop after ``patience`` epochs without improvement (keeping the best weights), or
-        at ``max_num_iterations`` steps (default ``max(2000, 50 epochs)``); ``lr`` defaults to 3e-3. Others
+        at ``max_num_iterations`` steps (default ``max(2000, 200 epochs)``); ``lr`` defaults to 3e-3. Others
         train for ``num_iterations`` (2000) with a cosine schedule from ``lr`` (default 1e-3).
         ``batch_size`` defaults to ``clip(N_train // 8, 32, 256)``: at least 8 steps an epoch, so that on
         small data sets, where the 2000-step floor rather than early stopping ends training, the training
@@ -391,7 +391,7 @@ class RatioLikelihood:
             batch_size = _default_batch_size(theta.shape[0]) if batch_size is None else batch_size
             batch_size = min(batch_size, theta.shape[0])
             epoch = math.ceil(theta.shape[0] / batch_size)
-            cap = max(2000, 50 * epoch) if max_num_iterations is None else max_num_iterations
+            cap = max(2000, 200 * epoch) if max_num_iterations is None else max_num_iterations
             options.update(num_iterations=cap, validation=validation, patience=patience,
                            validation_interval=epoch, lr_schedule="constant", lr=3e-3 if lr is None else lr)
         else:
