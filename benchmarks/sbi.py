@@ -205,11 +205,11 @@ wall {wall / 60:.0f} min.
 The rows come from several runs, each with the same seed, so that a method retrained to add observations
 gets the same simulations and network (its CPU seconds in the table are from its first run): at 1,000
 simulations one run of every method on observations 1-5 (after the default batch became
-`clip(N_train // 8, 32, 256)`); at 10,000 observations 1-2 in one run (with the time-score estimators on
-slcp), 3-5 appended later; at 100,000 observations 1-2: two_moons in the first run, the other three
-tasks in a later one on a quieter machine (load about 1-2; classifier, contrastive, sbi NRE-A / NRE-C;
-35 min). At 100,000 our estimators end at their default cap of 50 epochs (17,600 steps) on three tasks
-before early stopping: sbi's NRE-C, trained with 6-19x our CPU, is better on gaussian_mixture and slcp.
+`clip(N_train // 8, 32, 256)`); at 10,000 and 100,000 our estimators were re-run (observations 1-5 and 1-2)
+after the default step cap became 200 epochs (it was 50, which ended training before early stopping at
+these budgets), at load about 2, the time-score estimators on slcp at 10,000 and the 1,000 rows staying
+from the earlier runs; sbi's rows at 10,000 (observations 1-5) and at 100,000 (observations 1-2) are from
+the earlier runs on the same simulations.
 
 Per task and budget one set of simulations is shared by every method; each trains once and is evaluated on
 every observation. Ours: `RatioLikelihood.from_simulations(theta, x, prior=prior, estimator=...)` with its
