@@ -2,9 +2,12 @@
 
 Side by side, in the same run (the load of a shared machine drifts; read the ratios):
 
-* ours: ``DiffusionSampler.step`` (method "dis", log-variance loss): K no-grad control evaluations for
-  the simulation, then one batched forward/backward of the control on the stored path;
-* ours, levers off: the same with the network evaluated in one call (``chunk_rows=None``);
+* ours: ``DiffusionSampler.step`` (method "dis", log-variance loss, defaults): the simulation runs the
+  control with autograd on the detached states and keeps its graph, one backward at the end;
+* ours, recompute: ``control_graph="recompute"``: K no-grad control evaluations for the simulation, then
+  one batched forward/backward of the control on the stored path (in slices of 16384 rows);
+* ours, bfloat16: the defaults with ``mixed_precision="bfloat16"`` (the network under autocast);
+* ours, levers off: recompute with the network evaluated in one call (``chunk_rows=None``);
 * the authors' loop (sde_sampler, Berner, Richter et al.), re-stated here: the control evaluated with
   autograd at every step, the time branch run on every row (their FourierMLP expands ``t`` to the
   batch), the graph kept through the K steps, one backward of the log-variance of the path weights;
@@ -204,7 +207,11 @@ estimates are unbiased in ``Z`` at any K; the step count only sets the weights' 
         t = time_interleaved(
             {
                 "ours": sampler_iteration(make_sampler(dim, steps), batch),
-                "levers off": sampler_iteration(make_sampler(dim, steps, control=one_call), batch),
+                "recompute": sampler_iteration(make_sampler(dim, steps, control_graph="recompute"), batch),
+                "bf16": sampler_iteration(make_sampler(dim, steps, mixed_precision="bfloat16"), batch),
+                "levers off": sampler_iteration(
+                    make_sampler(dim, steps, control=one_call, control_graph="recompute"), batch
+                ),
                 "authors": authors_iteration(make_sampler(dim, steps), batch),
                 "torchsde": sampler_iteration(make_sampler(dim, steps, backend="torchsde"), batch),
                 "raw": raw_network(dim, steps, batch),
@@ -213,11 +220,13 @@ estimates are unbiased in ``Z`` at any K; the step count only sets the weights' 
             repeats,
         )
         print(f"d={dim}", {k: round(v, 3) for k, v in t.items()}, flush=True)
-        rows.append([dim, t["ours"], t["levers off"], t["authors"], t["torchsde"], t["raw"], t["raw chunked"],
-                     t["ours"] / t["authors"], t["ours"] / min(t["raw"], t["raw chunked"])])
+        rows.append([dim, t["ours"], t["recompute"], t["bf16"], t["levers off"], t["authors"], t["torchsde"],
+                     t["raw"], t["raw chunked"], t["ours"] / t["authors"], t["bf16"] / t["authors"],
+                     t["ours"] / min(t["raw"], t["raw chunked"])])
     header = [
-        "d", "ours s/it", "ours, levers off", "authors' loop (re-stated)", "torchsde", "raw network",
-        "raw network, chunked", "ours / authors", "ours / raw network (the faster)",
+        "d", "ours s/it", "ours, recompute", "ours, bfloat16", "ours, levers off",
+        "authors' loop (re-stated)", "torchsde", "raw network", "raw network, chunked", "ours / authors",
+        "ours bfloat16 / authors", "ours / raw network (the faster)",
     ]
     table = markdown_table(header, rows)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
@@ -233,10 +242,15 @@ turn) after one warm-up; machine: {machine()}, load average {load:.1f} at the en
 read the ratios). Goals: <= 0.5x the authors' per-iteration time, within 1.5x of the raw network cost
 (K no-grad forwards of batch N + one forward/backward of K * N rows in one call).
 
-*levers off*: the control network evaluated in one call (`ControlNetwork(chunk_rows=None)`); *authors'
-loop*: the sde_sampler training step re-stated on our chain (the control with autograd at every
-step, its time branch on every row, one backward through the K steps); *raw network, chunked*: the
-same network cost with the K * N rows in slices of 16384.
+*ours*: the defaults, where the simulation keeps the graph of the controls (`control_graph="record"`,
+chosen by `"auto"` while the activations fit in 2 GiB: one forward pass per iteration); *recompute*: a
+no-grad simulation, then one batched forward/backward of the control on the stored path in slices of
+16384 rows (`control_graph="recompute"`, the default before); *bfloat16*: the defaults with
+`mixed_precision="bfloat16"` (the network under `torch.autocast`, states and weights in float32 /
+float64); *levers off*: recompute with the network in one call (`ControlNetwork(chunk_rows=None)`);
+*authors' loop*: the sde_sampler training step re-stated on our chain (the control with autograd at
+every step, its time branch on every row, one backward through the K steps); *raw network, chunked*:
+the same network cost with the K * N rows in slices of 16384.
 `DiffusionSampler(compile=True)` is no column: on this CPU it ran at the eager speed (6.0 vs 5.9 s/it at
 2048 x 200, d = 2, 1 thread) after 130 s of compilation, so it stays off by default (see `benchmarks/gpu.py`
 for the GPU, where fusing the step's small kernels is what can pay).

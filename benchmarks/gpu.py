@@ -1,7 +1,9 @@
 """Iterations per second of DiffusionSampler training at batch 2048 x 200 steps on the present device.
 
 For d = 2, 10, 50 (8-mode Gaussian mixture, closed-form score, method "dis", log-variance loss):
-ours (``backend="euler"``), the same through ``torchsde.sdeint`` (``backend="torchsde"``) and the raw
+ours (``backend="euler"``, the controls' graph recorded in the simulation), ours with the controls
+recomputed on the stored path (``control_graph="recompute"``), ours with the network in bfloat16
+(``mixed_precision="bfloat16"``), the same through ``torchsde.sdeint`` (``backend="torchsde"``) and the raw
 network cost (K no-grad forwards of batch N + one forward/backward of K * N rows). Runs on CUDA when
 available, else on the CPU (the section then says so). Goal on one H100-class GPU: >= 17 it/s, d <= 50.
 
@@ -70,7 +72,15 @@ def main():
         check_no_sync(device, steps, batch)
     rows = []
     for dim in dims:
-        fns = {"ours": sampler_iteration(make_sampler(dim, steps, device=device), batch)}
+        fns = {
+            "ours": sampler_iteration(make_sampler(dim, steps, device=device), batch),
+            "recompute": sampler_iteration(
+                make_sampler(dim, steps, device=device, control_graph="recompute"), batch
+            ),
+            "bf16": sampler_iteration(
+                make_sampler(dim, steps, device=device, mixed_precision="bfloat16"), batch
+            ),
+        }
         if not args.no_torchsde:
             torchsde = make_sampler(dim, steps, backend="torchsde", device=device)
             fns["torchsde"] = sampler_iteration(torchsde, batch)
@@ -86,13 +96,14 @@ def main():
         seconds = time_interleaved({k: synchronised(fn, device) for k, fn in fns.items()}, repeats)
         rate = {k: 1.0 / v for k, v in seconds.items()}
         theirs = rate.get("torchsde", float("nan"))
-        row = [dim, rate["ours"], theirs, rate["raw"], rate["ours"] / theirs, rate["raw"] / rate["ours"]]
+        row = [dim, rate["ours"], rate["recompute"], rate["bf16"], theirs, rate["raw"], rate["ours"] / theirs,
+               rate["raw"] / rate["ours"]]
         if args.compile:
             row.append(rate["compiled"])
         rows.append(row)
         print(rows[-1], flush=True)
-    header = ["d", "ours it/s", "torchsde it/s", "raw network it/s", "ours / torchsde",
-              "ours s/it / raw s/it"]
+    header = ["d", "ours it/s", "ours, recompute, it/s", "ours, bfloat16, it/s", "torchsde it/s",
+              "raw network it/s", "ours / torchsde", "ours s/it / raw s/it"]
     table = markdown_table(header + (["ours, compile=True, it/s"] if args.compile else []), rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({machine()})"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -109,7 +120,10 @@ Batch {batch} x {steps} steps, method "dis", log-variance loss, default network 
 Gaussian mixture with a closed-form score, float32; median of {repeats} rounds (the columns timed in
 turn, the device synchronised after each call) after {args.warmup} warm-up(s).
 Device: **{name}**; load average {load:.1f}. Goal on one H100-class GPU: >= 17 it/s for d <= 50.
-*raw network*: K no-grad forwards of batch N + one forward/backward of the K * N rows (in one call).
+*ours*: the defaults (the controls' graph recorded during the simulation); *recompute*:
+`control_graph="recompute"`; *bfloat16*: `mixed_precision="bfloat16"` (the network under autocast, the
+weights in float64). *raw network*: K no-grad forwards of batch N + one forward/backward of the K * N
+rows (in one call).
 Regenerate on a GPU machine with `python benchmarks/gpu.py --check-sync --compile --write`.
 {cpu_note}
 {table}

@@ -68,9 +68,10 @@ def _experiments(folder):
     """What both the workers and the single process compute: a dict of tensors."""
     out = {}
     checkpoint = None if folder is None else os.path.join(folder, "run.ckpt")
-    for loss in ("log_variance", "kl", "rkl_ld"):
+    for loss in ("log_variance", "kl", "rkl_ld", "log_variance record", "rkl_ld record"):
         torch.manual_seed(SEED)
-        sampler = _sampler(loss)
+        sampler = _sampler(loss.split()[0])
+        sampler.control_graph = "record" if loss.endswith("record") else "recompute"  # (auto: 7 < 1024)
         info = [sampler.step(7) for _ in range(2)]  # 7 paths: shards of 3 and 4
         out[f"{loss} params"] = _flat(sampler.control)
         out[f"{loss} grads"] = torch.cat([p.grad.reshape(-1) for p in sampler.control.parameters()])
@@ -187,7 +188,7 @@ def _close(a, b):
     return a.shape == b.shape and torch.allclose(a.to(D64), b.to(D64), rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("loss", ["log_variance", "kl", "rkl_ld"])
+@pytest.mark.parametrize("loss", ["log_variance", "kl", "rkl_ld", "log_variance record", "rkl_ld record"])
 def test_a_distributed_step_equals_the_single_process_step(distributed_and_single, loss):
     ranks, single, _ = distributed_and_single
     assert int(ranks[0]["world"]) == 2

@@ -115,8 +115,9 @@ class TestNoHostSync:
         [("dis", "log_variance"), ("pis", "log_variance"), ("dds", "log_variance"), ("dis", "kl"),
          ("dds", "kl"), ("bridge", "rkl_ld"), ("dis", "rkl_ld")],
     )
-    def test_training_simulation_and_loss_paths_do_not_synchronise(self, method, loss):
-        sampler = _sampler(method, loss)
+    @pytest.mark.parametrize("control_graph", ["record", "recompute"])
+    def test_training_simulation_and_loss_paths_do_not_synchronise(self, method, loss, control_graph):
+        sampler = _sampler(method, loss, control_graph=control_graph)
         sampler.step(8)  # set-up outside the guard (coefficients cached, optimiser state)
         with no_host_sync():
             log_w, behaviour, log_forward = sampler._training_log_weights(8)
@@ -136,6 +137,12 @@ class TestNoHostSync:
         monkeypatch.setattr(sampler, "_simulate", guarded)
         z, log_w = sampler.sample_unconstrained(10, chunk_size=4)  # three guarded simulations
         assert z.shape == (10, 3) and log_w.dtype == D64
+
+    def test_mixed_precision_does_not_synchronise(self):
+        sampler = _sampler(dtype=torch.float32, mixed_precision="bfloat16")
+        sampler.step(8)
+        with no_host_sync():
+            sampler._training_log_weights(8)[0].sum().backward()
 
     def test_model_target_without_validation_does_not_synchronise(self):
         def model():

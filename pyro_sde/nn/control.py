@@ -58,9 +58,18 @@ class _RowsLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _linear(x, weight, bias):
-    """``F.linear``; through :class:`_RowsLinear` for a non-square weight that needs a gradient."""
-    if weight.shape[0] != weight.shape[1] and weight.requires_grad and torch.is_grad_enabled():
+    """``F.linear``; through :class:`_RowsLinear` for a non-square weight that needs a gradient
+    (not under autocast, whose casts a custom function would bypass)."""
+    if (weight.shape[0] != weight.shape[1] and weight.requires_grad and torch.is_grad_enabled()
+            and not _autocast_enabled(x.device.type)):
         return _RowsLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
