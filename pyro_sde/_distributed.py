@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -178,6 +179,17 @@ def broadcast_parameters_(modules: Iterable[torch.nn.Module], src: int = 0) -> N
             for t in list(module.parameters()) + list(module.buffers()):
                 if torch.is_floating_point(t):  # integer / bool buffers are counters and flags
                     dist.broadcast(t.data, src)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself when not distributed); tensors in
+    it should be on the CPU (they arrive there)."""
+    if not is_distributed():
+        return obj
+    backend_device = device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    holder = [obj if rank() == src else None]
+    dist.broadcast_object_list(holder, src, device=backend_device)
+    return holder[0]
 
 
 def sync_rng_state_(src: int = 0) -> None:

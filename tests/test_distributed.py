@@ -130,6 +130,17 @@ def _experiments(folder):
     smc.run()
     out["smc particles"] = smc.final_states[0].particles
     out["smc log_evidence"] = torch.stack(list(smc.log_evidence()[:2])).to(D64)
+    torch.manual_seed(SEED)
+    counted = Interrupting(two_modes)  # counts the calls
+    sampler = DiffusionSampler(
+        log_density=counted, dim=2, dtype=D64, num_steps=6, hidden_dim=8, num_layers=2, precondition="laplace",
+        precondition_options=dict(num_starts=3),
+    ).setup()
+    out["fit calls"] = torch.tensor(counted.calls)
+    sampler.step(7)
+    p = sampler.preconditioner
+    out["preconditioner"] = torch.cat([p.loc, p.scale_tril.reshape(-1)])
+    out["preconditioned params"] = _flat(sampler.control)
     return out
 
 
@@ -242,6 +253,15 @@ def test_distributed_smc_keeps_the_ranks_in_step_and_finds_the_evidence(distribu
         log_z, stderr = out["smc log_evidence"].tolist()
         assert abs(log_z - math.log(2 * math.pi)) < 4 * stderr + 0.02
     assert not torch.equal(ranks[0]["smc particles"], single["smc particles"])  # other move noise
+
+
+def test_rank_0_fits_the_preconditioner_for_every_rank(distributed_and_single):
+    ranks, single, _ = distributed_and_single
+    assert int(ranks[1]["fit calls"]) < int(ranks[0]["fit calls"]) == int(single["fit calls"])
+    assert torch.equal(ranks[0]["preconditioner"], ranks[1]["preconditioner"])
+    for key in ("preconditioner", "preconditioned params"):
+        assert _close(ranks[0][key], single[key]), key
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
 
 
 def test_helpers_are_the_single_process_answer_when_not_distributed():

@@ -19,12 +19,13 @@ import pyro
 import torch
 from pyro.infer import Predictive
 
+from .. import _distributed as dist
 from .. import diagnostics
 from .._arviz import FromPyroGuard
 from .._checks import positive_int
 from ._inputs import cast_output, same_call
 from .potential import LogDensityPotential, ModelPotential, Potential
-from .precondition import Preconditioner, as_preconditioner, whiten
+from .precondition import Preconditioner, as_preconditioner, fit_preconditioner, whiten
 
 __all__ = ["PosteriorSampler"]
 
@@ -99,9 +100,21 @@ class PosteriorSampler(FromPyroGuard):
         return self.potential
 
     def _setup_target(self):
-        """Fit the preconditioner once (kept when the model's data change) and whiten the potential."""
+        """Fit the preconditioner once (kept when the model's data change) and whiten the potential.
+
+        Under ``torch.distributed`` rank 0 fits it and every rank takes rank 0's fit and then its random
+        stream (the ranks' states are then the single process's)."""
+        source = self._whitening_source()
+        preconditioner = self.preconditioner
+        if preconditioner is None and self._precondition is not None and dist.is_distributed():
+            fitted = None
+            if dist.is_main_process():
+                fitted = fit_preconditioner(source, self._precondition, **self._precondition_options)
+                fitted = fitted.to(device="cpu")
+            preconditioner = dist.broadcast_object(fitted).to(dtype=source.dtype, device=source.device)
+            dist.sync_rng_state_()
         self.preconditioner, self._target = whiten(
-            self._whitening_source(), self.preconditioner, self._precondition, self._precondition_options
+            source, preconditioner, self._precondition, self._precondition_options
         )
 
     def _require_potential(self):
