@@ -18,7 +18,7 @@ The target is an 8-mode isotropic Gaussian mixture with a closed-form score (the
 not the target's).
 
     python benchmarks/diffusion_step.py [--dims 2 10] [--batch 2048] [--steps 200] [--repeats 3]
-        [--threads 2] [--smoke] [--write] [--grid-study]
+        [--threads 2] [--smoke] [--write] [--grid-study] [--precision-study]
 """
 
 from __future__ import annotations
@@ -157,6 +157,28 @@ def grid_study(steps_list=(10, 20, 50, 100, 200), dim=10, num_paths=4096, mean=2
     return markdown_table(header, rows)
 
 
+def precision_study(iterations=400, batch=512, steps=100, dim=2, seeds=(0, 1), num_paths=8192):
+    """Training in float32 against ``mixed_precision="bfloat16"``: log Z error, its standard error and the
+    ESS of ``num_paths`` fresh paths after ``iterations`` steps, on the 8-mode mixture (exact log Z:
+    ``log 8 + d/2 log 2 pi``, each mode unnormalised ``exp(-|x - mu|^2 / 2)``)."""
+    log_density, score = mixture(dim)
+    log_z = math.log(8) + 0.5 * dim * math.log(2 * math.pi)
+    rows = []
+    for precision in (None, "bfloat16"):
+        for seed in seeds:
+            torch.manual_seed(seed)
+            sampler = DiffusionSampler(
+                log_density=log_density, score=score, dim=dim, num_steps=steps, precondition=None,
+                mixed_precision=precision,
+            )
+            sampler.run(num_iterations=iterations, batch_size=batch, until=None, progress_bar=False)
+            ev = sampler.log_evidence(num_paths)
+            error = float(ev.log_z) - log_z
+            rows.append([precision or "float32", seed, error, float(ev.stderr), float(ev.ess)])
+    header = ["network", "seed", "log Z error", "stderr", "ESS"]
+    return markdown_table(header, rows)
+
+
 def time_interleaved(fns: dict, repeats: int) -> dict:
     """Median seconds of each ``fn()``, the calls taken in turn (one warm-up each): on a shared machine
     the load drifts between rounds, not within one, so the ratios stay fair."""
@@ -181,7 +203,26 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="batch 64 x 20 steps, 1 repeat")
     parser.add_argument("--write", action="store_true", help="write the diffusion_step section")
     parser.add_argument("--grid-study", action="store_true", help="only the log Z error against K")
+    parser.add_argument("--precision-study", action="store_true",
+                        help="only training in float32 against bfloat16 (log Z error after 400 iterations)")
     args = parser.parse_args()
+    if args.precision_study:
+        torch.set_num_threads(args.threads)
+        table = precision_study(iterations=20 if args.smoke else 400, seeds=(0,) if args.smoke else (0, 1))
+        print(table)
+        if args.write and not args.smoke:
+            title = "## Mixed precision against float32 (`benchmarks/diffusion_step.py --precision-study`)"
+            write_section("diffusion_precision", f"""{title}
+
+`DiffusionSampler(method="dis", num_steps=100, precondition=None)` trained for 400 iterations at batch
+512 on the 8-mode Gaussian mixture in 2-d (closed-form score), with the control network in float32 or
+under `mixed_precision="bfloat16"` (`torch.autocast`; states and weights in float32 / float64); then
+`log_evidence(8192)`. Machine: {machine()}. The speed is in the iteration-cost
+table above.
+
+{table}
+""")
+        return
     if args.grid_study:
         table = grid_study(steps_list=(10, 20) if args.smoke else (10, 20, 50, 100, 200))
         print(table)
@@ -251,9 +292,10 @@ float64); *levers off*: recompute with the network in one call (`ControlNetwork(
 *authors' loop*: the sde_sampler training step re-stated on our chain (the control with autograd at
 every step, its time branch on every row, one backward through the K steps); *raw network, chunked*:
 the same network cost with the K * N rows in slices of 16384.
-`DiffusionSampler(compile=True)` is no column: on this CPU it ran at the eager speed (6.0 vs 5.9 s/it at
-2048 x 200, d = 2, 1 thread) after 130 s of compilation, so it stays off by default (see `benchmarks/gpu.py`
-for the GPU, where fusing the step's small kernels is what can pay).
+`DiffusionSampler(compile=True)` is no column: on this CPU it ran at the eager speed (0.78 vs 0.76 s/it at
+2048 x 200, d = 2, 1 thread, graph recorded, load 1.1; 6.0 vs 5.9 s/it under recompute at load 12) after
+15 s of compilation, so it stays off by default (see `benchmarks/gpu.py` for the GPU, where fusing the
+step's small kernels is what can pay).
 
 {table}
 """,

@@ -39,10 +39,10 @@ def _interrupting(stop_at=None):
     return Interrupting(two_modes, stop_at)
 
 
-def _sampler(loss, log_density=two_modes):
+def _sampler(loss, log_density=two_modes, backend="euler"):
     return DiffusionSampler(
         log_density=log_density, dim=2, dtype=D64, method="dis", loss=loss, num_steps=6, hidden_dim=8,
-        num_layers=2, precondition=None, grad_clip=None, ema_decay=0.9, lr=1e-2,
+        num_layers=2, precondition=None, grad_clip=None, ema_decay=0.9, lr=1e-2, backend=backend,
     )
 
 
@@ -68,9 +68,10 @@ def _experiments(folder):
     """What both the workers and the single process compute: a dict of tensors."""
     out = {}
     checkpoint = None if folder is None else os.path.join(folder, "run.ckpt")
-    for loss in ("log_variance", "kl", "rkl_ld", "log_variance record", "rkl_ld record"):
+    for loss in ("log_variance", "kl", "rkl_ld", "log_variance record", "rkl_ld record",
+                 "log_variance torchsde"):
         torch.manual_seed(SEED)
-        sampler = _sampler(loss.split()[0])
+        sampler = _sampler(loss.split()[0], backend="torchsde" if loss.endswith("torchsde") else "euler")
         sampler.control_graph = "record" if loss.endswith("record") else "recompute"  # (auto: 7 < 1024)
         info = [sampler.step(7) for _ in range(2)]  # 7 paths: shards of 3 and 4
         out[f"{loss} params"] = _flat(sampler.control)
@@ -133,8 +134,8 @@ def _experiments(folder):
     torch.manual_seed(SEED)
     counted = Interrupting(two_modes)  # counts the calls
     sampler = DiffusionSampler(
-        log_density=counted, dim=2, dtype=D64, num_steps=6, hidden_dim=8, num_layers=2, precondition="laplace",
-        precondition_options=dict(num_starts=3),
+        log_density=counted, dim=2, dtype=D64, num_steps=6, hidden_dim=8, num_layers=2,
+        precondition="laplace", precondition_options=dict(num_starts=3),
     ).setup()
     out["fit calls"] = torch.tensor(counted.calls)
     sampler.step(7)
@@ -207,6 +208,14 @@ def test_a_distributed_step_equals_the_single_process_step(distributed_and_singl
         assert _close(ranks[0][key], single[key]), key
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # the ranks agree exactly
     assert not _close(single[f"{loss} grads"], 2 * single[f"{loss} grads"])  # the check can fail
+
+
+def test_a_distributed_torchsde_step_equals_the_single_process_euler_step(distributed_and_single):
+    """Under torch.distributed torchsde's Brownian motion takes the shared increments: the backends agree."""
+    ranks, single, _ = distributed_and_single
+    for key in ("params", "grads", "info"):
+        assert _close(ranks[0][f"log_variance torchsde {key}"], single[f"log_variance {key}"]), key
+        assert torch.equal(ranks[0][f"log_variance torchsde {key}"], ranks[1][f"log_variance torchsde {key}"])
 
 
 def test_distributed_run_evidence_and_samples_equal_the_single_process(distributed_and_single):

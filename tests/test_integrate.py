@@ -132,19 +132,42 @@ class TestPathLogRatio:
 
 
 class TestTorchsdeBackend:
-    def test_same_noise_same_path(self):
+    @pytest.mark.parametrize("num_steps", [6, 12])  # at 6 torchsde ends with a sliver of a 7th step
+    def test_same_noise_same_path(self, num_steps):
         # torchsde's Euler on our grid reproduces our chain step for step (same Brownian increments).
         import torchsde
-        ref = VPReference(12)
+        K = num_steps
+        ref = VPReference(K)
         x0 = torch.randn(16, 2, dtype=D64)
-        bm = torchsde.BrownianInterval(0.0, ref.T, size=(16, 2), dtype=D64, dt=ref.T / 12)
+        bm = torchsde.BrownianInterval(0.0, ref.T, size=(16, 2), dtype=D64, dt=ref.T / K)
         times = ref.coefficients(D64).times
-        noise = torch.stack([(bm(times[k], times[k + 1])) / math.sqrt(ref.T / 12) for k in range(12)])
+        noise = torch.stack([(bm(times[k], times[k + 1])) / math.sqrt(ref.T / K) for k in range(K)])
         control = lambda k, t, x: torch.cos(x) - t  # noqa: E731
         ours = euler_maruyama(ref, control, x0, noise=noise)
         theirs = torchsde_euler(ref, control, x0, bm=bm)
         assert torch.allclose(ours.states, theirs.states, atol=1e-10)
         assert torch.allclose(ours.log_ratio, theirs.log_ratio, atol=1e-8)
+
+    @pytest.mark.parametrize("noise_scale, num_steps", [(1.0, 12), (1.7, 12), (1.0, 6)])
+    def test_given_noise_gives_the_euler_paths(self, noise_scale, num_steps):
+        ref = VPReference(num_steps)
+        x0, noise = torch.randn(16, 2, dtype=D64), torch.randn(num_steps, 16, 2, dtype=D64)
+        control = lambda k, t, x: torch.cos(x) - t  # noqa: E731
+        ours = euler_maruyama(ref, control, x0, noise=noise, noise_scale=noise_scale)
+        theirs = torchsde_euler(ref, control, x0, noise=noise, noise_scale=noise_scale)
+        assert torch.allclose(ours.states, theirs.states, atol=1e-10)
+        assert torch.allclose(ours.log_ratio, theirs.log_ratio, atol=1e-8)
+        other = torchsde_euler(ref, control, x0, noise=torch.randn(num_steps, 16, 2, dtype=D64))
+        assert not torch.allclose(ours.states[-1], other.states[-1], atol=1e-3)  # the noise is used
+
+    def test_given_noise_bad_input(self):
+        ref, x0 = VPReference(6), torch.zeros(3, 2, dtype=D64)
+        with pytest.raises(ValueError, match="noise must have shape"):
+            torchsde_euler(ref, lambda k, t, x: x, x0, noise=torch.zeros(7, 3, 2, dtype=D64))
+        import torchsde
+        bm = torchsde.BrownianInterval(0.0, ref.T, size=(3, 2), dtype=D64)
+        with pytest.raises(ValueError, match="noise or bm"):
+            torchsde_euler(ref, lambda k, t, x: x, x0, noise=torch.zeros(6, 3, 2, dtype=D64), bm=bm)
 
 
 class TestOUReference:

@@ -92,6 +92,17 @@ class TestControlGraph:
         assert not sampler._records_controls(8)
         sampler.step(8)
 
+    def test_torchsde_backend_recomputes_the_simulated_controls(self):
+        """At K = 6 torchsde ends with a sliver of a 7th step: the controls stay those of the 6 steps."""
+        torch.manual_seed(0)
+        sampler = DiffusionSampler(
+            log_density=_gaussian_log_density, dim=3, num_steps=6, hidden_dim=16, num_layers=2,
+            precondition=None, dtype=D64, backend="torchsde",
+        ).setup()
+        torch.nn.init.normal_(sampler.control.body[-1][-1].weight, std=0.3)
+        log_w, behaviour, _ = sampler._training_log_weights(16)
+        torch.testing.assert_close(log_w.detach(), behaviour, rtol=1e-10, atol=1e-10)
+
     def test_kl_loss_is_unaffected(self):
         """The reparametrised loss differentiates through the solver either way."""
         a = _loss_and_grads(_sampler(loss="kl", control_graph="record"))

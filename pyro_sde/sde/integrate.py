@@ -246,10 +246,14 @@ class _TorchsdeChain(torch.nn.Module):
 
     def f(self, t, y):
         k = self._index(t)
-        v = self.control_fn(k, self.coef.times[k], y)
-        if not self.differentiable:
-            v = v.detach()
-        self.controls[k] = v
+        # torchsde may end with a sliver of a step (t = T - 1e-16 to T) whose index is K - 1 again: it
+        # reuses step K - 1's control (the control function is called once per step, as by our loop)
+        v = self.controls.get(k)
+        if v is None:
+            v = self.control_fn(k, self.coef.times[k], y)
+            if not self.differentiable:
+                v = v.detach()
+            self.controls[k] = v
         return ((self.coef.drift_scale[k] - 1) * y + self.coef.control_scale[k] * v) / self.h
 
     def g(self, t, y):
@@ -257,11 +261,49 @@ class _TorchsdeChain(torch.nn.Module):
         return (self.noise_scale * self.coef.noise_std[k] / self.h**0.5).expand_as(y)
 
 
+_GRID_BROWNIAN: list = []
+
+
+def _grid_brownian(noise: torch.Tensor, h: float) -> torchsde.BaseBrownian:
+    """A torchsde Brownian motion on the grid ``t_k = k h`` whose increment over step ``k`` is
+    ``sqrt(h) noise[k]`` (``noise`` (K, N, d)): torchsde's Euler steps then draw :func:`euler_maruyama`'s."""
+    if not _GRID_BROWNIAN:
+        import torchsde
+
+        class GridBrownian(torchsde.BaseBrownian):
+            __slots__ = ("_noise", "_h")
+
+            def __init__(self, noise, h):
+                self._noise, self._h = noise, h
+
+            def __call__(self, ta, tb=None, return_U=False, return_A=False):
+                if tb is None or return_U or return_A:
+                    raise ValueError("a grid Brownian motion gives increments W(tb) - W(ta) only")
+                dt = float(tb) - float(ta)
+                if abs(dt) <= 1e-6 * self._h:  # torchsde's closing sliver of a step (rounding)
+                    return torch.zeros_like(self._noise[0])
+                if abs(dt - self._h) > 1e-6 * self._h:
+                    raise ValueError("a grid Brownian motion gives increments over one grid step only")
+                return self._noise[int(round(float(ta) / self._h))] * math.sqrt(self._h)
+
+            def __repr__(self):
+                return f"GridBrownian(steps={self._noise.shape[0]}, h={self._h})"
+
+            dtype = property(lambda self: self._noise.dtype)
+            device = property(lambda self: self._noise.device)
+            shape = property(lambda self: tuple(self._noise.shape[1:]))
+            levy_area_approximation = property(lambda self: "none")
+
+        _GRID_BROWNIAN.append(GridBrownian)
+    return _GRID_BROWNIAN[0](noise, h)
+
+
 def torchsde_euler(
     reference: ReferenceProcess,
     control_fn: ControlFn,
     x0: torch.Tensor,
     *,
+    noise: torch.Tensor | None = None,
     noise_scale: float = 1.0,
     differentiable: bool = False,
     bm: torchsde.BaseBrownian | None = None,
@@ -270,6 +312,10 @@ def torchsde_euler(
 
     The log-ratio is then evaluated from the stored states with :func:`path_log_ratio`, so both
     backends give weights that are exact for the discrete chain. Slower (torchsde's per-step cost).
+
+    :param noise: optional standard normal increments ``(K, N, d)``: the paths are then those of
+        :func:`euler_maruyama` with the same ``noise`` (to rounding); else torchsde's ``bm`` or a fresh
+        ``BrownianInterval``.
     """
     import torchsde
 
@@ -277,6 +323,14 @@ def torchsde_euler(
     coef = reference.coefficients(x0.dtype, x0.device)
     sde = _TorchsdeChain(reference, control_fn, coef, noise_scale, differentiable)
     h = reference.T / reference.num_steps
+    if noise is not None:
+        if bm is not None:
+            raise ValueError("give noise or bm, not both")
+        if noise.shape != (reference.num_steps,) + x0.shape:
+            raise ValueError(
+                f"noise must have shape {(reference.num_steps,) + tuple(x0.shape)}, got {tuple(noise.shape)}"
+            )
+        bm = _grid_brownian(noise, h)
     if bm is None:
         bm = torchsde.BrownianInterval(
             t0=0.0, t1=reference.T, size=tuple(x0.shape), dtype=x0.dtype, device=x0.device, dt=h
