@@ -207,7 +207,7 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         if control_graph not in _CONTROL_GRAPHS:
             raise ValueError(f"control_graph must be one of {_CONTROL_GRAPHS}, got {control_graph!r}")
         if control_graph == "record" and backend != "euler":
-            raise ValueError("control_graph='record' needs backend='euler' (torchsde calls the drift itself)")
+            raise ValueError("control_graph='record' needs backend='euler' (the torchsde backend recomputes)")
         self.control_graph = control_graph
         self.mixed_precision = _check_mixed_precision(mixed_precision)
         if method not in _METHODS:
