@@ -17,7 +17,7 @@ Side by side, in the same run (the load of a shared machine drifts; read the rat
 The target is an 8-mode isotropic Gaussian mixture with a closed-form score (the sampler's cost,
 not the target's).
 
-    python benchmarks/diffusion_step.py [--dims 2 10] [--batch 2048] [--steps 200] [--repeats 3]
+    python benchmarks/diffusion_step.py [--dims 2 10 50] [--batch 2048] [--steps 200] [--repeats 3]
         [--threads 2] [--smoke] [--write] [--grid-study] [--precision-study]
 """
 
@@ -195,7 +195,7 @@ def time_interleaved(fns: dict, repeats: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[2, 10])
+    parser.add_argument("--dims", type=int, nargs="+", default=[2, 10, 50])
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--repeats", type=int, default=3)

@@ -160,6 +160,15 @@ class TestTorchsdeBackend:
         other = torchsde_euler(ref, control, x0, noise=torch.randn(num_steps, 16, 2, dtype=D64))
         assert not torch.allclose(ours.states[-1], other.states[-1], atol=1e-3)  # the noise is used
 
+    def test_given_noise_in_float32_at_200_steps(self):  # the grid's times carry float32 rounding
+        ref = VPReference(200)
+        x0, noise = torch.randn(8, 2), torch.randn(200, 8, 2)
+        control = lambda k, t, x: torch.cos(x) - t  # noqa: E731
+        ours = euler_maruyama(ref, control, x0, noise=noise)
+        theirs = torchsde_euler(ref, control, x0, noise=noise)
+        assert torch.allclose(ours.states, theirs.states, atol=1e-4)
+        assert torch.allclose(ours.log_ratio, theirs.log_ratio, atol=1e-3)
+
     def test_given_noise_bad_input(self):
         ref, x0 = VPReference(6), torch.zeros(3, 2, dtype=D64)
         with pytest.raises(ValueError, match="noise must have shape"):

@@ -168,6 +168,30 @@ class TestNoHostSync:
             torch.cuda.set_sync_debug_mode("default")
 
 
+class TestClampFinite:
+    def test_values_and_gradients_equal_nan_to_num_then_clamp(self):
+        from pyro_sde._checks import clamp_finite
+
+        x = torch.tensor([-5.0, -2.0, -0.5, 0.0, 1.5, 2.0, 7.0, math.inf, -math.inf, math.nan], dtype=D64)
+        expected = torch.nan_to_num(x, nan=0.0, posinf=2.0, neginf=-2.0).clamp(-2.0, 2.0)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = clamp_finite(a, 2.0)
+        reference = torch.nan_to_num(b, nan=0.0, posinf=2.0, neginf=-2.0).clamp(-2.0, 2.0)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+        probe = torch.arange(1.0, 11.0, dtype=D64)
+        (ga,) = torch.autograd.grad((ours * probe).sum(), a)
+        (gb,) = torch.autograd.grad((reference * probe).sum(), b)
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+        assert ga.tolist() == [0, 2, 3, 4, 5, 6, 0, 0, 0, 0]
+
+    def test_gradcheck_and_double_backward(self):
+        from pyro_sde._checks import clamp_finite
+
+        x = torch.tensor([-3.0, -0.7, 0.2, 1.1, 4.0], dtype=D64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: clamp_finite(t, 2.0), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: clamp_finite(t, 2.0) ** 2, (x,))
+
+
 class TestRowsLinear:
     @pytest.mark.parametrize("d_in, d_out", [(2, 7), (7, 2), (3, 3)])
     def test_values_and_gradients_equal_f_linear(self, d_in, d_out):

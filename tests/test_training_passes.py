@@ -58,6 +58,27 @@ class TestControlGraph:
         for a, b in zip(grads_a, grads_b):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
+    @pytest.mark.parametrize("method", ["dis", "pis", "dds"])
+    @pytest.mark.parametrize("control_graph", ["record", "recompute"])
+    @pytest.mark.parametrize("exploration_noise", [1.0, 1.5])
+    def test_the_surrogate_has_the_gradient_of_the_path_log_ratio(self, method, control_graph,
+                                                                  exploration_noise):
+        """``log w + S - S.detach()``: the value and every gradient of the differentiated path log-ratio."""
+        sampler = _sampler(method, control_graph=control_graph, exploration_noise=exploration_noise)
+        params = list(sampler.control.parameters())
+        results = []
+        for surrogate in (True, False):
+            torch.manual_seed(1)
+            log_w, behaviour, _ = sampler._training_log_weights(32, surrogate=surrogate)
+            loss = log_w.var()
+            results.append((log_w.detach(), behaviour, torch.autograd.grad(loss, params)))
+        (lw_a, b_a, g_a), (lw_b, b_b, g_b) = results
+        torch.testing.assert_close(b_a, b_b, rtol=0, atol=0)  # the same paths
+        torch.testing.assert_close(lw_a, lw_b, rtol=1e-12, atol=1e-10)
+        assert max(float(g.abs().max()) for g in g_b) > 1e-3
+        for a, b in zip(g_a, g_b):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
     def test_record_with_exploration_noise_equals_recompute(self):
         a = _sampler(control_graph="record", exploration_noise=1.5)
         b = _sampler(control_graph="recompute", exploration_noise=1.5)

@@ -10,7 +10,8 @@ Everything here works on a :class:`~pyro_sde.sde.reference.ReferenceProcess` cha
 * :func:`torchsde_euler` simulates the same chain through ``torchsde.sdeint`` (for comparison and for
   users who want torchsde's Brownian objects);
 * :func:`path_log_ratio` evaluates the sum of increments for stored paths in one batched call over
-  time, which is what the log-variance loss differentiates.
+  time; :func:`log_ratio_surrogate` has its gradient in the controls on the simulated paths at a
+  fraction of the cost (what the log-variance loss differentiates).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "euler_maruyama",
     "torchsde_euler",
     "path_log_ratio",
+    "log_ratio_surrogate",
     "path_log_prob",
 ]
 
@@ -60,6 +62,9 @@ def euler_maruyama_step(
     noise: torch.Tensor,
 ) -> torch.Tensor:
     """One step ``a x + c v + s xi`` (coefficients are scalars or broadcastable tensors)."""
+    if isinstance(control_scale, float) and isinstance(noise_std, float):  # fused scaled adds: 3 passes
+        scaled = x if isinstance(drift_scale, float) and drift_scale == 1.0 else drift_scale * x
+        return torch.add(torch.add(scaled, control, alpha=control_scale), noise, alpha=noise_std)
     return drift_scale * x + control_scale * control + noise_std * noise
 
 
@@ -85,14 +90,22 @@ def log_ratio_increment(
     """
     if residual is None:
         residual = (x_next - a * x - c * v) / s
+    dot = torch.linalg.vecdot  # one fused pass per product
     if kind == "forward":
         # log N(x_next; a x) - log N(x_next; a x + c v) with r_Q = r + delta: -r.delta - |delta|^2/2.
+        if isinstance(c, float) and isinstance(s, float):  # per-step floats: scale the dot products
+            ratio = c / s
+            return -ratio * dot(residual, v) - (0.5 * ratio**2) * dot(v, v)
         delta = (c / s) * v
-        return -((residual + 0.5 * delta) * delta).sum(-1)
+        return -dot(residual + 0.5 * delta, delta)
     if kind == "backward":
-        mean = b * x_next if u is None else b * x_next + c * u
-        target_residual = (x - mean) / s
-        return 0.5 * ((residual - target_residual) * (residual + target_residual)).sum(-1)
+        # 0.5 (r - r_Q).(r + r_Q), no cancellation near the optimum (r ~ r_Q); s r_Q = x - b x_next (- c u)
+        if u is None and isinstance(b, float) and isinstance(s, float):
+            shifted = torch.add(x, x_next, alpha=-b)
+            minus = torch.add(residual, shifted, alpha=-1 / s)
+            return 0.5 * dot(minus, torch.add(residual, shifted, alpha=1 / s))
+        target_residual = (x - (b * x_next if u is None else b * x_next + c * u)) / s
+        return 0.5 * dot(residual - target_residual, residual + target_residual)
     raise ValueError(f"unknown reference kind {kind!r}")
 
 
@@ -216,6 +229,38 @@ def path_log_ratio(
     return inc.to(torch.float64).sum(0)
 
 
+def log_ratio_surrogate(
+    reference: ReferenceProcess,
+    noise: torch.Tensor,
+    controls: torch.Tensor | list[torch.Tensor],
+    noise_scale: float = 1.0,
+) -> torch.Tensor:
+    """``S = -noise_scale sum_k (c_k / s_k) xi_k . v_k`` (N,) for paths drawn with the detached controls
+    ``v_k`` (K, N, d) (a tensor or K tensors) and increments ``xi_k`` (``noise``, K, N, d).
+
+    On those paths the residual of step k is ``noise_scale xi_k``, and the derivative of every path
+    log-ratio increment (both reference kinds) in ``v_k`` is ``-(c_k / s_k)`` times it: ``grad S`` equals
+    ``grad`` of :func:`path_log_ratio` at these controls, so ``log w + (S - S.detach())`` has the value of
+    ``log w`` and its gradient in the control, at the cost of one product per state. (Not for a bridge,
+    whose backward control enters the target kernel.) Float64."""
+    K = reference.num_steps
+    if isinstance(controls, torch.Tensor):
+        if controls.shape != noise.shape or noise.shape[0] != K:
+            raise ValueError(
+                f"controls {tuple(controls.shape)} and noise {tuple(noise.shape)} must be (K={K}, N, d)"
+            )
+        coef = reference.coefficients(controls.dtype, controls.device)
+        scale = (coef.control_scale / coef.noise_std).view(K, 1, 1)
+        return -noise_scale * (scale * noise * controls).sum(-1).to(torch.float64).sum(0)
+    if len(controls) != K:
+        raise ValueError(f"need K={K} controls, got {len(controls)}")
+    _, c, s, _ = _step_floats(reference)
+    total = 0.0
+    for k, v in enumerate(controls):
+        total = total + (-noise_scale * c[k] / s[k]) * (noise[k] * v).sum(-1).to(torch.float64)
+    return total
+
+
 def path_log_prob(reference: ReferenceProcess, states: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:
     """``log P^v(x_{1:K} | x_0) = sum_k log N(x_{k+1}; a_k x_k + c_k v_k, s_k^2 I)`` for stored paths,
     shape ``(N,)``: the score-function term of the log-derivative (REINFORCE) gradient."""
@@ -279,10 +324,10 @@ def _grid_brownian(noise: torch.Tensor, h: float) -> torchsde.BaseBrownian:
             def __call__(self, ta, tb=None, return_U=False, return_A=False):
                 if tb is None or return_U or return_A:
                     raise ValueError("a grid Brownian motion gives increments W(tb) - W(ta) only")
-                dt = float(tb) - float(ta)
-                if abs(dt) <= 1e-6 * self._h:  # torchsde's closing sliver of a step (rounding)
+                dt = float(tb) - float(ta)  # h or, closing the grid, a sliver, up to the times' rounding
+                if abs(dt) <= 1e-3 * self._h:
                     return torch.zeros_like(self._noise[0])
-                if abs(dt - self._h) > 1e-6 * self._h:
+                if abs(dt - self._h) > 1e-3 * self._h:
                     raise ValueError("a grid Brownian motion gives increments over one grid step only")
                 return self._noise[int(round(float(ta) / self._h))] * math.sqrt(self._h)
 

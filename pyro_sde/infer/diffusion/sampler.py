@@ -28,6 +28,7 @@ from ...sde import (
     OUReference,
     VPReference,
     euler_maruyama,
+    log_ratio_surrogate,
     path_log_prob,
     path_log_ratio,
     torchsde_euler,
@@ -433,8 +434,11 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         fits = self.num_steps * rank_rows * width * itemsize <= RECORD_MEMORY_BYTES
         return rank_rows >= RECORD_MIN_ROWS and fits
 
-    def _training_log_weights(self, batch_size):
-        """``(log_w, behaviour_log_w, log_forward)`` on a fresh batch; ``log_w`` is differentiable."""
+    def _training_log_weights(self, batch_size, surrogate: bool = True):
+        """``(log_w, behaviour_log_w, log_forward)`` on a fresh batch; ``log_w`` is differentiable.
+
+        ``surrogate=False`` differentiates :func:`~pyro_sde.sde.path_log_ratio` itself instead of
+        :func:`~pyro_sde.sde.log_ratio_surrogate` (same value and gradient; for tests)."""
         x0, noise = self._initial_and_noise(batch_size)
         bridge = self.method == "bridge"
         if self.loss_spec.reparametrized:
@@ -443,6 +447,12 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
                 **noise,
             )
             return self._boundary(path) + self._path_log_ratio(path, self.backward_control), None, None
+        K = self.num_steps
+        # the log-variance loss of a one-control sampler needs log w's value (the simulation's) and its
+        # gradient in the controls, which log_ratio_surrogate gives from the increments
+        surrogate = surrogate and not bridge and not self.loss_spec.needs_forward_log_prob
+        if surrogate and "noise" not in noise:  # the integrator's own draw, made here to be reused
+            noise = dict(noise=torch.randn((K,) + tuple(x0.shape), dtype=x0.dtype, device=x0.device))
         record = self._records_controls(batch_size)
         guides, recorded = ({}, None) if not record else (None, {})
         with torch.no_grad():
@@ -450,19 +460,23 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
                 x0,
                 control_fn=self._control_fn(self.control, False, guides, recorded),
                 noise_scale=self.exploration_noise,
-                store_path=True,
+                store_path=not (record and surrogate),
                 **noise,
             )
             boundary = self._boundary(path)
             behaviour = boundary + self._path_log_ratio(path, self.backward_control)
-        K = self.num_steps
         if record:
-            controls = torch.stack([recorded[k] for k in range(K)])
+            controls = [recorded[k] for k in range(K)]
         else:
             coef = self.reference.coefficients(x0.dtype, x0.device)
             tau = (coef.times[:-1] / self.reference.T).view(K, 1, 1)
             guide = torch.stack([guides[k] for k in range(K)])
             controls = self._control_value(tau, path.states[:-1], guide)
+        if surrogate:
+            s = log_ratio_surrogate(self.reference, noise["noise"], controls, self.exploration_noise)
+            return behaviour + (s - s.detach()), behaviour, None
+        if record:
+            controls = torch.stack(controls)
         u = self._backward_controls(self.backward_control, path.states) if bridge else None
         log_w = boundary + path_log_ratio(self.reference, path.states, controls, u)
         log_forward = None
