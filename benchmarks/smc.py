@@ -64,6 +64,9 @@ TARGETS = {
 }
 SECTION = "smc"
 SCLD_PARTICLES = 4096  # SCLDSampler's default num_particles: that of the rows without a "particles" field
+# target evaluations per particle of an SCLD draw with the defaults: K = 32 steps, 3 MALA moves, the start
+# (the rows without "draw_evaluations"; the others differ by exactly this per particle)
+SCLD_EVALUATIONS_PER_PARTICLE = 36
 MADE_BY = (  # the runs behind the committed result files
     "`python benchmarks/smc.py --part synthetic --methods dis-lv dds-lv --seeds 0 1 --json "
     "benchmarks/results/smc.json`, `python benchmarks/smc.py --part synthetic --methods smc scld "
@@ -157,7 +160,7 @@ def run_scld(name, iterations, particles, seed) -> list[dict]:
             target, name, "scld", iterations, seed, len(sampler.losses),
             train_evaluations + density.count - count, train_wall + time.perf_counter() - clock, ev,
             sorted(set(train_messages) | set(messages)), particles=n,
-        ))
+        ) | dict(draw_evaluations=density.count - count))
     return rows
 
 
@@ -207,6 +210,13 @@ def _median(rows, key):
     return statistics.median(values) if values else math.nan
 
 
+def _per_evaluation_variance(row) -> float:
+    """``stderr^2 x evaluations`` of the estimate's own draw (SCLD: training excluded; SMC: its run)."""
+    draw = row["evaluations"] if row["method"] != "scld" else row.get(
+        "draw_evaluations", SCLD_EVALUATIONS_PER_PARTICLE * _particles(row))
+    return row["stderr"] ** 2 * draw
+
+
 def _select(rows, name, method, budget, particles):
     return [r for r in rows if r["target"] == name and r["method"] == method and r["budget"] == budget
             and _particles(r) == particles]
@@ -248,9 +258,9 @@ def _versus_smc(scld, smc):
             for b, n, ev, err, _, se, _ in scld]
 
 
-def _smc_goal(name, scld, smc):
+def _smc_goal(name, scld, smc, rows):
     """``(line, below, clearly_below)`` for one target: where SCLD's median |dlogZ| is below SMC's at
-    equal evaluations, and where by more than 2 combined standard errors."""
+    equal evaluations, where by more than 2 combined standard errors, and the per-evaluation variances."""
     cmp = [c for c in _versus_smc(scld, smc) if math.isfinite(c[4])]
     below = [c for c in cmp if c[3] < c[4]]
     clear = [c for c in below if c[4] - c[3] > 2 * math.hypot(c[5], c[6])]
@@ -268,7 +278,15 @@ def _smc_goal(name, scld, smc):
             + (" (all at noise level)" if below and not clear
                else " (the others at noise level)" if len(clear) < len(below) else "")
             + f". SCLD's stderr below SMC's at {len(tighter)} of {len(cmp)} budgets"
-            + (f" ({', '.join(budget(c) for c in tighter)})" if tighter else "") + ".")
+            + (f" ({', '.join(budget(c) for c in tighter)})" if tighter else "") + ". ")
+    sel = [r for r in rows if r["target"] == name and r["stderr"] > 0]
+    smc_v = statistics.median(_per_evaluation_variance(r) for r in sel if r["method"] == "smc")
+    scld_v = {b: statistics.median(_per_evaluation_variance(r) for r in sel
+                                   if r["method"] == "scld" and r["budget"] == b)
+              for b in sorted({r["budget"] for r in sel if r["method"] == "scld"})}
+    text += ("Per-evaluation variance (median stderr^2 x evaluations of the draw, SCLD's training "
+             f"excluded): SMC {smc_v:.3g}, SCLD " + ", ".join(f"{v:.3g} at {b}" for b, v in scld_v.items())
+             + " iterations.")
     return text, bool(below), bool(clear)
 
 
@@ -276,7 +294,7 @@ def synthetic_section(rows, args) -> str:
     rows = [r for r in rows if r["part"] == "synthetic" and "error" in r and isinstance(r["error"], float)]
     lines = []
     header = ["target", "method", "budget", "particles", "iterations", "target evals", "wall s", "|dlogZ|",
-              "stderr", "|dlogZ| / stderr", "ESS", "warned", "runs"]
+              "stderr", "|dlogZ| / stderr", "stderr^2 x draw evals", "ESS", "warned", "runs"]
     table = []
     goal_rows = []
     met_dis, below_targets, clear_targets, targets_with_both = 0, [], [], 0
@@ -289,8 +307,10 @@ def synthetic_section(rows, args) -> str:
                 warned = sum(any("Unreliable" in w for w in r["warnings"]) for r in sel)
                 z = [r["error"] / r["stderr"] for r in sel if r["stderr"] > 0]
                 z = statistics.median(z) if z else math.nan
+                v = [_per_evaluation_variance(r) for r in sel] if method in ("smc", "scld") else []
                 table.append([name, method, b, n or "", _median(sel, "iterations"), f"{ev:.3g}", wall, err,
-                              se, z, _median(sel, "ess"), f"{warned}/{runs}", runs])
+                              se, z, f"{statistics.median(v):.3g}" if v else "", _median(sel, "ess"),
+                              f"{warned}/{runs}", runs])
         dis = _curve(rows, name, "dis-lv")
         scld = _curve(rows, name, "scld")
         smc = _curve(rows, name, "smc")
@@ -308,7 +328,7 @@ def synthetic_section(rows, args) -> str:
             )
         if smc and scld:
             targets_with_both += 1
-            text, below, clear = _smc_goal(name, scld, smc)
+            text, below, clear = _smc_goal(name, scld, smc, rows)
             below_targets += [name] * below
             clear_targets += [name] * clear
             goal_rows.append(text)
