@@ -52,7 +52,8 @@ _CONTROL_GRAPHS = ("auto", "record", "recompute")
 _MIXED_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: ``control_graph="auto"`` records the controls' graph during the simulation for batches of at least
 #: ``RECORD_MIN_ROWS`` paths (per process; below, autograd's per-step overhead costs more than the
-#: second forward pass saves: 1.1-1.45x slower at 64-512 paths, 0.8-0.9x at 1024-2048, on CPU) whose
+#: second forward pass saves: 1.2-1.7x slower at 64-256 paths, 0.9-1.1x at 512, 0.74-0.8x at 1024-2048
+#: on CPU) whose
 #: activations (estimated ``K N (4 hidden (layers + 1) + 4 dim)`` numbers) fit in ``RECORD_MEMORY_BYTES``
 RECORD_MIN_ROWS = 1024
 RECORD_MEMORY_BYTES = 2 * 1024**3
@@ -154,8 +155,8 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         forward/backward on the stored path in slices of ``chunk_rows``: memory of one slice) or
         ``"auto"`` (default: record for batches of at least ``RECORD_MIN_ROWS`` = 1024 paths whose
         activations fit in ``RECORD_MEMORY_BYTES`` = 2 GiB, with ``backend="euler"``; recompute
-        otherwise). Same numbers up to rounding. On CPU record was 1.1-1.25x faster at 1024-2048
-        paths and 1.1-1.45x slower at 64-512 (autograd's per-step overhead), see
+        otherwise). Same numbers up to rounding. On CPU record was 1.25-1.35x faster at 1024-2048
+        paths and 1.2-1.7x slower at 64-256 (autograd's per-step overhead), see
         ``benchmarks/diffusion_step.py``.
     :param mixed_precision: ``None`` (default) or ``"bfloat16"`` / ``"float16"`` (or the torch dtype):
         the control network runs under :func:`torch.autocast` in that dtype; states, scores and the
