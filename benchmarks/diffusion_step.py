@@ -284,7 +284,9 @@ read the ratios). Goals: <= 0.5x the authors' per-iteration time, within 1.5x of
 (K no-grad forwards of batch N + one forward/backward of K * N rows in one call).
 
 *ours*: the defaults, where the simulation keeps the graph of the controls (`control_graph="record"`,
-chosen by `"auto"` while the activations fit in 2 GiB: one forward pass per iteration); *recompute*: a
+chosen by `"auto"` for batches of 1024+ paths whose activations fit in 2 GiB: one forward pass per
+iteration); both ours and recompute take the gradient of `log w` from `pyro_sde.sde.log_ratio_surrogate`
+(one product per state, not a differentiated path log-ratio); *recompute*: a
 no-grad simulation, then one batched forward/backward of the control on the stored path in slices of
 16384 rows (`control_graph="recompute"`, the default before); *bfloat16*: the defaults with
 `mixed_precision="bfloat16"` (the network under `torch.autocast`, states and weights in float32 /
