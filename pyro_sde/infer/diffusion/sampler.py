@@ -400,18 +400,23 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
         p = self._target
         return self.reference.sample_initial(n, p.dim, dtype=p.dtype, device=p.device)
 
-    def _initial_and_noise(self, n) -> tuple[torch.Tensor, dict]:
-        """``x_0`` of a batch of ``n`` paths and the ``_simulate`` keywords for its noise.
+    def _initial_and_noise(self, n, draw_noise: bool = False) -> tuple[torch.Tensor, dict]:
+        """``x_0`` of a batch of ``n`` paths and the ``_simulate`` keywords for its noise: the increments
+        (K, n, d), drawn here when ``draw_noise`` (the draw the integrator would make, in its order), else
+        left to the integrator.
 
-        Under ``torch.distributed`` every rank draws ``x_0`` (n, d) and the increments (K, n, d) of the
-        whole batch from the shared random stream, in the order the single process draws them, and
-        keeps its :func:`~pyro_sde._distributed.shard`: the ranks' paths are the single process's
-        (with ``backend="torchsde"`` too: its Brownian motion then takes these increments)."""
+        Under ``torch.distributed`` every rank draws ``x_0`` (n, d) and the increments of the whole batch
+        from the shared random stream, in the order the single process draws them, and keeps its
+        :func:`~pyro_sde._distributed.shard`: the ranks' paths are the single process's (with
+        ``backend="torchsde"`` too: its Brownian motion then takes these increments)."""
         x0 = self._initial(n)
-        if not dist.is_distributed():
+        distributed = dist.is_distributed()
+        if not (distributed or draw_noise):
             return x0, {}
-        rows = dist.shard(n)
         noise = torch.randn((self.num_steps,) + tuple(x0.shape), dtype=x0.dtype, device=x0.device)
+        if not distributed:
+            return x0, dict(noise=noise)
+        rows = dist.shard(n)
         return x0[rows], dict(noise=noise[:, rows])
 
     def _boundary(self, path, log_rho=None):
@@ -440,8 +445,12 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
 
         ``surrogate=False`` differentiates :func:`~pyro_sde.sde.path_log_ratio` itself instead of
         :func:`~pyro_sde.sde.log_ratio_surrogate` (same value and gradient; for tests)."""
-        x0, noise = self._initial_and_noise(batch_size)
         bridge = self.method == "bridge"
+        # the log-variance loss of a one-control sampler needs log w's value (the simulation's) and its
+        # gradient in the controls, which log_ratio_surrogate gives from the increments
+        surrogate = (surrogate and not bridge and not self.loss_spec.reparametrized
+                     and not self.loss_spec.needs_forward_log_prob)
+        x0, noise = self._initial_and_noise(batch_size, draw_noise=surrogate)
         if self.loss_spec.reparametrized:
             path = self._simulate(
                 x0, control_fn=self._control_fn(self.control, True), differentiable=True, store_path=bridge,
@@ -449,11 +458,6 @@ class DiffusionSampler(PosteriorSampler, TrainedSampler):
             )
             return self._boundary(path) + self._path_log_ratio(path, self.backward_control), None, None
         K = self.num_steps
-        # the log-variance loss of a one-control sampler needs log w's value (the simulation's) and its
-        # gradient in the controls, which log_ratio_surrogate gives from the increments
-        surrogate = surrogate and not bridge and not self.loss_spec.needs_forward_log_prob
-        if surrogate and "noise" not in noise:  # the integrator's own draw, made here to be reused
-            noise = dict(noise=torch.randn((K,) + tuple(x0.shape), dtype=x0.dtype, device=x0.device))
         record = self._records_controls(batch_size)
         guides, recorded = ({}, None) if not record else (None, {})
         with torch.no_grad():
