@@ -17,9 +17,12 @@ from pyro.infer import Predictive
 
 import pyro_sde
 from pyro_sde.infer import SCLDSampler
-from pyro_sde.infer.scld import annealing_schedule
+from pyro_sde.infer.annealing import GeometricPath
+from pyro_sde.infer.kernels import get_kernel
+from pyro_sde.infer.potential import LogDensityPotential
+from pyro_sde.infer.scld import adaptive_annealing_schedule, annealing_schedule
 from pyro_sde.nn import ControlNetwork
-from pyro_sde.targets import Gaussian
+from pyro_sde.targets import Gaussian, ManyWell
 
 F64 = torch.float64
 # shifted and badly scaled: the path has work to do (no direction wider than sqrt(2): finite variance)
@@ -91,6 +94,10 @@ def test_annealing_schedules():
         assert all(a < b for a, b in zip(betas[:-1], betas[1:]))
     assert annealing_schedule(4) == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert annealing_schedule(4, "cosine")[2] == pytest.approx(0.5, abs=1e-15)
+    with pytest.raises(ValueError, match="annealing"):
+        annealing_schedule(4, "adaptive")  # needs the target
+    with pytest.raises(ValueError, match="annealing"):
+        _sampler(annealing="geometric")
 
 
 @pytest.mark.parametrize("annealing", ["linear", "cosine"])
@@ -128,6 +135,42 @@ def test_weights_with_a_control_are_the_cmcd_weights(step_size):
     # the control matters: zero control gives other weights from the same random numbers
     torch.manual_seed(5)
     assert (_ais_ula(SHIFTED, 32, scld.betas, scld.step_sizes)[0] - expected).abs().max() > 0.1
+
+
+def test_the_adaptive_grid_is_fine_where_the_path_changes_fast():
+    # N(0, I) -> N(0, 0.05^2 I): the log ratio's spread is largest at small beta, so the equal-CESS grid
+    # takes small first steps (a linear grid: 1/8 each), ending at exactly 1
+    narrow = Gaussian(torch.zeros(2, dtype=F64), scale=torch.full((2,), 0.05, dtype=F64), log_Z=0.0)
+    torch.manual_seed(0)
+    path = GeometricPath(LogDensityPotential(narrow.log_prob, dim=2, dtype=F64))
+    betas = adaptive_annealing_schedule(path, 8, get_kernel("mala"))
+    assert len(betas) == 9 and betas[0] == 0.0 and betas[-1] == 1.0
+    assert all(b < c for b, c in zip(betas, betas[1:]))
+    assert betas[1] < 0.01 and betas[4] < 0.1 and betas[7] - betas[6] > 0.2
+    scld = SCLDSampler(log_density=narrow.log_prob, dim=2, dtype=F64, precondition=None, num_steps=8,
+                       num_subtrajectories=2)
+    assert scld.betas[1] < 0.01  # the default grid
+    assert _sampler(annealing="linear").betas == annealing_schedule(8)
+
+
+@pytest.mark.parametrize("pilot_moves", [8, 0])
+def test_the_pilot_tunes_the_moves_of_the_first_particle_system(pilot_moves):
+    # ManyWell-5 without a preconditioner: the kernel's initial step (1.3) is rejected almost always
+    # after the first boundary (measured: acceptance 0.07, 0.0, 0.0); the pilot's adapted steps are not
+    target = ManyWell(dim=5, num_wells=5, delta=4.0)
+    pyro.set_rng_seed(0)
+
+    class Sampler(SCLDSampler):
+        pass
+
+    Sampler.pilot_moves = pilot_moves
+    scld = Sampler(log_density=target.log_prob, dim=5, dtype=F64, num_particles=1024, precondition=None)
+    scld.sample_particles()
+    acceptance = [i.acceptance_rate for i in scld.particle_history[0][:-1]]
+    if pilot_moves:
+        assert all(0.3 < a < 0.8 for a in acceptance), acceptance
+    else:
+        assert min(acceptance) < 0.05, acceptance
 
 
 def test_the_loss_recomputes_the_simulated_weights():
@@ -314,7 +357,10 @@ def test_bad_options_raise_clear_errors(build, error, match):
 
 @pytest.mark.parametrize("density, match", [(_nan_density, "not finite"), (_plus_inf_density, r"\+inf")])
 def test_non_finite_density_at_the_start_raises(density, match):
-    scld = SCLDSampler(log_density=density, dim=2, precondition=None, num_steps=4, num_subtrajectories=2)
+    options = dict(log_density=density, dim=2, precondition=None, num_steps=4, num_subtrajectories=2)
+    with pytest.raises(ValueError, match=match):  # the adaptive grid's pilot, when the target is bound
+        SCLDSampler(**options)
+    scld = SCLDSampler(**options, annealing="linear")
     with pytest.raises(ValueError, match=match):
         scld.run(num_iterations=2, batch_size=16, progress_bar=False)
     with pytest.raises(ValueError, match=match):
@@ -346,6 +392,7 @@ def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
     second = SCLDSampler.load(path, log_density=_interrupting())
     assert second._run_state["done"] == 3 and len(second.losses) == 3
     assert second.mcmc_step_sizes[0] != second.kernel.initial_step_size(2)  # the adapted one is restored
+    assert second.betas == first.betas and second.betas != annealing_schedule(4)  # the adaptive grid too
     torch.manual_seed(123)  # the checkpoint's random state is restored by resume
     second.resume(progress_bar=False)
     assert second.losses == full.losses
