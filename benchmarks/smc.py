@@ -70,12 +70,14 @@ SCLD_PARTICLES = 4096  # SCLDSampler's default num_particles: that of the rows w
 SCLD_EVALUATIONS_PER_PARTICLE = 36
 MADE_BY = (  # the runs behind the committed result files
     "`python benchmarks/smc.py --part synthetic --methods dis-lv dds-lv --seeds 0 1 --json "
-    "benchmarks/results/smc.json`, `python benchmarks/smc.py --part synthetic --methods smc scld "
-    "--seeds 0 1 --json benchmarks/results/smc_particles.json` (SCLD at 0, 10, 40 iterations and 4096 "
-    "particles, SMC at 256-16384 particles), then into the same file `--methods scld --scld-iterations 200 "
-    "600 --scld-particles 4096 16384 65536 262144` and `--methods smc --particles 65536 262144 1048576` "
-    "(GMM-9 and ManyWell-5; 65536 262144 on ManyWell-50 and Funnel), and `python benchmarks/smc.py --part "
-    "posteriordb --seeds 0 --json benchmarks/results/smc_posteriordb.json`"
+    "benchmarks/results/smc.json`, `python benchmarks/smc.py --part synthetic --methods smc --seeds 0 1 "
+    "--json benchmarks/results/smc_particles.json` (SMC at 256-16384 particles) and into the same file "
+    "`--methods smc --particles 65536 262144 1048576` (GMM-9 and ManyWell-5; 65536 262144 on ManyWell-50 "
+    "and Funnel); the SCLD rows, re-run after `annealing=\"adaptive\"` became the default (2026-12-01), "
+    "by `--methods scld --seeds 0 1` (0, 10, 40 iterations, 4096 particles) and `--methods scld "
+    "--scld-iterations 200 600 --scld-particles 4096 16384 65536 262144`; `python benchmarks/smc.py --part "
+    "posteriordb --seeds 0 --json benchmarks/results/smc_posteriordb.json` (its SCLD rows re-run the same "
+    "day: rows already in the file are not re-run, so the SMC rows are kept)"
 )
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 
@@ -491,8 +493,9 @@ def main(argv=None):
             "## Tempered SMC and SCLD against the diffusion samplers (`benchmarks/smc.py`)",
             "",
             f"Rows made by {MADE_BY}; this section by `{cmd}`. Machine: {_report.machine()}, "
-            "shared with 2-6 other processes (load 4-9; the SCLD rows at 200 and 600 iterations and the SMC "
-            "rows from 65536 particles at load 1-2): wall seconds are inflated, target evaluations are not. "
+            "shared with other processes (load 4-9 for the diffusion samplers and the SMC rows up to 16384 "
+            "particles, 1-2 for the SMC rows from 65536, 2-3 for the SCLD rows): wall seconds are inflated, "
+            "target evaluations are not. "
             "Every sampler with the package defaults (preconditioned); `target evals`: rows at which the "
             "log density or its score was computed, the preconditioner's fit, training and the evaluation "
             "draw included; medians over seeds.",
