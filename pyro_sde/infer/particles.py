@@ -35,6 +35,25 @@ __all__ = [
 ]
 
 RESAMPLING_SCHEMES = ("multinomial", "systematic")
+#: a particle whose moves at a temperature have a mean acceptance probability below this is "stuck"
+STUCK_ACCEPTANCE = 0.05
+#: the particle samplers warn when more than this fraction of the particles is stuck at ``beta = 1``
+#: (Funnel-10, 1024-4096 particles: 4-13 %, log Z 0.5-0.6 low with |error| / se 4-12; Gaussians,
+#: GMM-9, ManyWell-5: at most 0.1 %)
+MAX_STUCK_FRACTION = 0.03
+
+
+def warn_if_stuck(stuck_fraction: float, method: str, *, stacklevel: int = 3) -> None:
+    """Warn (``UnreliableEstimateWarning``) when more than :data:`MAX_STUCK_FRACTION` of the particles
+    rejected almost every move at ``beta = 1``: a region the adapted step size cannot explore."""
+    if stuck_fraction > MAX_STUCK_FRACTION:
+        warnings.warn(
+            f"{method}: at beta = 1, {stuck_fraction:.0%} of the particles had almost every move rejected "
+            f"(mean acceptance < {STUCK_ACCEPTANCE}): the step size, adapted to the whole population, is "
+            "too large for a region of the posterior (a funnel's neck?), which is then under-explored: "
+            "log Z is typically too low and its standard error too small. Check with kernel='hmc', "
+            "more particles or another sampler", diagnostics.UnreliableEstimateWarning, stacklevel=stacklevel,
+        )
 
 
 class ParticleSystem(NamedTuple):

@@ -48,14 +48,17 @@ from ._inputs import check_dtype_device as _check_dtype_device
 from ._inputs import check_target
 from .annealing import GeometricPath, PathPoint, check_initial_point, next_temperature
 from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, population_scale
-from .particles import (
+from .particles import (  # noqa: F401 (STUCK_ACCEPTANCE, MAX_STUCK_FRACTION: re-exported)
+    MAX_STUCK_FRACTION,
     RESAMPLING_SCHEMES,
+    STUCK_ACCEPTANCE,
     ParticleSampler,
     initial_log_weights,
     lee_whiteley_relative_variance,
     particle_precondition_options,
     resample,
     reweight,
+    warn_if_stuck,
 )
 from .potential import Potential
 
@@ -65,12 +68,6 @@ if TYPE_CHECKING:
 __all__ = ["SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_step", "lee_whiteley_relative_variance"]
 
 _PROPOSAL_SCALES = ("diagonal", "dense", "identity")
-#: a particle whose moves at a temperature have a mean acceptance probability below this is "stuck"
-STUCK_ACCEPTANCE = 0.05
-#: :class:`SMCSampler` warns when more than this fraction of the particles is stuck at ``beta = 1``
-#: (Funnel-10, 1024-4096 particles: 4-13 %, log Z 0.5-0.6 low with |error| / se 4-12; Gaussians,
-#: GMM-9, ManyWell-5: at most 0.1 %)
-MAX_STUCK_FRACTION = 0.03
 
 
 class SMCState(NamedTuple):
@@ -385,15 +382,8 @@ class SMCSampler(ParticleSampler):
                 f"the log density was NaN at {path.num_nan} points (taken as -inf: zero weight, rejected "
                 "moves)", RuntimeWarning, stacklevel=2,
             )
-        stuck = max((h[-1].stuck_fraction for h in self.history if h), default=math.nan)
-        if stuck > MAX_STUCK_FRACTION:
-            warnings.warn(
-                f"tempered SMC: at beta = 1, {stuck:.0%} of the particles had almost every move rejected "
-                f"(mean acceptance < {STUCK_ACCEPTANCE}): the step size, adapted to the whole population, is "
-                "too large for a region of the posterior (a funnel's neck?), which is then under-explored: "
-                "log Z is typically too low and its standard error too small. Check with kernel='hmc', "
-                "more particles or another sampler", diagnostics.UnreliableEstimateWarning, stacklevel=2,
-            )
+        warn_if_stuck(max((h[-1].stuck_fraction for h in self.history if h), default=math.nan),
+                      "tempered SMC")
         self.run_log_evidence = torch.stack([s.log_evidence for s in self.final_states])
         self.run_seconds = time.perf_counter() - start
         return self
