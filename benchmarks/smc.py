@@ -66,16 +66,17 @@ TARGETS = {
 SECTION = "smc"
 SCLD_PARTICLES = 4096  # SCLDSampler's default num_particles: that of the rows without a "particles" field
 # target evaluations per particle of an SCLD draw with the defaults: K = 32 steps, 3 MALA moves, the start
-# (the rows without "draw_evaluations"; the others differ by exactly this per particle)
+# (rows without "draw_evaluations", from before the stuck check; newer rows count each draw, check included)
 SCLD_EVALUATIONS_PER_PARTICLE = 36
 MADE_BY = (  # the runs behind the committed result files
     "`python benchmarks/smc.py --part synthetic --methods dis-lv dds-lv --seeds 0 1 --json "
     "benchmarks/results/smc.json`, `python benchmarks/smc.py --part synthetic --methods smc --seeds 0 1 "
     "--json benchmarks/results/smc_particles.json` (SMC at 256-16384 particles) and into the same file "
     "`--methods smc --particles 65536 262144 1048576` (GMM-9 and ManyWell-5; 65536 262144 on ManyWell-50 "
-    "and Funnel); the SCLD rows, re-run after `annealing=\"adaptive\"` became the default (2026-12-01), "
+    "and Funnel); the SCLD rows, re-run after the adaptive grid and the stuck check (2026-12-01), "
     "by `--methods scld --seeds 0 1` (0, 10, 40 iterations, 4096 particles) and `--methods scld "
-    "--scld-iterations 200 600 --scld-particles 4096 16384 65536 262144`; `python benchmarks/smc.py --part "
+    "--scld-iterations 200 600 --scld-particles 4096 16384 65536 262144` (two processes, one per pair of "
+    "targets, each into its own file, merged); `python benchmarks/smc.py --part "
     "posteriordb --seeds 0 --json benchmarks/results/smc_posteriordb.json` (its SCLD rows re-run the same "
     "day: rows already in the file are not re-run, so the SMC rows are kept)"
 )

@@ -733,7 +733,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     # ----------------------------------------------------------------------------------------
     # estimates (the weighted-sample surface is ParticleSampler's)
     def diagnostics(self) -> dict:
-        """Evidence with both standard errors, ESS, Pareto k, resampling, acceptance and cost."""
+        """Evidence with both standard errors, ESS, Pareto k, resampling, acceptance, the largest stuck
+        fraction at ``beta = 1`` over the runs (:meth:`_stuck_fraction`) and cost."""
         evidence = self._evidence_diagnostics()
         acceptance = [
             i.acceptance_rate for h in self.particle_history for i in h if math.isfinite(i.acceptance_rate)
