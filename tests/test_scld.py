@@ -492,28 +492,39 @@ def test_auto_step_size_follows_the_targets_curvature():
 # --------------------------------------------------------------------------------------------------
 # tempered SMC's warning for a region its moves cannot explore (the particle samplers' diagnostics)
 # --------------------------------------------------------------------------------------------------
+def _stuck_targets():
+    """Funnel-10 (moves stuck in the neck) and a badly scaled 10-d Gaussian (none stuck)."""
+    from pyro_sde.targets import Funnel
+
+    return (("funnel", Funnel(dim=10, sigma=3.0)),
+            ("gaussian", Gaussian(torch.zeros(10), scale=torch.linspace(0.5, 3.0, 10))))
+
+
+def _warns_stuck(draw) -> bool:
+    """Whether ``draw()`` warns of stuck moves (an ``UnreliableEstimateWarning`` naming rejected moves)."""
+    from pyro_sde.diagnostics import UnreliableEstimateWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draw()
+    return any(issubclass(w.category, UnreliableEstimateWarning) and "rejected" in str(w.message)
+               for w in caught)
+
+
 def test_smc_warns_when_the_moves_are_stuck_in_a_funnels_neck():
     """On Funnel-10 tempered SMC is ~0.5 nats low with a small error bar; the particles in the neck
     reject almost every move (7-12 %), which the warning reports; not on a badly scaled Gaussian (0 %)."""
-    from pyro_sde.diagnostics import UnreliableEstimateWarning
     from pyro_sde.infer import SMCSampler
     from pyro_sde.infer.smc import MAX_STUCK_FRACTION
-    from pyro_sde.targets import Funnel
 
-    funnel = Funnel(dim=10, sigma=3.0)
-    gaussian = Gaussian(torch.zeros(10), scale=torch.linspace(0.5, 3.0, 10))
     stuck = {}
-    for name, target in (("funnel", funnel), ("gaussian", gaussian)):
+    for name, target in _stuck_targets():
         torch.manual_seed(0)
         smc = SMCSampler(log_density=lambda x, t=target: t.log_prob(x.double()), dim=10, num_particles=2048,
                          dtype=F64, precondition=None)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            smc.run()
+        warned = _warns_stuck(smc.run)
         stuck[name] = smc.history[0][-1].stuck_fraction
-        warned = [w for w in caught if issubclass(w.category, UnreliableEstimateWarning)
-                  and "rejected" in str(w.message)]
-        assert bool(warned) == (name == "funnel"), (name, stuck[name])
+        assert warned == (name == "funnel"), (name, stuck[name])
     assert stuck["funnel"] > 1.5 * MAX_STUCK_FRACTION and stuck["gaussian"] < MAX_STUCK_FRACTION / 3
 
 
@@ -521,23 +532,15 @@ def test_scld_warns_when_the_final_moves_are_stuck_in_a_funnels_neck():
     """SCLD's final particles on Funnel-10 are ~0.6 nats low without a small-weight or Pareto-k sign; the
     diagnostic moves at beta = 1 find 9-11 % of them stuck in the neck (seeds 0-2), which warns; none
     on a badly scaled Gaussian. The check only measures: the particle system is the same without it."""
-    from pyro_sde.diagnostics import UnreliableEstimateWarning
     from pyro_sde.infer.particles import MAX_STUCK_FRACTION
-    from pyro_sde.targets import Funnel
 
-    funnel = Funnel(dim=10, sigma=3.0)
-    gaussian = Gaussian(torch.zeros(10), scale=torch.linspace(0.5, 3.0, 10))
-    for name, target in (("funnel", funnel), ("gaussian", gaussian)):
+    for name, target in _stuck_targets():
         torch.manual_seed(0)
         scld = SCLDSampler(log_density=lambda x, t=target: t.log_prob(x.double()), dim=10, num_particles=2048,
                            dtype=F64, precondition=None)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            scld.sample_particles()
-        warned = [w for w in caught if issubclass(w.category, UnreliableEstimateWarning)
-                  and "rejected" in str(w.message)]
+        warned = _warns_stuck(scld.sample_particles)
         stuck = scld.diagnostics()["stuck_fraction"]
-        assert bool(warned) == (name == "funnel"), (name, stuck)
+        assert warned == (name == "funnel"), (name, stuck)
         assert stuck > 2 * MAX_STUCK_FRACTION if name == "funnel" else stuck < MAX_STUCK_FRACTION / 3
     torch.manual_seed(1)
     checked = _sampler(num_particles=64).sample_particles()

@@ -43,6 +43,12 @@ STUCK_ACCEPTANCE = 0.05
 MAX_STUCK_FRACTION = 0.03
 
 
+def stuck_fraction(particle_acceptance: torch.Tensor) -> float:
+    """The fraction of particles whose moves' mean acceptance probability (N,) is below
+    :data:`STUCK_ACCEPTANCE`."""
+    return float((particle_acceptance < STUCK_ACCEPTANCE).double().mean())
+
+
 def warn_if_stuck(stuck_fraction: float, method: str, *, stacklevel: int = 3) -> None:
     """Warn (``UnreliableEstimateWarning``) when more than :data:`MAX_STUCK_FRACTION` of the particles
     rejected almost every move at ``beta = 1``: a region the adapted step size cannot explore."""

@@ -45,16 +45,16 @@ from ._inputs import check_dtype_device as _check_dtype_device
 from ._inputs import check_target
 from ._training import StepInfo, TrainedSampler
 from .annealing import GeometricPath, PathPoint, check_initial_point
-from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, init_state, population_scale
+from .kernels import KernelState, MoveKernel, adapt_step_size, get_kernel, population_scale
 from .particles import (
     RESAMPLING_SCHEMES,
-    STUCK_ACCEPTANCE,
     ParticleSampler,
     ParticleSystem,
     initial_log_weights,
     maybe_resample,
     particle_precondition_options,
     reweight,
+    stuck_fraction,
     warn_if_stuck,
 )
 from .potential import Potential
@@ -341,7 +341,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         )
         self._path: GeometricPath | None = None
         self.mcmc_step_sizes: list[float] | None = None
-        self._loaded_mcmc_step_sizes = False  # whether a checkpoint gave them (then not re-tuned)
         self.stuck_check_step_size: float | None = None  #: the diagnostic moves' step at beta = 1
         self.stuck_fractions: list[float] = []  #: per run: see :meth:`_stuck_fraction`
         self._final_states: list[ParticleSystem] | None = None
@@ -366,21 +365,19 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self.control.to(dtype=target.dtype, device=target.device)
         self._taus = torch.arange(self.num_steps + 1, dtype=torch.float64) / self.num_steps
         self._taus = self._taus.to(dtype=target.dtype, device=target.device)
-        tune_moves = self.mcmc_step_sizes is None and self.num_mcmc_steps > 0 and self.num_subtrajectories > 1
-        if self.mcmc_step_sizes is None:
+        self._setup_optimizer()  # a checkpoint's state (grid and step sizes included) is applied here
+        tune_moves = self.mcmc_step_sizes is None  # fresh: neither a checkpoint nor an earlier binding
+        if tune_moves:
             initial = self.kernel.initial_step_size(target.dim)
             self.mcmc_step_sizes = [initial] * (self.num_subtrajectories - 1)
-        self._loaded_mcmc_step_sizes = False
-        self._setup_optimizer()  # a checkpoint's state (its step sizes included) is applied here
-        tune_moves = tune_moves and not self._loaded_mcmc_step_sizes
-        fresh_grid = self.betas is None
-        if fresh_grid:  # annealing="adaptive", not from a checkpoint
+            tune_moves = self.num_mcmc_steps > 0 and self.num_subtrajectories > 1
+        if self.betas is None:  # annealing="adaptive", not from a checkpoint
             self.betas = adaptive_annealing_schedule(self._path, self.num_steps, self.kernel)
         tune_steps = self.step_sizes is None
         if tune_steps or tune_moves:
             tuned, acceptance = self._tune_step_sizes(tune_steps=tune_steps, tune_moves=tune_moves)
-        if tune_steps:
-            self.step_sizes, self.step_size_acceptance = tuned, acceptance
+            if tune_steps:
+                self.step_sizes, self.step_size_acceptance = tuned, acceptance
 
     def _setup_target(self):
         """Whiten the (counted) potential; the annealing path runs in the whitened coordinates."""
@@ -406,7 +403,6 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             self.stuck_check_step_size = float(extra["stuck_check_step_size"])
         if "mcmc_step_sizes" in extra:
             self.mcmc_step_sizes = list(extra["mcmc_step_sizes"])
-            self._loaded_mcmc_step_sizes = True
         if extra.get("step_sizes") is not None:
             self.step_sizes = [float(h) for h in extra["step_sizes"]]
         elif extra.get("step_size") is not None:  # a checkpoint from before the per-step sizes
@@ -439,6 +435,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         n = self.num_steps // self.num_subtrajectories
         x = path.sample_reference(num_particles)
         point = path.evaluate(x)
+        uniform = torch.zeros(num_particles, dtype=torch.float64, device=x.device)  # the pilot's log weights
         level, step_sizes, lowest = 0, [], 1.0
         for k in range(self.num_steps):
             beta = betas[k + 1]
@@ -460,13 +457,13 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             step_sizes.append(h)
             lowest = min(lowest, rate)
             x, point = y, point_y
-            j = (k + 1) // n - 1
             if tune_moves and (k + 1) % n == 0 and k + 1 < self.num_steps:
-                if j > 0:
-                    self.mcmc_step_sizes[j] = self.mcmc_step_sizes[j - 1]
-                uniform = torch.zeros(num_particles, dtype=torch.float64, device=x.device)
-                for _ in range(self.pilot_moves):
-                    x, point, _ = self._move(j, beta, x, point, uniform, num_moves=1)
+                j = (k + 1) // n - 1
+                step_size = self.mcmc_step_sizes[j - 1 if j > 0 else 0]
+                for _ in range(self.pilot_moves):  # the proposal scale follows the moving pilot
+                    scale = population_scale(x, uniform, "diagonal")
+                    x, point, step_size, _, _ = self._move(beta, x, point, scale, step_size, 1)
+                self.mcmc_step_sizes[j] = step_size
         if tune_steps and lowest < self.min_step_acceptance:
             warnings.warn(
                 f"step_size='auto': even h = {grid[-1]:g} has a Langevin acceptance of {lowest:.2f} at some "
@@ -493,21 +490,20 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         """``s_beta(x)`` clipped to ``[-score_clip, score_clip]`` (N, dim): the Langevin drift and guide."""
         return _clip(self._path.score(beta, x, point), self.score_clip)
 
-    def _move(self, j, beta, x, point, log_w, num_moves: int | None = None):
-        """``num_moves`` (default ``num_mcmc_steps``) moves of the particles leaving ``pi_beta`` invariant;
-        each adapts boundary ``j``'s step size. Returns ``(x, point, acceptance rate)``."""
+    def _move(self, beta, x, point, scale, step_size: float, num_moves: int):
+        """``num_moves`` moves of the particles leaving ``pi_beta`` invariant (proposals scaled by
+        ``scale``), each adapting ``step_size`` to the batch's acceptance. Returns ``(x, point, step_size,
+        mean acceptance rate, each particle's mean acceptance probability (N,))``."""
         path = self._path
         fn = path.log_density_and_score_fn(beta)
         state = KernelState(x, path.log_density(beta, point), path.score(beta, x, point), point)
-        scale = population_scale(x, log_w, "diagonal")
-        acceptance = []
-        for _ in range(self.num_mcmc_steps if num_moves is None else num_moves):
-            state, probs = self.kernel.step(fn, state, self.mcmc_step_sizes[j], scale=scale)
+        acceptance, particle_acceptance = [], 0.0
+        for _ in range(num_moves):
+            state, probs = self.kernel.step(fn, state, step_size, scale=scale)
             acceptance.append(float(probs.mean()))
-            self.mcmc_step_sizes[j] = adapt_step_size(
-                self.mcmc_step_sizes[j], acceptance[-1], self.kernel.target_acceptance
-            )
-        return state.position, state.extras, sum(acceptance) / len(acceptance)
+            particle_acceptance = particle_acceptance + probs / num_moves
+            step_size = adapt_step_size(step_size, acceptance[-1], self.kernel.target_acceptance)
+        return state.position, state.extras, step_size, sum(acceptance) / len(acceptance), particle_acceptance
 
     @torch.no_grad()
     def _simulate(self, num_particles: int, net, *, interacting: bool = True, store: bool = False):
@@ -579,7 +575,10 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
                 if resampled:
                     point = PathPoint(*(t[idx] for t in point))
                 if self.num_mcmc_steps:
-                    x, point, acceptance = self._move(j, beta, x, point, system.log_weights)
+                    scale = population_scale(x, system.log_weights, "diagonal")
+                    x, point, self.mcmc_step_sizes[j], acceptance, _ = self._move(
+                        beta, x, point, scale, self.mcmc_step_sizes[j], self.num_mcmc_steps
+                    )
                     system = system._replace(particles=x)
                     step_size = self.mcmc_step_sizes[j]
             infos.append(SCLDInfo(beta, ess, resampled, acceptance, step_size, float(increment)))
@@ -654,19 +653,13 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         if self.stuck_check_step_size is None:  # start from the last boundary's adapted step
             self.stuck_check_step_size = (self.mcmc_step_sizes[-1] if self.mcmc_step_sizes
                                           else self.kernel.initial_step_size(self._target.dim))
-        weights = system.log_weights.exp()
-        idx = torch.multinomial(weights, self.stuck_check_particles, replacement=True)
-        fn = self._path.log_density_and_score_fn(1.0)
-        state = init_state(fn, system.particles[idx])
+        idx = torch.multinomial(system.log_weights.exp(), self.stuck_check_particles, replacement=True)
+        x = system.particles[idx]
         scale = population_scale(system.particles, system.log_weights, "diagonal")
-        acceptance = 0.0
-        for _ in range(self.stuck_check_moves):
-            state, probs = self.kernel.step(fn, state, self.stuck_check_step_size, scale=scale)
-            acceptance = acceptance + probs / self.stuck_check_moves
-            self.stuck_check_step_size = adapt_step_size(
-                self.stuck_check_step_size, float(probs.mean()), self.kernel.target_acceptance
-            )
-        return float((acceptance < STUCK_ACCEPTANCE).double().mean())
+        _, _, self.stuck_check_step_size, _, particle_acceptance = self._move(
+            1.0, x, self._path.evaluate(x), scale, self.stuck_check_step_size, self.stuck_check_moves
+        )
+        return stuck_fraction(particle_acceptance)
 
     @property
     def final_states(self) -> list[ParticleSystem]:

@@ -58,6 +58,7 @@ from .particles import (  # noqa: F401 (STUCK_ACCEPTANCE, MAX_STUCK_FRACTION: re
     particle_precondition_options,
     resample,
     reweight,
+    stuck_fraction,
     warn_if_stuck,
 )
 from .potential import Potential
@@ -173,7 +174,7 @@ def smc_step(
     if distributed:
         moved = _map_tensors(dist.all_gather_cat, moved)
         particle_acceptance = dist.all_gather_cat(particle_acceptance)
-    stuck = float((particle_acceptance < STUCK_ACCEPTANCE).double().mean()) if num_mcmc_steps else math.nan
+    stuck = stuck_fraction(particle_acceptance) if num_mcmc_steps else math.nan
     evaluations = num_mcmc_steps * kernel.evaluations_per_step * x.shape[0]
     new_state = SMCState(
         particles=moved.position,
