@@ -48,12 +48,14 @@ def _random_control(dim, scale=0.3):
     return net
 
 
-def _ais_ula(target, num_particles, betas, step_sizes, control=None):
+def _ais_ula(target, num_particles, betas, step_sizes, control=None, metric=None):
     """Annealed importance sampling with unadjusted Langevin moves targeting pi_{k+1} (step
     ``step_sizes[k]``, or one float for all) and their time reversal as the backward kernel, written
     out directly: (log weights, final particles).
     With ``control(tau, x, guide)``, the CMCD kernels: the forward drift adds ``u_k(x_k)``, the
-    backward one subtracts ``u_{k+1}(x_{k+1})``, ``u_k(x) = control(k / K, x, grad log pi_k(x))``."""
+    backward one subtracts ``u_{k+1}(x_{k+1})``, ``u_k(x) = control(k / K, x, grad log pi_k(x))``.
+    With ``metric`` (J, dim), step k of piece j is preconditioned by ``M = diag(metric[j])``: drift
+    ``h M (s +- u)``, covariance ``2 h M``."""
     dim, K = target.dim, len(betas) - 1
 
     def log_pi(beta, x):
@@ -73,9 +75,10 @@ def _ais_ula(target, num_particles, betas, step_sizes, control=None):
     log_w = torch.zeros(num_particles, dtype=F64)
     for k in range(K):
         h = step_sizes[k] if isinstance(step_sizes, list) else step_sizes
-        kernel = dist.Normal(x + h * (score(betas[k + 1], x) + u(k, x)), math.sqrt(2 * h))
+        m = torch.ones(dim, dtype=F64) if metric is None else metric[k * len(metric) // K]
+        kernel = dist.Normal(x + h * m * (score(betas[k + 1], x) + u(k, x)), (2 * h * m).sqrt())
         y = kernel.sample()
-        backward = dist.Normal(y + h * (score(betas[k + 1], y) - u(k + 1, y)), math.sqrt(2 * h))
+        backward = dist.Normal(y + h * m * (score(betas[k + 1], y) - u(k + 1, y)), (2 * h * m).sqrt())
         log_w += log_pi(betas[k + 1], y) - log_pi(betas[k], x)
         log_w += backward.log_prob(x).sum(-1) - kernel.log_prob(y).sum(-1)
         x = y
@@ -100,13 +103,19 @@ def test_annealing_schedules():
         _sampler(annealing="geometric")
 
 
-@pytest.mark.parametrize("annealing", ["linear", "cosine"])
-def test_zero_control_is_ais_with_langevin_moves(annealing):
+@pytest.mark.parametrize("annealing, metric", [("linear", "identity"), ("cosine", "identity"),
+                                               ("linear", "auto")])
+def test_zero_control_is_ais_with_langevin_moves(annealing, metric):
     # untrained: the default control is exactly zero; no resampling (ESS >= 1/N > threshold), no moves
     scld = _sampler(num_steps=12, num_subtrajectories=3, annealing=annealing, step_size=0.15,
-                    ess_threshold=1e-9, num_mcmc_steps=0, num_particles=64)
+                    ess_threshold=1e-9, num_mcmc_steps=0, num_particles=64, metric=metric)
+    if metric == "identity":
+        assert (scld.langevin_metric == 1).all()
+    else:  # no preconditioner: the pilot's spread of SHIFTED (scales 0.4, 1.2) after the first piece
+        assert (scld.langevin_metric[0] == 1).all() and scld.langevin_metric.shape == (3, 2)
+        assert (scld.langevin_metric[1:, 0] < 0.5).all() and (scld.langevin_metric[1:, 1] > 0.8).all()
     torch.manual_seed(7)
-    expected, x_expected = _ais_ula(SHIFTED, 64, scld.betas, 0.15)
+    expected, x_expected = _ais_ula(SHIFTED, 64, scld.betas, 0.15, metric=scld.langevin_metric)
     torch.manual_seed(7)
     assert torch.allclose(scld.path_log_weights(64), expected, rtol=0, atol=1e-10)
     torch.manual_seed(7)
@@ -124,8 +133,10 @@ def test_weights_with_a_control_are_the_cmcd_weights(step_size):
                     step_size=step_size)
     if step_size != "auto":
         assert scld.step_sizes == step_size
+    assert (scld.langevin_metric != 1).any()  # no preconditioner: the pilot's diagonal metric
     torch.manual_seed(5)
-    expected, x_expected = _ais_ula(SHIFTED, 32, scld.betas, scld.step_sizes, control=net)
+    expected, x_expected = _ais_ula(SHIFTED, 32, scld.betas, scld.step_sizes, control=net,
+                                    metric=scld.langevin_metric)
     torch.manual_seed(5)
     assert torch.allclose(scld.path_log_weights(32), expected, rtol=0, atol=1e-10)
     torch.manual_seed(5)
@@ -134,7 +145,8 @@ def test_weights_with_a_control_are_the_cmcd_weights(step_size):
     assert float(system.log_evidence) == pytest.approx(float(expected.logsumexp(0) - math.log(32)), abs=1e-10)
     # the control matters: zero control gives other weights from the same random numbers
     torch.manual_seed(5)
-    assert (_ais_ula(SHIFTED, 32, scld.betas, scld.step_sizes)[0] - expected).abs().max() > 0.1
+    zero_control = _ais_ula(SHIFTED, 32, scld.betas, scld.step_sizes, metric=scld.langevin_metric)[0]
+    assert (zero_control - expected).abs().max() > 0.1
 
 
 def test_the_adaptive_grid_is_fine_where_the_path_changes_fast():
@@ -232,6 +244,26 @@ def test_lee_whiteley_error_bar_of_one_run_is_consistent():
     assert scld.final_states[0].num_resampling_steps >= 1
     assert 0 < float(ev.stderr) < 0.1
     assert abs(float(ev.log_z) - SHIFTED.log_Z) < 4 * float(ev.stderr)
+
+
+@pytest.mark.parametrize("metric, covers", [("auto", True), ("identity", False)])
+def test_without_a_preconditioner_the_error_bar_covers_a_badly_scaled_target(metric, covers):
+    # N(0, diag(0.5..3)^2) in its own coordinates (precondition=None): with the identity metric the
+    # Langevin steps (limited by the narrow directions) cannot widen the particles to the scale of 3 in 32
+    # steps, the weights grow heavy tails and the error bar misses (measured over these 8 seeds: mean
+    # (err / se)^2 = 4.58, 2 beyond 3 se); the pilot's diagonal metric (the default here) gives 1.59
+    target = Gaussian(torch.zeros(10, dtype=F64), scale=torch.linspace(0.5, 3.0, 10, dtype=F64))
+    z = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        scld = SCLDSampler(log_density=target.log_prob, dim=10, dtype=F64, precondition=None,
+                           num_particles=2048, metric=metric)
+        ev = scld.log_evidence()
+        z.append((float(ev.log_z) - float(target.log_Z)) / float(ev.stderr))
+    mean_square = sum(v * v for v in z) / len(z)  # 1 when the error bar is right
+    assert (mean_square < 3) == covers, z
+    if metric == "auto":
+        assert scld.langevin_metric[-1, -1] > 4 and scld.langevin_metric[-1, 0] < 0.5  # the target's scales
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +369,7 @@ def _plus_inf_density(x):
         (lambda: _sampler(step_size=math.inf), ValueError, "step_size"),
         (lambda: _sampler(step_size="0.1"), ValueError, "step_size"),
         (lambda: _sampler(annealing="sigmoid"), ValueError, "annealing"),
+        (lambda: _sampler(metric="dense"), ValueError, "metric"),
         (lambda: _sampler(num_particles=1), ValueError, "num_particles"),
         (lambda: _sampler(num_runs=0), ValueError, "num_runs"),
         (lambda: _sampler(resampling="stratified"), ValueError, "resampling"),
@@ -377,7 +410,7 @@ def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
     # a fixed preconditioner: load re-whitens with the saved one, the path must follow
     gaussian = (torch.tensor([1.0, -0.5], dtype=F64), torch.tensor([[0.5, 0.0], [0.2, 1.0]], dtype=F64))
     options = dict(dim=2, dtype=F64, precondition=gaussian, num_steps=4, num_subtrajectories=2, hidden_dim=8,
-                   num_layers=1, ema_decay=0.9, num_mcmc_steps=1)
+                   num_layers=1, ema_decay=0.9, num_mcmc_steps=1, metric="diagonal")
     run = dict(num_iterations=6, batch_size=16, until=None, progress_bar=False)
     density = _interrupting()
     torch.manual_seed(1)
@@ -394,6 +427,8 @@ def test_checkpoint_save_load_resume_is_bit_identical(tmp_path):
     assert second._run_state["done"] == 3 and len(second.losses) == 3
     assert second.mcmc_step_sizes[0] != second.kernel.initial_step_size(2)  # the adapted one is restored
     assert second.betas == first.betas and second.betas != annealing_schedule(4)  # the adaptive grid too
+    assert torch.equal(second.langevin_metric, first.langevin_metric)  # and the pilot's metric
+    assert (first.langevin_metric[1] != 1).all()
     torch.manual_seed(123)  # the checkpoint's random state is restored by resume
     second.resume(progress_bar=False)
     assert second.losses == full.losses
@@ -413,6 +448,9 @@ def test_checkpoint_steps_are_restored_also_from_a_single_step_checkpoint():
     assert other.step_sizes == scld.step_sizes
     other._load_checkpoint_extra({"step_size": 0.02})  # written before the per-step sizes
     assert other.step_sizes == [0.02] * 8
+    assert (other.langevin_metric != 1).any()  # no preconditioner: the pilot's diagonal metric
+    other._load_checkpoint_extra({"mcmc_step_sizes": [0.5]})  # written before the metric: the identity
+    assert torch.equal(other.langevin_metric, torch.ones(2, 2, dtype=F64))
 
 
 # --------------------------------------------------------------------------------------------------
