@@ -18,11 +18,18 @@ fit, training and the evaluation draw included) and wall seconds. Budgets:
 Part ``posteriordb``: ``SMCSampler(model)`` and ``SCLDSampler(model)`` with their defaults on the
 posteriordb models; do their evidences agree within the error bars?
 
+Part ``efficiency``: SMC and untrained SCLD with their defaults (``--efficiency-particles``, one fresh
+sampler per seed, the preconditioner's fit and the pilots counted) over many seeds
+(``--efficiency-seeds``): the mean squared log Z error times the mean target evaluations (the cost of
+a given precision: lower is better) with bootstrap intervals, their ratio, and whether the error bars
+are honest (mean ``(error / stderr)^2``, 1 when they are).
+
 Results accumulate in ``--json`` (rows already there are not re-run); ``--write`` writes the section of
 ``docs/benchmarks.md`` and the plots. Usage::
 
     python benchmarks/smc.py --part synthetic --seeds 0 1 --json benchmarks/results/smc.json --write
     python benchmarks/smc.py --part posteriordb --json benchmarks/results/smc.json --write
+    python benchmarks/smc.py --part efficiency --efficiency-seeds 128 --json benchmarks/results/smc_eff.json
     python benchmarks/smc.py --targets gmm9 --methods smc scld --seeds 0 --json /tmp/s.json   # a subset
     python benchmarks/smc.py --methods scld --scld-iterations 600 --scld-particles 4096 65536 --json ...
 """
@@ -79,6 +86,11 @@ MADE_BY = (  # the runs behind the committed result files
     "targets, each into its own file, merged); `python benchmarks/smc.py --part "
     "posteriordb --seeds 0 --json benchmarks/results/smc_posteriordb.json` (its SCLD rows re-run the same "
     "day: rows already in the file are not re-run, so the SMC rows are kept)"
+)
+EFFICIENCY_MADE_BY = (  # 2026-12-01, load 2, SCLD with metric="auto" (the identity here: preconditioned)
+    "`python benchmarks/smc.py --part efficiency --targets gmm9 funnel` and `--targets manywell5 "
+    "manywell50` (two processes, 128 seeds, each into its own file, merged into "
+    "benchmarks/results/smc_efficiency.json)"
 )
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 
@@ -167,6 +179,94 @@ def run_scld(name, iterations, particles, seed) -> list[dict]:
     return rows
 
 
+def run_efficiency(name, method, particles, seed) -> dict:
+    """One fresh ``SMCSampler`` (``run``) or untrained ``SCLDSampler`` (``sample_particles``) with the
+    defaults and ``particles``: its log Z error, error bar and every target evaluation."""
+    target = TARGETS[name]()
+    pyro.set_rng_seed(seed)
+    density = CountingDensity(lambda x: target.log_prob(x.double()))
+    start = time.perf_counter()
+
+    def go():
+        cls = SMCSampler if method == "smc" else SCLDSampler
+        s = cls(log_density=density, dim=target.dim, num_particles=particles, dtype=torch.float64)
+        s.run() if method == "smc" else s.sample_particles()
+        return s.log_evidence()
+
+    ev, messages = _quiet(go)
+    return dict(target=name, method=method, particles=particles, seed=seed, evaluations=density.count,
+                wall_s=time.perf_counter() - start, signed_error=float(ev.log_z) - target.log_Z,
+                stderr=float(ev.stderr), warnings=messages)
+
+
+def _bootstrap_mse_cost(rows, reps=2000, seed=0):
+    """``mean(error^2) x mean(evaluations)`` of ``rows``, and ``reps`` bootstrap replicates of it (seeds
+    resampled)."""
+    gen = torch.Generator().manual_seed(seed)
+    err2 = torch.tensor([r["signed_error"] ** 2 for r in rows], dtype=torch.float64)
+    cost = torch.tensor([float(r["evaluations"]) for r in rows], dtype=torch.float64)
+    idx = torch.randint(len(rows), (reps, len(rows)), generator=gen)
+    return float(err2.mean() * cost.mean()), err2[idx].mean(1) * cost[idx].mean(1)
+
+
+def _interval(replicates) -> tuple[float, float]:
+    """The 2.5 % and 97.5 % quantiles of bootstrap replicates."""
+    q = torch.quantile(replicates, torch.tensor([0.025, 0.975], dtype=replicates.dtype))
+    return float(q[0]), float(q[1])
+
+
+def efficiency_section(rows) -> str:
+    rows = [r for r in rows if r["part"] == "efficiency"]
+    header = ["target", "method", "particles", "seeds", "target evals", "RMSE", "mean error",
+              "median abs error", "MSE x evals (95 %)", "SCLD / SMC (95 %)", "mean (err / se)^2",
+              "beyond 3 se", "worst seed: error (se)", "warned"]
+    table, wins, losses, compared = [], [], [], 0
+    for name in TARGETS:
+        for n in sorted({r["particles"] for r in rows if r["target"] == name}):
+            boot = {}
+            for method in ("smc", "scld"):
+                sel = [r for r in rows
+                       if r["target"] == name and r["method"] == method and r["particles"] == n]
+                if len(sel) < 2:
+                    continue
+                value, reps = _bootstrap_mse_cost(sel, seed=len(boot))  # independent resamples
+                boot[method] = (value, reps)
+                lo, hi = _interval(reps)
+                z2 = [(r["signed_error"] / r["stderr"]) ** 2 for r in sel if r["stderr"] > 0]
+                ratio = ""
+                if method == "scld" and "smc" in boot:
+                    q = boot["scld"][1] / boot["smc"][1]
+                    qlo, qhi = _interval(q)
+                    ratio = f"{value / boot['smc'][0]:.2f} ({qlo:.2f}-{qhi:.2f})"
+                    compared += 1
+                    wins += [name] * (qhi < 1)
+                    losses += [name] * (qlo > 1)
+                warned = sum(any("Unreliable" in w for w in r["warnings"]) for r in sel)
+                worst = max(sel, key=lambda r: abs(r["signed_error"]))
+                worst_warned = " warned" if any("Unreliable" in w for w in worst["warnings"]) else ""
+                table.append([
+                    name, method, n, len(sel), f"{statistics.mean(r['evaluations'] for r in sel):.3g}",
+                    math.sqrt(statistics.mean(r["signed_error"] ** 2 for r in sel)),
+                    statistics.mean(r["signed_error"] for r in sel),
+                    statistics.median(abs(r["signed_error"]) for r in sel),
+                    f"{value:.3g} ({lo:.3g}-{hi:.3g})", ratio,
+                    f"{statistics.mean(z2):.3g}" if z2 else "",
+                    sum(abs(r["signed_error"]) > 3 * r["stderr"] for r in sel),
+                    f"{worst['seed']}: {worst['signed_error']:+.3g} ({worst['stderr']:.2g}){worst_warned}",
+                    f"{warned}/{len(sel)}",
+                ])
+    text = _report.markdown_table(header, table)
+    text += (
+        f"\n\nUntrained SCLD costs less than tempered SMC for the same log Z precision (the ratio's 95 % "
+        f"interval below 1) on {len(wins)} of {compared} targets ({', '.join(wins) or 'none'}), more (above "
+        f"1) on {len(losses)} ({', '.join(losses) or 'none'}). `MSE x evals` is the mean squared error of "
+        "log Z times the mean number of target evaluations, i.e. the variance (and squared bias) at one "
+        "evaluation's cost; the intervals resample seeds (2000 replicates). A mean `(err / se)^2` well above "
+        "1 means the error bars are too small."
+    )
+    return text
+
+
 def run_posteriordb(name, method, seed) -> dict:
     from posteriordb_models import POSTERIORS
 
@@ -202,6 +302,8 @@ def _particles(row) -> int | None:
 
 
 def _key(row) -> str:
+    if row["part"] == "efficiency":
+        return f"efficiency|{row['target']}|{row['method']}|{row['particles']}|{row['seed']}"
     key = f"{row['part']}|{row['target']}|{row['method']}|{row['budget']}|{row['seed']}"
     if row["part"] == "synthetic" and row["method"] == "scld" and _particles(row) != SCLD_PARTICLES:
         key += f"|{_particles(row)}"
@@ -416,7 +518,7 @@ def posteriordb_section(rows) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["synthetic", "posteriordb"], default="synthetic")
+    p.add_argument("--part", choices=["synthetic", "posteriordb", "efficiency"], default="synthetic")
     p.add_argument("--targets", nargs="+", default=list(TARGETS))
     p.add_argument("--methods", nargs="+", default=["smc", "scld", "dis-lv", "dds-lv"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -426,6 +528,8 @@ def main(argv=None):
                    help="SCLD's evaluation draws (num_particles); the training batch is the default")
     p.add_argument("--diffusion-iterations", nargs="+", type=int, default=[40, 400])
     p.add_argument("--eval", type=int, default=20000)
+    p.add_argument("--efficiency-seeds", type=int, default=128, help="part efficiency: seeds 0..n-1")
+    p.add_argument("--efficiency-particles", nargs="+", type=int, default=[SCLD_PARTICLES])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/smc.json"))
     p.add_argument("--also", nargs="*", type=Path, default=[], help="more result files read for --write")
@@ -469,6 +573,19 @@ def main(argv=None):
                                   f"{row['evaluations']:.3g} evals, {row['wall_s']:.1f} s", flush=True)
                             rows.append(row)
                             save()
+    elif args.part == "efficiency":
+        for name in args.targets:
+            for n in args.efficiency_particles:
+                for method in ("smc", "scld"):
+                    for seed in range(args.efficiency_seeds):
+                        row = dict(part="efficiency", target=name, method=method, particles=n, seed=seed)
+                        if _key(row) in done:
+                            continue
+                        row = dict(part="efficiency", **run_efficiency(name, method, n, seed))
+                        rows.append(row)
+                        if seed % 16 == 15 or seed == args.efficiency_seeds - 1:
+                            save()
+                            print(f"{name:10s} {method:5s} {n} particles: seeds 0-{seed} done", flush=True)
     else:
         from posteriordb_models import POSTERIORS
 
@@ -505,6 +622,9 @@ def main(argv=None):
         ]
         if path is not None:
             body += ["", f"![smc_logz_vs_evaluations](img/{path.name})"]
+        if any(r["part"] == "efficiency" for r in rows):
+            body += ["", "### Equal-cost precision over many seeds: SMC and untrained SCLD", "",
+                     f"Rows made by {EFFICIENCY_MADE_BY}.", "", efficiency_section(rows)]
         if any(r["part"] == "posteriordb" for r in rows):
             body += ["", "### posteriordb: SMC and SCLD evidences (defaults, one seed)", "",
                      posteriordb_section(rows)]

@@ -1,0 +1,51 @@
+"""benchmarks/smc.py's equal-cost comparison: a tiny run of its rows, and its statistics on known rows."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "smc.py"
+
+
+@pytest.fixture(scope="module")
+def smc_benchmark():
+    spec = importlib.util.spec_from_file_location("smc_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(method, errors, stderr, evaluations):
+    return [dict(part="efficiency", target="gmm9", method=method, particles=64, seed=i, signed_error=e,
+                 stderr=stderr, evaluations=evaluations, warnings=[]) for i, e in enumerate(errors)]
+
+
+def test_efficiency_rows_count_every_evaluation(tmp_path, smc_benchmark):
+    out = tmp_path / "eff.json"
+    smc_benchmark.main(["--part", "efficiency", "--targets", "gmm9", "--efficiency-seeds", "2",
+                        "--efficiency-particles", "64", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["seed"]) for r in rows] == [("smc", 0), ("smc", 1), ("scld", 0), ("scld", 1)]
+    for r in rows:
+        assert r["stderr"] > 0 and abs(r["signed_error"]) < 2
+        assert r["evaluations"] > 64 * 30  # the preconditioner's fit, the pilots and the particles
+
+
+def test_efficiency_section_ratio_and_calibration(smc_benchmark):
+    # SCLD's errors are half of SMC's at the same cost: MSE x evals ratio exactly 0.25, a clear win; SMC's
+    # error bars are half the size of its errors: mean (err / se)^2 = 4
+    errors = [0.2, -0.2, 0.1, -0.1] * 8
+    rows = _rows("smc", errors, 0.075, 1000) + _rows("scld", [e / 2 for e in errors], 0.075, 1000)
+    text = smc_benchmark.efficiency_section(rows)
+    smc_line, scld_line = (line for line in text.splitlines() if line.startswith("| gmm9"))
+    assert "| 0.25 (" in scld_line
+    mse = sum(e * e for e in errors) / len(errors)
+    assert f"| {mse * 1000:.3g} (" in smc_line
+    assert f"| {mse / 0.075**2:.3g} |" in smc_line
+    assert "on 1 of 1 targets (gmm9)" in text
+    # equal errors: the interval straddles 1, neither a win nor a loss
+    same = _rows("smc", errors, 0.1, 1000) + _rows("scld", errors[::-1], 0.1, 1000)
+    text = smc_benchmark.efficiency_section(same)
+    assert "on 0 of 1 targets (none), more (above 1) on 0 (none)" in text
