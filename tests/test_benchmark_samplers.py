@@ -1,19 +1,12 @@
 """The CI-sized run of benchmarks/samplers.py, so that the benchmark cannot rot."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "samplers.py"
+from _benchmark_script import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def samplers_benchmark():
-    spec = importlib.util.spec_from_file_location("samplers_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("samplers")
 
 
 def test_quick_benchmark_writes_its_table_and_plots(tmp_path, samplers_benchmark):

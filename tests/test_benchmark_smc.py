@@ -1,20 +1,14 @@
 """benchmarks/smc.py's equal-cost comparison: a tiny run of its rows, and its statistics on known rows."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "smc.py"
+from _benchmark_script import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def smc_benchmark():
-    spec = importlib.util.spec_from_file_location("smc_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("smc")
 
 
 def _rows(method, errors, stderr, evaluations):
