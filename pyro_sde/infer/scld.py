@@ -484,6 +484,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         uniform = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # the pilot's log weights
         metrics = [torch.ones_like(x[0])] if tune_metric else list(self.langevin_metric)
         level, step_sizes, lowest = 0, [], 1.0
+        move_step = self.mcmc_step_sizes[0] if self.mcmc_step_sizes else None  # carried across boundaries
         for k in range(self.num_steps):
             beta, metric = betas[k + 1], metrics[k // n]
             drift_x, log_pi_x = self._drift(beta, x, point), path.log_density(beta, point).double()
@@ -506,12 +507,11 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             x, point = y, point_y
             if (tune_moves or tune_metric) and (k + 1) % n == 0 and k + 1 < self.num_steps:
                 j = (k + 1) // n - 1
-                step_size = self.mcmc_step_sizes[j - 1 if j > 0 else 0]
                 for _ in range(self.pilot_moves):  # the proposal scale follows the moving pilot
                     scale = population_scale(x, uniform, "diagonal")
-                    x, point, step_size, _, _ = self._move(beta, x, point, scale, step_size, 1)
+                    x, point, move_step, _, _ = self._move(beta, x, point, scale, move_step, 1)
                 if tune_moves:
-                    self.mcmc_step_sizes[j] = step_size
+                    self.mcmc_step_sizes[j] = move_step
                 if tune_metric:
                     metrics.append(population_scale(x, uniform, "diagonal").square())
         if tune_steps and lowest < self.min_step_acceptance:
