@@ -401,9 +401,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         diagonal = self.metric == "diagonal" or (self.metric == "auto" and self.preconditioner is None)
         tune_metric = self.langevin_metric is None and diagonal and self.num_subtrajectories > 1
         if self.langevin_metric is None and not tune_metric:  # "identity", or a single piece
-            self.langevin_metric = torch.ones(self.num_subtrajectories, target.dim)
-        if self.langevin_metric is not None:
-            self.langevin_metric = self.langevin_metric.to(dtype=target.dtype, device=target.device)
+            self.langevin_metric = torch.ones(self.num_subtrajectories, target.dim, dtype=target.dtype,
+                                              device=target.device)
         if tune_steps or tune_moves or tune_metric:
             tuned, acceptance, metric = self._tune_step_sizes(
                 tune_steps=tune_steps, tune_moves=tune_moves, tune_metric=tune_metric
@@ -458,10 +457,9 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
     pilot_particles = 256
 
     @torch.no_grad()
-    def _tune_step_sizes(self, num_particles: int | None = None, *, tune_steps: bool = True,
-                         tune_moves: bool = True, tune_metric: bool = True):
+    def _tune_step_sizes(self, *, tune_steps: bool = True, tune_moves: bool = True, tune_metric: bool = True):
         """``(h_0..h_{K-1}, acceptance, metric)``: step by step along the path, with the untrained control
-        (zero) and ``num_particles`` (default :attr:`pilot_particles`) pilot particles.
+        (zero) and :attr:`pilot_particles` pilot particles.
 
         ``tune_steps``: ``h_k`` is the largest of :attr:`step_size_grid` (at most one grid level above
         ``h_{k-1}``) whose unadjusted Langevin step has a mean Metropolis acceptance of at least
@@ -479,7 +477,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         ones); otherwise the pilot walks with :attr:`langevin_metric`."""
         path, betas, grid = self._path, self.betas, self.step_size_grid
         n = self.num_steps // self.num_subtrajectories
-        x = path.sample_reference(num_particles or self.pilot_particles)
+        x = path.sample_reference(self.pilot_particles)
         point = path.evaluate(x)
         uniform = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # the pilot's log weights
         metrics = [torch.ones_like(x[0])] if tune_metric else list(self.langevin_metric)
