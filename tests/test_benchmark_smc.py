@@ -43,3 +43,35 @@ def test_efficiency_section_ratio_and_calibration(smc_benchmark):
     same = _rows("smc", errors, 0.1, 1000) + _rows("scld", errors[::-1], 0.1, 1000)
     text = smc_benchmark.efficiency_section(same)
     assert "on 0 of 1 targets (none), more (above 1) on 0 (none)" in text
+
+
+def _synthetic(method, budget, error, evaluations, particles=None, seeds=2):
+    return [dict(part="synthetic", target="gmm9", method=method, budget=budget, seed=s, error=error,
+                 stderr=0.01, evaluations=evaluations, wall_s=1.0, **({} if particles is None else
+                                                                     dict(particles=particles)))
+            for s in range(seeds)]
+
+
+def test_dis_goal_takes_the_largest_draw_within_the_evaluations(smc_benchmark):
+    dis = _synthetic("dis-lv", 400, 0.005, 6e6)
+    scld = (_synthetic("scld", 40, 0.002, 5e5, 4096)  # a lucky small draw: not the one compared
+            + _synthetic("scld", 40, 0.004, 3e6, 65536)
+            + _synthetic("scld", 40, 0.001, 1.2e7, 262144)  # more evaluations than DIS-LV: not eligible
+            + _synthetic("scld", 200, 0.0001, 4e6, 65536))  # more than 10 % of its iterations: neither
+    curve = smc_benchmark._curve
+
+    def goal(rows):
+        return smc_benchmark._dis_goal("gmm9", curve(dis, "gmm9", "dis-lv"), curve(rows, "gmm9", "scld"))
+
+    text, met, _ = goal(scld)
+    assert met and "0.004 at 40 iterations x 65536 particles" in text and "with 4096 particles: 0.002" in text
+    assert "noise level" in text  # 0.001 apart, se 0.01 each
+    text, met, _ = goal([r | dict(error=0.006) if r.get("particles") == 65536 else r for r in scld])
+    assert not met and "missed" in text
+    text, met, _ = goal([r | dict(error=0.3) if r.get("particles") == 65536 else r for r in scld])
+    assert not met and "noise level" not in text
+    biased = [r | dict(error=0.5, stderr=0.05) for r in dis]
+    text, met, biased = smc_benchmark._dis_goal(
+        "gmm9", curve(biased, "gmm9", "dis-lv"),
+        curve([r | dict(error=0.45, stderr=0.05) for r in scld], "gmm9", "scld"))
+    assert met and biased and "both biased" in text
