@@ -70,8 +70,8 @@ def test_dis_goal_takes_the_largest_draw_within_the_evaluations(smc_benchmark):
     assert not met and "missed" in text
     text, met, _ = goal([r | dict(error=0.3) if r.get("particles") == 65536 else r for r in scld])
     assert not met and "noise level" not in text
-    biased = [r | dict(error=0.5, stderr=0.05) for r in dis]
+    biased_dis = [r | dict(error=0.5, stderr=0.05) for r in dis]
     text, met, biased = smc_benchmark._dis_goal(
-        "gmm9", curve(biased, "gmm9", "dis-lv"),
+        "gmm9", curve(biased_dis, "gmm9", "dis-lv"),
         curve([r | dict(error=0.45, stderr=0.05) for r in scld], "gmm9", "scld"))
     assert met and biased and "both biased" in text
