@@ -187,9 +187,10 @@ def run_scld(name, iterations, particles, seed) -> list[dict]:
     return rows
 
 
-def run_efficiency(name, method, particles, seed) -> dict:
-    """One fresh ``SMCSampler`` (``run``) or untrained ``SCLDSampler`` (``sample_particles``) with the
-    defaults and ``particles``: its log Z error, error bar and every target evaluation."""
+def run_efficiency(name, method, particles, seed, iterations=0) -> dict:
+    """One fresh ``SMCSampler`` (``run``) or ``SCLDSampler`` (trained for ``iterations``, then
+    ``sample_particles``) with the defaults and ``particles``: its log Z error, error bar and every target
+    evaluation (training included)."""
     target = TARGETS[name]()
     pyro.set_rng_seed(seed)
     density = CountingDensity(lambda x: target.log_prob(x.double()))
@@ -198,11 +199,18 @@ def run_efficiency(name, method, particles, seed) -> dict:
     def go():
         cls = SMCSampler if method == "smc" else SCLDSampler
         s = cls(log_density=density, dim=target.dim, num_particles=particles, dtype=torch.float64)
-        s.run() if method == "smc" else s.sample_particles()
+        if method == "smc":
+            s.run()
+        else:
+            if iterations:
+                s.run(num_iterations=iterations, until=None, progress_bar=False)
+            s.sample_particles()
         return s.log_evidence()
 
     ev, messages = _quiet(go)
-    return dict(target=name, method=method, particles=particles, seed=seed, evaluations=density.count,
+    extra = dict(iterations=iterations) if method == "scld" and iterations else {}
+    return dict(target=name, method=method, particles=particles, seed=seed, **extra,
+                evaluations=density.count,
                 wall_s=time.perf_counter() - start, signed_error=float(ev.log_z) - target.log_Z,
                 stderr=float(ev.stderr), warnings=messages)
 
@@ -225,35 +233,39 @@ def _interval(replicates) -> tuple[float, float]:
 
 def efficiency_section(rows) -> str:
     rows = [r for r in rows if r["part"] == "efficiency"]
-    header = ["target", "method", "particles", "seeds", "target evals", "RMSE", "mean error",
+    header = ["target", "method", "iterations", "particles", "seeds", "target evals", "RMSE", "mean error",
               "median abs error", "MSE x evals (95 %)", "SCLD / SMC (95 %)", "mean (err / se)^2",
               "beyond 3 se", "worst seed: error (se)", "warned"]
     table, wins, losses, compared = [], [], [], 0
     for name in TARGETS:
         for n in sorted({r["particles"] for r in rows if r["target"] == name}):
+            here = [r for r in rows if r["target"] == name and r["particles"] == n]
+            runs = [("smc", 0)] + [("scld", it) for it in sorted({r.get("iterations", 0) for r in here
+                                                                   if r["method"] == "scld"})]
             boot = {}
-            for method in ("smc", "scld"):
-                sel = [r for r in rows
-                       if r["target"] == name and r["method"] == method and r["particles"] == n]
+            for method, it in runs:
+                sel = [r for r in here if r["method"] == method and r.get("iterations", 0) == it]
                 if len(sel) < 2:
                     continue
                 value, reps = _bootstrap_mse_cost(sel, seed=len(boot))  # independent resamples
-                boot[method] = (value, reps)
+                boot[method, it] = (value, reps)
                 lo, hi = _interval(reps)
                 z2 = [(r["signed_error"] / r["stderr"]) ** 2 for r in sel if r["stderr"] > 0]
                 ratio = ""
-                if method == "scld" and "smc" in boot:
-                    q = boot["scld"][1] / boot["smc"][1]
-                    qlo, qhi = _interval(q)
-                    ratio = f"{value / boot['smc'][0]:.2f} ({qlo:.2f}-{qhi:.2f})"
+                if method == "scld" and ("smc", 0) in boot:
+                    smc_value, smc_reps = boot["smc", 0]
+                    qlo, qhi = _interval(reps / smc_reps)
+                    ratio = f"{value / smc_value:.2f} ({qlo:.2f}-{qhi:.2f})"
                     compared += 1
-                    wins += [name] * (qhi < 1)
-                    losses += [name] * (qlo > 1)
+                    label = name if it == 0 else f"{name} at {it} iterations"
+                    wins += [label] * (qhi < 1)
+                    losses += [label] * (qlo > 1)
                 warned = sum(any("Unreliable" in w for w in r["warnings"]) for r in sel)
                 worst = max(sel, key=lambda r: abs(r["signed_error"]))
                 worst_warned = " warned" if any("Unreliable" in w for w in worst["warnings"]) else ""
                 table.append([
-                    name, method, n, len(sel), f"{statistics.mean(r['evaluations'] for r in sel):.3g}",
+                    name, method, it if method == "scld" else "", n, len(sel),
+                    f"{statistics.mean(r['evaluations'] for r in sel):.3g}",
                     math.sqrt(statistics.mean(r["signed_error"] ** 2 for r in sel)),
                     statistics.mean(r["signed_error"] for r in sel),
                     statistics.median(abs(r["signed_error"]) for r in sel),
@@ -265,12 +277,12 @@ def efficiency_section(rows) -> str:
                 ])
     text = _report.markdown_table(header, table)
     text += (
-        f"\n\nUntrained SCLD costs less than tempered SMC for the same log Z precision (the ratio's 95 % "
-        f"interval below 1) on {len(wins)} of {compared} targets ({', '.join(wins) or 'none'}), more (above "
-        f"1) on {len(losses)} ({', '.join(losses) or 'none'}). `MSE x evals` is the mean squared error of "
-        "log Z times the mean number of target evaluations, i.e. the variance (and squared bias) at one "
-        "evaluation's cost; the intervals resample seeds (2000 replicates). A mean `(err / se)^2` well above "
-        "1 means the error bars are too small."
+        f"\n\nSCLD costs less than tempered SMC for the same log Z precision (the ratio's 95 % interval "
+        f"below 1) on {len(wins)} of {compared} targets ({', '.join(wins) or 'none'}), more (above 1) on "
+        f"{len(losses)} ({', '.join(losses) or 'none'}). `MSE x evals` is the mean squared error of "
+        "log Z times the mean number of target evaluations (SCLD's training included), i.e. the variance "
+        "(and squared bias) at one evaluation's cost; the intervals resample seeds (2000 replicates). A "
+        "mean `(err / se)^2` well above 1 means the error bars are too small."
     )
     return text
 
@@ -311,7 +323,8 @@ def _particles(row) -> int | None:
 
 def _key(row) -> str:
     if row["part"] == "efficiency":
-        return f"efficiency|{row['target']}|{row['method']}|{row['particles']}|{row['seed']}"
+        key = f"efficiency|{row['target']}|{row['method']}|{row['particles']}|{row['seed']}"
+        return key + (f"|{row['iterations']}" if row.get("iterations") else "")
     key = f"{row['part']}|{row['target']}|{row['method']}|{row['budget']}|{row['seed']}"
     if row["part"] == "synthetic" and row["method"] == "scld" and _particles(row) != SCLD_PARTICLES:
         key += f"|{_particles(row)}"
@@ -567,6 +580,8 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=20000)
     p.add_argument("--efficiency-seeds", type=int, default=128, help="part efficiency: seeds 0..n-1")
     p.add_argument("--efficiency-particles", nargs="+", type=int, default=[SCLD_PARTICLES])
+    p.add_argument("--efficiency-iterations", nargs="+", type=int, default=[0],
+                   help="part efficiency: SCLD's training iterations before its draw (0: untrained)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/smc.json"))
     p.add_argument("--also", nargs="*", type=Path, default=[], help="more result files read for --write")
@@ -613,16 +628,19 @@ def main(argv=None):
     elif args.part == "efficiency":
         for name in args.targets:
             for n in args.efficiency_particles:
-                for method in ("smc", "scld"):
+                runs = [("smc", 0)] + [("scld", it) for it in args.efficiency_iterations]
+                for method, it in runs:
                     for seed in range(args.efficiency_seeds):
-                        row = dict(part="efficiency", target=name, method=method, particles=n, seed=seed)
+                        row = dict(part="efficiency", target=name, method=method, particles=n, seed=seed,
+                                   iterations=it)
                         if _key(row) in done:
                             continue
-                        row = dict(part="efficiency", **run_efficiency(name, method, n, seed))
+                        row = dict(part="efficiency", **run_efficiency(name, method, n, seed, it))
                         rows.append(row)
                         if seed % 16 == 15 or seed == args.efficiency_seeds - 1:
                             save()
-                            print(f"{name:10s} {method:5s} {n} particles: seeds 0-{seed} done", flush=True)
+                            print(f"{name:10s} {method:5s} {it} iterations, {n} particles: seeds 0-{seed} "
+                                  "done", flush=True)
     else:
         from posteriordb_models import POSTERIORS
 

@@ -11,20 +11,24 @@ def smc_benchmark():
     return load_benchmark("smc")
 
 
-def _rows(method, errors, stderr, evaluations):
+def _rows(method, errors, stderr, evaluations, **extra):
     return [dict(part="efficiency", target="gmm9", method=method, particles=64, seed=i, signed_error=e,
-                 stderr=stderr, evaluations=evaluations, warnings=[]) for i, e in enumerate(errors)]
+                 stderr=stderr, evaluations=evaluations, warnings=[], **extra) for i, e in enumerate(errors)]
 
 
 def test_efficiency_rows_count_every_evaluation(tmp_path, smc_benchmark):
     out = tmp_path / "eff.json"
     smc_benchmark.main(["--part", "efficiency", "--targets", "gmm9", "--efficiency-seeds", "2",
-                        "--efficiency-particles", "64", "--json", str(out)])
+                        "--efficiency-particles", "64", "--efficiency-iterations", "0", "2",
+                        "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert [(r["method"], r["seed"]) for r in rows] == [("smc", 0), ("smc", 1), ("scld", 0), ("scld", 1)]
+    assert [(r["method"], r.get("iterations", 0), r["seed"]) for r in rows] == [
+        ("smc", 0, 0), ("smc", 0, 1), ("scld", 0, 0), ("scld", 0, 1), ("scld", 2, 0), ("scld", 2, 1)]
     for r in rows:
         assert r["stderr"] > 0 and abs(r["signed_error"]) < 2
         assert r["evaluations"] > 64 * 30  # the preconditioner's fit, the pilots and the particles
+    # training is counted: two iterations of a 256-path batch cost more than the whole untrained run
+    assert rows[4]["evaluations"] > rows[2]["evaluations"] + 2 * 256 * 32
 
 
 def test_efficiency_section_ratio_and_calibration(smc_benchmark):
@@ -43,6 +47,11 @@ def test_efficiency_section_ratio_and_calibration(smc_benchmark):
     same = _rows("smc", errors, 0.1, 1000) + _rows("scld", errors[::-1], 0.1, 1000)
     text = smc_benchmark.efficiency_section(same)
     assert "on 0 of 1 targets (none), more (above 1) on 0 (none)" in text
+    # a trained SCLD is its own row, against the same SMC rows: here at 4x the cost, the same errors
+    trained = same + _rows("scld", errors, 0.1, 4000, iterations=40)
+    text = smc_benchmark.efficiency_section(trained)
+    assert "| gmm9 | scld | 40 | 64 |" in text and "| 4.00 (" in text
+    assert "on 0 of 2 targets (none), more (above 1) on 1 (gmm9 at 40 iterations)" in text
 
 
 def _synthetic(method, budget, error, evaluations, particles=None, seeds=2):
