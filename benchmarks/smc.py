@@ -98,7 +98,9 @@ MADE_BY = (  # the runs behind the committed result files
 EFFICIENCY_MADE_BY = (  # 2026-12-01, load 2, SCLD with metric="auto" (the identity here: preconditioned)
     "`python benchmarks/smc.py --part efficiency --targets gmm9 funnel` and `--targets manywell5 "
     "manywell50` (two processes, 128 seeds, each into its own file, merged into "
-    "benchmarks/results/smc_efficiency.json)"
+    "benchmarks/results/smc_efficiency.json); the trained rows on 2026-12-02 (load 2-4) by `--part "
+    "efficiency --efficiency-seeds 16 --efficiency-particles 131072 --efficiency-iterations 40` (GMM-9, "
+    "Funnel and ManyWell-5 in one process, ManyWell-50 in another, merged)"
 )
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 
@@ -278,7 +280,7 @@ def efficiency_section(rows) -> str:
     text = _report.markdown_table(header, table)
     text += (
         f"\n\nSCLD costs less than tempered SMC for the same log Z precision (the ratio's 95 % interval "
-        f"below 1) on {len(wins)} of {compared} targets ({', '.join(wins) or 'none'}), more (above 1) on "
+        f"below 1) in {len(wins)} of {compared} comparisons ({', '.join(wins) or 'none'}), more (above 1) in "
         f"{len(losses)} ({', '.join(losses) or 'none'}). `MSE x evals` is the mean squared error of "
         "log Z times the mean number of target evaluations (SCLD's training included), i.e. the variance "
         "(and squared bias) at one evaluation's cost; the intervals resample seeds (2000 replicates). A "
@@ -678,7 +680,7 @@ def main(argv=None):
         if path is not None:
             body += ["", f"![smc_logz_vs_evaluations](img/{path.name})"]
         if any(r["part"] == "efficiency" for r in rows):
-            body += ["", "### Equal-cost precision over many seeds: SMC and untrained SCLD", "",
+            body += ["", "### Equal-cost precision over many seeds: SMC and SCLD", "",
                      f"Rows made by {EFFICIENCY_MADE_BY}.", "", efficiency_section(rows)]
         if any(r["part"] == "posteriordb" for r in rows):
             body += ["", "### posteriordb: SMC and SCLD evidences (defaults, one seed)", "",

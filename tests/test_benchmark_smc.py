@@ -42,16 +42,16 @@ def test_efficiency_section_ratio_and_calibration(smc_benchmark):
     mse = sum(e * e for e in errors) / len(errors)
     assert f"| {mse * 1000:.3g} (" in smc_line
     assert f"| {mse / 0.075**2:.3g} |" in smc_line
-    assert "on 1 of 1 targets (gmm9)" in text
+    assert "in 1 of 1 comparisons (gmm9)" in text
     # equal errors: the interval straddles 1, neither a win nor a loss
     same = _rows("smc", errors, 0.1, 1000) + _rows("scld", errors[::-1], 0.1, 1000)
     text = smc_benchmark.efficiency_section(same)
-    assert "on 0 of 1 targets (none), more (above 1) on 0 (none)" in text
+    assert "in 0 of 1 comparisons (none), more (above 1) in 0 (none)" in text
     # a trained SCLD is its own row, against the same SMC rows: here at 4x the cost, the same errors
     trained = same + _rows("scld", errors, 0.1, 4000, iterations=40)
     text = smc_benchmark.efficiency_section(trained)
     assert "| gmm9 | scld | 40 | 64 |" in text and "| 4.00 (" in text
-    assert "on 0 of 2 targets (none), more (above 1) on 1 (gmm9 at 40 iterations)" in text
+    assert "in 0 of 2 comparisons (none), more (above 1) in 1 (gmm9 at 40 iterations)" in text
 
 
 def _synthetic(method, budget, error, evaluations, particles=None, seeds=2):
