@@ -22,8 +22,9 @@ median |dlogZ| (``_dis_goal``); and SCLD against SMC interpolated at equal evalu
 Part ``posteriordb``: ``SMCSampler(model)`` and ``SCLDSampler(model)`` with their defaults on the
 posteriordb models; do their evidences agree within the error bars?
 
-Part ``efficiency``: SMC and untrained SCLD with their defaults (``--efficiency-particles``, one fresh
-sampler per seed, the preconditioner's fit and the pilots counted) over many seeds
+Part ``efficiency``: SMC and SCLD (untrained, or trained for each of ``--efficiency-iterations``) with
+their defaults (``--efficiency-particles``, one fresh sampler per seed, the preconditioner's fit, the
+pilots and the training counted) over many seeds
 (``--efficiency-seeds``): the mean squared log Z error times the mean target evaluations (the cost of
 a given precision: lower is better) with bootstrap intervals, their ratio, and whether the error bars
 are honest (mean ``(error / stderr)^2``, 1 when they are).
@@ -100,7 +101,8 @@ EFFICIENCY_MADE_BY = (  # 2026-12-01, load 2, SCLD with metric="auto" (the ident
     "manywell50` (two processes, 128 seeds, each into its own file, merged into "
     "benchmarks/results/smc_efficiency.json); the trained rows on 2026-12-02 (load 2-4) by `--part "
     "efficiency --efficiency-seeds 16 --efficiency-particles 131072 --efficiency-iterations 40` (GMM-9, "
-    "Funnel and ManyWell-5 in one process, ManyWell-50 in another, merged)"
+    "Funnel and ManyWell-5 in one process; ManyWell-50's SMC rows in a second and its SCLD rows, by the "
+    "same `run_efficiency`, in a third; merged)"
 )
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 
