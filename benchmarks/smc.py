@@ -388,12 +388,17 @@ def _versus_smc(scld, smc):
             for b, n, ev, err, _, se, _ in scld]
 
 
+def _within_noise(a, b, se_a, se_b) -> bool:
+    """Whether two estimates differ by at most 2 combined standard errors."""
+    return abs(a - b) <= 2 * math.hypot(se_a, se_b)
+
+
 def _smc_goal(name, scld, smc, rows):
     """``(line, below, clearly_below)`` for one target: where SCLD's median |dlogZ| is below SMC's at
     equal evaluations, where by more than 2 combined standard errors, and the per-evaluation variances."""
     cmp = [c for c in _versus_smc(scld, smc) if math.isfinite(c[4])]
     below = [c for c in cmp if c[3] < c[4]]
-    clear = [c for c in below if c[4] - c[3] > 2 * math.hypot(c[5], c[6])]
+    clear = [c for c in below if not _within_noise(c[3], c[4], c[5], c[6])]
     tighter = [c for c in cmp if c[5] < c[6]]
 
     def budget(c):
@@ -448,7 +453,7 @@ def _dis_goal(name, dis, scld):
         return text + "no run", False, False
     text += (f"{best[3]:.3g} at {best[0]} iterations x {best[1]} particles (se {best[5]:.2g}, {best[2]:.3g} "
              f"evals, {best[6]} seeds): {'met' if met else 'missed'}")
-    if abs(best[3] - dis_err) <= 2 * math.hypot(best[5], dis_se):
+    if _within_noise(best[3], dis_err, best[5], dis_se):
         text += " (within 2 combined se: noise level)"
     biased = best[5] > 0 and dis_se > 0 and min(best[3] / best[5], dis_err / dis_se) > 3
     if biased:
