@@ -1,15 +1,17 @@
-"""posteriordb: DiffusionSampler with its defaults vs Pyro NUTS on eleven real posteriors.
+"""posteriordb: our samplers with their defaults vs Pyro NUTS on eleven real posteriors.
 
 The posteriors of ``../shared/posteriordb`` (translations in ``posteriordb_models.py``), scored as
 posteriordb users do against the reference draws (10 x 1000 Stan NUTS draws): over scalar parameters,
 the max of ``|mean - ref mean| / ref sd`` and of ``|sd / ref sd - 1|``. Ours is exactly
-``DiffusionSampler(model).run(*data)`` with the package defaults (``--sampler-kwargs`` / ``--run-kwargs``
-for experiments), its moments importance-weighted, with the ESS, Pareto k and log Z +- se of its weights
+``Sampler(model).run(*data)`` with the package defaults (``--sampler``: ``DiffusionSampler`` by default,
+``SMCSampler`` or ``SCLDSampler``, each with its own section; ``--sampler-kwargs`` / ``--run-kwargs`` for
+experiments), its moments importance-weighted, with the ESS, Pareto k and log Z +- se of its weights
 and whether it warned. NUTS is Pyro's, one chain, 500 warm-up + 1000 draws; its results are cached in
 ``benchmarks/results/posteriordb_nuts.json`` (``--nuts`` re-runs, ``--no-nuts`` never runs). Usage::
 
     python benchmarks/posteriordb.py --write                      # all eleven; NUTS from the cache
     python benchmarks/posteriordb.py --posteriors kidiq-kidscore_momhsiq --seeds 0 1 2
+    python benchmarks/posteriordb.py --sampler smc --no-nuts --seeds 0 1 2 --write   # SMCSampler's section
     python benchmarks/posteriordb.py --posteriors arma-arma11 --nuts --no-ours   # the NUTS check only
     python benchmarks/posteriordb.py --sampler-kwargs '{"num_steps": 50}' --doc /tmp/b.md --write
 """
@@ -33,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report  # noqa: E402
 from posteriordb_models import POSTERIORS  # noqa: E402
 
-from pyro_sde.infer import DiffusionSampler  # noqa: E402
+from pyro_sde.infer import DiffusionSampler, SCLDSampler, SMCSampler  # noqa: E402
 
+SAMPLERS = {"diffusion": DiffusionSampler, "smc": SMCSampler, "scld": SCLDSampler}
 NUTS_CACHE = Path(__file__).resolve().parent / "results" / "posteriordb_nuts.json"
 SECTION = "posteriordb"
 GOAL = 0.1  # both errors <= GOAL counts as right
@@ -82,8 +85,10 @@ def run_nuts(posterior, *, seed: int, warmup: int, draws: int, jit: bool) -> dic
     )
 
 
-def run_ours(posterior, *, seed: int, sampler_kwargs: dict, run_kwargs: dict) -> dict:
-    """``DiffusionSampler(model, **sampler_kwargs).run(*data, **run_kwargs)`` (package defaults when both
+def run_ours(
+    posterior, *, seed: int, sampler_kwargs: dict, run_kwargs: dict, sampler: str = "diffusion"
+) -> dict:
+    """``SAMPLERS[sampler](model, **sampler_kwargs).run(*data, **run_kwargs)`` (package defaults when both
     are empty), timed end to end including the evaluation draw; exceptions become an ``error`` row."""
     pyro.set_rng_seed(seed)
     args = posterior.model_args()
@@ -91,7 +96,7 @@ def run_ours(posterior, *, seed: int, sampler_kwargs: dict, run_kwargs: dict) ->
         warnings.simplefilter("always")
         start = time.perf_counter()
         try:
-            sampler = DiffusionSampler(posterior.model, **sampler_kwargs)
+            sampler = SAMPLERS[sampler](posterior.model, **sampler_kwargs)
             sampler.run(*args, **{"progress_bar": False, **run_kwargs})
             samples, log_w = sampler.get_weighted_samples()
             diag = sampler.diagnostics()
@@ -107,8 +112,9 @@ def run_ours(posterior, *, seed: int, sampler_kwargs: dict, run_kwargs: dict) ->
     return dict(
         preconditioner=None if pre is None else pre.method, gaussian_ess=info.get("gaussian_ess"),
         gaussian_log_z=info.get("gaussian_log_z"),
-        seed=seed, wall_s=wall, iterations=len(sampler.losses), ess=diag["ess"], pareto_k=diag["pareto_k"],
-        log_z=diag["log_evidence"], log_z_se=diag["log_evidence_stderr"], num_samples=diag["num_samples"],
+        seed=seed, wall_s=wall, iterations=len(sampler.losses) if hasattr(sampler, "losses") else None,
+        ess=diag["ess"], pareto_k=diag["pareto_k"], log_z=diag["log_evidence"],
+        log_z_se=diag["log_evidence_stderr"], num_samples=len(log_w),
         warned=bool(messages), warnings=messages, **accuracy(posterior, samples, log_w),
     )
 
@@ -161,7 +167,8 @@ def table(results: dict, nuts: dict) -> tuple[str, str]:
             rows.append([
                 name, dim, f"ours (seed {r['seed']})", _fmt(r["mean_err"]), _fmt(r["sd_err"]),
                 f"{r['wall_s']:.0f}", _fmt(r["ess"]), f"{r['pareto_k']:.2f}",
-                f"{r['log_z']:.2f} +- {r['log_z_se']:.2f}", _gaussian_alone(r), str(r.get("iterations", "-")),
+                f"{r['log_z']:.2f} +- {r['log_z_se']:.2f}", _gaussian_alone(r),
+                _fmt(r.get("iterations"), 6),
                 "yes" if r["warned"] else "no", _verdict(r),
             ])
             runs_total += 1
@@ -190,6 +197,9 @@ def main(argv=None):
                         help="re-run NUTS (--nuts), never (--no-nuts); default: the cache, NUTS if missing")
     parser.add_argument("--ours", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default="diffusion",
+                        help="ours: DiffusionSampler (section 'posteriordb'), SMCSampler or SCLDSampler "
+                             "(sections 'posteriordb-smc', 'posteriordb-scld')")
     parser.add_argument("--sampler-kwargs", type=json.loads, default={}, help="JSON, for experiments only")
     parser.add_argument("--run-kwargs", type=json.loads, default={}, help="JSON, for experiments only")
     parser.add_argument("--nuts-warmup", type=int, default=500)
@@ -223,7 +233,8 @@ def main(argv=None):
         if args.ours:
             for seed in args.seeds:
                 r = run_ours(
-                    posterior, seed=seed, sampler_kwargs=args.sampler_kwargs, run_kwargs=args.run_kwargs
+                    posterior, seed=seed, sampler_kwargs=args.sampler_kwargs, run_kwargs=args.run_kwargs,
+                    sampler=args.sampler,
                 )
                 results[name].append(r)
                 print(name, "ours", {k: v for k, v in r.items() if k != "params"}, flush=True)
@@ -235,11 +246,14 @@ def main(argv=None):
         command = "python benchmarks/posteriordb.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         options = ", ".join(f"`{json.dumps(o)}`" for o in (args.sampler_kwargs, args.run_kwargs) if o)
         how = "with the package defaults" if not options else f"with the options {options} (an experiment)"
-        _report.write_section(SECTION, f"""
-### posteriordb: DiffusionSampler with defaults vs Pyro NUTS
+        name = SAMPLERS[args.sampler].__name__
+        section = SECTION if args.sampler == "diffusion" else f"{SECTION}-{args.sampler}"
+        draw = "evaluation draw" if args.sampler == "diffusion" else "final weighted particles"
+        _report.write_section(section, f"""
+### posteriordb: {name} with defaults vs Pyro NUTS
 
-Written by `{command}`. Machine: {_report.machine()}. Ours: `DiffusionSampler(model).run(*data)`,
-{how}; moments importance-weighted over its evaluation draw. NUTS: Pyro, one chain, default
+Written by `{command}`. Machine: {_report.machine()}. Ours: `{name}(model).run(*data)`,
+{how}; moments importance-weighted over its {draw}. NUTS: Pyro, one chain, default
 settings (jit-compiled), warm-up + draws in its row (diamonds: 400 + 400, a 500 + 1000 run takes ~25 min
 on 2 loaded cores), cached in `benchmarks/results/posteriordb_nuts.json`. Errors are maxima over
 the scalar parameters against posteriordb's reference draws (10 x 1000 Stan draws): `|mean - ref mean| /

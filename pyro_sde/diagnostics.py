@@ -50,6 +50,9 @@ __all__ = [
 
 #: ArviZ's threshold: importance-sampling estimates with a Pareto k above it are unreliable.
 PARETO_K_UNRELIABLE = 0.7
+#: weighted draws with fewer effective samples give posterior means a Monte Carlo error above 0.1
+#: posterior sd (``1 / sqrt(100)``); Stan warns below 100 per chain too
+MIN_EFFECTIVE_SAMPLES = 100
 
 
 class UnreliableEstimateWarning(RuntimeWarning):
@@ -247,6 +250,21 @@ def _pareto_k(lw: torch.Tensor) -> float:
     if finite.numel() == lw.numel() and bool((finite == finite[0]).all()):
         return -math.inf
     return float(psis(lw)[1])
+
+
+def _warn_if_few_effective(effective: float, what: str, advice: str, stacklevel: int = 3) -> bool:
+    """Warn (:class:`UnreliableEstimateWarning`) when ``effective`` (an ESS in samples, not normalised)
+    is below :data:`MIN_EFFECTIVE_SAMPLES`; returns whether it is enough. A single heavy weight can
+    leave the Pareto k below 0.7 and still dominate the moments: this is the check for it."""
+    if effective >= MIN_EFFECTIVE_SAMPLES:
+        return True
+    warnings.warn(
+        f"{what} rest on an effective sample size of {effective:.1f} (< {MIN_EFFECTIVE_SAMPLES}): posterior "
+        f"means and quantiles carry a Monte Carlo error of more than 0.1 posterior sd; {advice}",
+        UnreliableEstimateWarning,
+        stacklevel=stacklevel + 1,
+    )
+    return False
 
 
 def _warn_if_unreliable(pareto_k: float, what: str, stacklevel: int = 3) -> bool:

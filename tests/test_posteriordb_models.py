@@ -187,3 +187,28 @@ def test_benchmark_harness_writes_its_section(tmp_path):
     text = doc.read_text()
     assert "<!-- posteriordb:start -->" in text
     assert "| eight_schools-eight_schools_noncentered | 10 | ours (seed 0) |" in text
+
+
+def test_benchmark_harness_runs_the_particle_samplers(tmp_path):
+    """``--sampler smc`` / ``scld`` run SMCSampler / SCLDSampler (small, seconds) and write their own
+    sections, leaving DiffusionSampler's alone; the moments are scored against the reference draws."""
+    import posteriordb as bench
+
+    doc = tmp_path / "benchmarks.md"
+    name = "eight_schools-eight_schools_noncentered"
+    common = ["--posteriors", name, "--no-nuts", "--nuts-cache", str(tmp_path / "none.json"),
+              "--threads", "1", "--write", "--doc", str(doc)]
+    smc = bench.main(["--sampler", "smc", "--sampler-kwargs", '{"num_particles": 256}', *common])
+    scld = bench.main(["--sampler", "scld", "--sampler-kwargs", '{"num_particles": 256, "num_steps": 8}',
+                       "--run-kwargs", '{"num_iterations": 2, "batch_size": 16}', *common])
+    (smc_run,), (scld_run,) = smc["ours"][name], scld["ours"][name]
+    for run in (smc_run, scld_run):
+        assert "error" not in run, run.get("error")
+        assert run["num_samples"] == 256 and 0 < run["ess"] <= 1
+        assert math.isfinite(run["log_z"]) and run["mean_err"] >= 0
+    assert smc_run["iterations"] is None and scld_run["iterations"] == 2
+    text = doc.read_text()
+    assert "### posteriordb: SMCSampler with defaults vs Pyro NUTS" in text
+    assert "### posteriordb: SCLDSampler with" in text
+    assert "<!-- posteriordb:start -->" not in text
+    assert f"| {name} | 10 | ours (seed 0) |" in text

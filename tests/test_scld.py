@@ -589,3 +589,35 @@ def test_scld_warns_when_the_final_moves_are_stuck_in_a_funnels_neck():
     assert math.isnan(unchecked.stuck_fractions[0]) and checked.stuck_fractions[0] >= 0
     assert torch.equal(checked.final_states[0].particles, unchecked.final_states[0].particles)
     assert checked.run_log_evidence.item() == unchecked.run_log_evidence.item()
+
+
+def _few_effective_warnings(draw) -> list[str]:
+    """The messages of the low-ESS ``UnreliableEstimateWarning`` s that ``draw()`` raised."""
+    from pyro_sde.diagnostics import UnreliableEstimateWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draw()
+    return [str(w.message) for w in caught if issubclass(w.category, UnreliableEstimateWarning)
+            and "effective sample size" in str(w.message)]
+
+
+def test_few_effective_particles_warn_even_when_the_pareto_k_is_fine():
+    """Two unadjusted steps without resampling (AIS) from N(0, I) to N(0, 0.25^2 I_4): about 50 effective
+    particles of 1024 with a Pareto k near 0.5, so only the effective-sample check can warn; the default
+    pieces (resampling, moves) keep hundreds and stay quiet."""
+    def log_density(x):
+        return -0.5 * (x / 0.25).square().sum(-1)
+
+    pyro.set_rng_seed(0)
+    ais = SCLDSampler(log_density=log_density, dim=4, precondition=None, num_particles=1024, num_steps=2,
+                      num_subtrajectories=1).setup()
+    (message,) = _few_effective_warnings(ais.sample_particles)
+    assert "SCLD: the final weighted particles" in message and "< 100" in message
+    diag = ais.diagnostics()
+    assert diag["ess"] * 1024 < 100 and diag["pareto_k"] <= 0.7
+    pyro.set_rng_seed(0)
+    pieces = SCLDSampler(log_density=log_density, dim=4, precondition=None, num_particles=1024, num_steps=8,
+                         num_subtrajectories=4).setup()
+    assert _few_effective_warnings(pieces.sample_particles) == []
+    assert pieces.diagnostics()["ess"] * 1024 > 300

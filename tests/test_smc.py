@@ -382,3 +382,23 @@ def test_several_modes_give_a_reference_wide_enough_for_all():
     ev = smc.log_evidence()
     error = float(ev.log_z) - target.log_Z
     assert abs(error) < 0.1 and abs(error) < 3 * float(ev.stderr)
+
+
+def test_too_few_particles_for_the_moments_warn():
+    """64 particles can hold at most 64 effective samples (< 100): the run says so; 1024 do not warn."""
+    import warnings
+
+    target = dist.Normal(torch.zeros(2), 1.0)
+
+    def messages(num_particles):
+        pyro.set_rng_seed(0)
+        smc = SMCSampler(log_density=lambda x: target.log_prob(x).sum(-1), dim=2, num_particles=num_particles)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            smc.run()
+        unreliable = [w for w in caught if issubclass(w.category, diagnostics.UnreliableEstimateWarning)]
+        return [str(w.message) for w in unreliable if "effective sample size" in str(w.message)]
+
+    (message,) = messages(64)
+    assert message.startswith("tempered SMC: the final weighted particles rest on an effective sample size")
+    assert messages(1024) == []

@@ -12,7 +12,6 @@ weights ``(N,)`` in float64, ``logmeanexp(log_w)`` estimating ``log p(y)``), ``l
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import pyro
@@ -218,13 +217,10 @@ class PosteriorSampler(FromPyroGuard):
         z, log_w = self._proposal_draw(num_samples)
         if resample:
             effective = float(diagnostics.effective_sample_size(log_w)) * log_w.numel()
-            if effective < 50:
-                warnings.warn(
-                    f"importance resampling from an effective sample size of {effective:.1f}: "
-                    "the draws contain many duplicates; train longer or draw more samples",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+            diagnostics._warn_if_few_effective(
+                effective, "the resampled draws", "they contain many duplicates; train longer or draw more "
+                "samples", stacklevel=4,
+            )
             if int((log_w > -math.inf).sum()) >= 2:
                 diagnostics._warn_if_unreliable(self._weights_pareto_k(log_w), "importance resampling")
             z = z[diagnostics.systematic_resample(log_w, num_samples)]

@@ -685,6 +685,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             )
         self._final_states, self.particle_history, self.stuck_fractions = states, history, stuck
         warn_if_stuck(max(stuck), "SCLD")
+        self._warn_if_few_effective("SCLD", "train longer, or use more particles or num_runs")
         return self
 
     #: final particles, drawn by weight, that take :attr:`stuck_check_moves` diagnostic moves at beta = 1

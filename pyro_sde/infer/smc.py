@@ -386,6 +386,7 @@ class SMCSampler(ParticleSampler):
         warn_if_stuck(max((h[-1].stuck_fraction for h in self.history if h), default=math.nan),
                       "tempered SMC")
         self.run_log_evidence = torch.stack([s.log_evidence for s in self.final_states])
+        self._warn_if_few_effective("tempered SMC", "use more particles or num_runs")
         self.run_seconds = time.perf_counter() - start
         return self
 
