@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 __all__ = ["FromPyroGuard", "to_inference_data"]
 
-#: below this many effective draws ArviZ's diagnostics (ESS, R-hat, PSIS-LOO) are not to be trusted
-_MIN_EFFECTIVE_DRAWS = 100
 
 
 def _import_arviz():
@@ -294,8 +292,10 @@ def _num_draws(num_draws, effective_draws: float, num_weighted: int, num_chains:
     """Draws per chain: ``num_draws``, or the smallest chain's importance ESS (at least 1)."""
     if num_draws is not None:
         return positive_int(num_draws, "num_draws")
+    from .diagnostics import MIN_EFFECTIVE_SAMPLES  # also too few for ArviZ's ESS, R-hat and PSIS-LOO
+
     draws = max(1, min(num_weighted, int(math.floor(effective_draws + 1e-9))))
-    if draws < _MIN_EFFECTIVE_DRAWS:
+    if draws < MIN_EFFECTIVE_SAMPLES:
         per_chain = " per chain" if num_chains > 1 else ""
         warnings.warn(
             f"the importance weights have an effective sample size of {effective_draws:.1f}{per_chain} (of "

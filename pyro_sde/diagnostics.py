@@ -252,19 +252,19 @@ def _pareto_k(lw: torch.Tensor) -> float:
     return float(psis(lw)[1])
 
 
-def _warn_if_few_effective(effective: float, what: str, advice: str, stacklevel: int = 3) -> bool:
-    """Warn (:class:`UnreliableEstimateWarning`) when ``effective`` (an ESS in samples, not normalised)
-    is below :data:`MIN_EFFECTIVE_SAMPLES`; returns whether it is enough. A single heavy weight can
-    leave the Pareto k below 0.7 and still dominate the moments: this is the check for it."""
+def _warn_if_few_effective(log_weights: torch.Tensor, what: str, advice: str, stacklevel: int = 3) -> None:
+    """Warn (:class:`UnreliableEstimateWarning`) when the weights ``(N,)`` hold fewer than
+    :data:`MIN_EFFECTIVE_SAMPLES` effective samples (``N`` times the normalised ESS). A single heavy
+    weight can leave the Pareto k below 0.7 and still dominate the moments: this is the check for it."""
+    effective = float(effective_sample_size(log_weights)) * log_weights.numel()
     if effective >= MIN_EFFECTIVE_SAMPLES:
-        return True
+        return
     warnings.warn(
         f"{what} rest on an effective sample size of {effective:.1f} (< {MIN_EFFECTIVE_SAMPLES}): posterior "
         f"means and quantiles carry a Monte Carlo error of more than 0.1 posterior sd; {advice}",
         UnreliableEstimateWarning,
         stacklevel=stacklevel + 1,
     )
-    return False
 
 
 def _warn_if_unreliable(pareto_k: float, what: str, stacklevel: int = 3) -> bool:

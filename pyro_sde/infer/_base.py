@@ -216,9 +216,8 @@ class PosteriorSampler(FromPyroGuard):
     def _draw_samples(self, num_samples: int, resample: bool) -> dict:
         z, log_w = self._proposal_draw(num_samples)
         if resample:
-            effective = float(diagnostics.effective_sample_size(log_w)) * log_w.numel()
             diagnostics._warn_if_few_effective(
-                effective, "the resampled draws", "they contain many duplicates; train longer or draw more "
+                log_w, "the resampled draws", "they contain many duplicates; train longer or draw more "
                 "samples", stacklevel=4,
             )
             if int((log_w > -math.inf).sum()) >= 2:

@@ -178,10 +178,8 @@ class ParticleSampler(PosteriorSampler):
         :data:`~pyro_sde.diagnostics.MIN_EFFECTIVE_SAMPLES` effective samples (eight_schools with SCLD's
         defaults, one seed of three: one particle of 4096 held 10 % of the weight, ESS 90, Pareto k 0.59,
         and theta[1]'s posterior sd came out 67 % too large)."""
-        log_w = self._pooled()[1]
-        effective = float(diagnostics.effective_sample_size(log_w)) * log_w.numel()
-        diagnostics._warn_if_few_effective(effective, f"{method}: the final weighted particles", advice,
-                                           stacklevel=4)
+        diagnostics._warn_if_few_effective(self._pooled()[1], f"{method}: the final weighted particles",
+                                           advice, stacklevel=4)
 
     def _weighted_draw(self, num_samples=None):
         """The pooled particles of all runs (unconstrained) and their log weights ``log Z_r + log (N W_i)``
