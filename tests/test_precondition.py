@@ -109,6 +109,44 @@ def test_bimodal_target_gets_a_global_scale_and_funnel_keeps_the_identity():
     assert pre.info["requested"] == "laplace"
 
 
+def test_a_multimodal_mixture_runs_more_starts_while_they_find_new_modes():
+    # GMM-9 (modes on a 3 x 3 grid, spacing 5): 6 starts can find at most 6 modes; the extra batches
+    # find more, and the moment-matched mixture then spans the grid (variance 50/3 + 0.3 per axis)
+    gmm = targets.get_target("gmm9")
+    potential = LogDensityPotential(gmm.log_prob, 2, dtype=torch.float64)
+    torch.manual_seed(0)
+    pre = fit_preconditioner(potential, num_starts=6, multimodal="mixture")
+    assert pre.method == "mixture" and 6 < pre.info["num_starts"] <= 24
+    assert pre.info["num_modes"] >= 7
+    assert (pre.covariance.diagonal() > 12).all()
+    torch.manual_seed(0)  # capped: no more than max_starts in all
+    pre = fit_preconditioner(potential, num_starts=6, max_starts=6, multimodal="mixture")
+    assert pre.info["num_starts"] == 6 and pre.info["num_modes"] <= 6
+    # "identity" has no use for more modes, and a unimodal target stops after its first batch
+    torch.manual_seed(0)
+    assert fit_preconditioner(potential, num_starts=6).info["num_starts"] == 6
+    target, _ = _badly_scaled_gaussian()
+    unimodal = LogDensityPotential(target.log_prob, 5, dtype=torch.float64)
+    assert fit_preconditioner(unimodal, multimodal="mixture").info["num_starts"] == 6
+    with pytest.raises(ValueError, match="max_starts"):
+        fit_preconditioner(potential, max_starts=0)
+
+
+def test_the_identity_needs_enough_effective_draws_to_replace_a_fit():
+    from pyro_sde.infer.precondition import _identity_is_better
+
+    def check(log_z, stderr, ess):
+        return dict(log_z=log_z, stderr=stderr, ess=ess, num_draws=1024, score=log_z - 2 * stderr)
+
+    # GMM-9, 20 starts, seed 4: one lucky draw of N(0, I) against the mixture (the truth is 0)
+    assert not _identity_is_better(check(2.153, 0.987, 0.001), check(0.008, 0.097, 0.095))
+    # a funnel: the identity's check holds 36-144 draws, the MAP Gaussians' 1-12 (both scores apply
+    # when both are trusted or neither is)
+    assert _identity_is_better(check(-0.88, 0.165, 0.035), check(-81.7, 0.4, 0.006))
+    assert _identity_is_better(check(-0.88, 0.165, 0.005), check(-81.7, 0.4, 0.006))
+    assert not _identity_is_better(check(-3.0, 0.1, 0.5), check(-1.0, 0.1, 0.5))
+
+
 def test_sampler_defaults_on_a_badly_scaled_correlated_gaussian():
     target, cov = _badly_scaled_gaussian()
     sampler = DiffusionSampler(log_density=target.log_prob, dim=5, dtype=torch.float64)
