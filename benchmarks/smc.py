@@ -105,8 +105,10 @@ EFFICIENCY_MADE_BY = (  # 2026-12-01, load 2, SCLD with metric="auto" (the ident
     "same `run_efficiency`, in a third; merged). The 4096-particle rows of GMM-9 and ManyWell-5 / -50 were "
     "re-run on 2026-12-02 (load 2-3; `--part efficiency --targets gmm9 manywell5` and `--targets "
     "manywell50 --efficiency-seeds 128 --efficiency-particles 4096`, two processes, merged) after the "
-    "preconditioner's extra MAP starts for multimodal mixtures; Funnel-10's (one mode) and the "
-    "131072-particle rows are from before that change, as are the synthetic rows above"
+    "preconditioner's extra MAP starts for multimodal mixtures, and so were their 131072-particle rows "
+    "(`--efficiency-seeds 16 --efficiency-particles 131072 --efficiency-iterations 40` for GMM-9 and "
+    "ManyWell-5, `--efficiency-seeds 8` for ManyWell-50, two processes, merged); Funnel-10's rows (one "
+    "mode) are from before that change, as are the synthetic rows above"
 )
 IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 
