@@ -13,6 +13,7 @@ from pyro_sde import targets
 from pyro_sde.diagnostics import UnreliableEstimateWarning
 from pyro_sde.infer import DiffusionSampler, Preconditioner, WhitenedPotential, fit_preconditioner
 from pyro_sde.infer.potential import LogDensityPotential, ModelPotential
+from pyro_sde.infer.precondition import _identity_is_better
 
 
 def _badly_scaled_gaussian(log_Z=1.5):
@@ -133,8 +134,6 @@ def test_a_multimodal_mixture_runs_more_starts_while_they_find_new_modes():
 
 
 def test_the_identity_needs_enough_effective_draws_to_replace_a_fit():
-    from pyro_sde.infer.precondition import _identity_is_better
-
     def check(log_z, stderr, ess):
         return dict(log_z=log_z, stderr=stderr, ess=ess, num_draws=1024, score=log_z - 2 * stderr)
 

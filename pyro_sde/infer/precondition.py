@@ -336,6 +336,12 @@ def _same_mode(point, cov, other, other_cov, threshold):
     return any(float(diff @ torch.linalg.solve(c, diff)) < threshold**2 for c in covs)
 
 
+def _random_starts(first: int, count: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """``count`` L-BFGS starts uniform in ``(-w, w)^dim``, the ``i``-th random start overall (from
+    ``first``) with ``w = 2`` (Stan's initialisation) for even ``i``, else 10 (distant modes)."""
+    return [(2.0 if (first + i) % 2 == 0 else 10.0) * (2 * torch.rand_like(like) - 1) for i in range(count)]
+
+
 def _find_modes(potential, starts, max_iter: int) -> list:
     """The distinct modes ``(point, log rho, Laplace covariance or None)`` that L-BFGS (then Newton) finds
     from ``starts``, highest first."""
@@ -503,29 +509,21 @@ def fit_preconditioner(
     x0 = potential.initial_params.detach().to(dtype=dtype, device=device)
     # Stan's uniform (-2, 2) starts, and every other one 5x wider (distant modes); not around the initial
     # point, which may lie where the model explodes (arma11: log rho = -4.5e36 there)
-    widths = [2.0 if i % 2 == 0 else 10.0 for i in range(num_starts - 1)]
-    starts = [x0] + [w * (2 * torch.rand(d, dtype=dtype, device=device) - 1) for w in widths]
-    modes = _find_modes(potential, starts, max_iter)
-    num_started = len(starts)
-    while (multimodal == "mixture" and method in ("laplace", "diagonal")
+    modes = _find_modes(potential, [x0] + _random_starts(0, num_starts - 1, x0), max_iter)
+    num_started, grew = num_starts, True
+    while (grew and multimodal == "mixture" and method in ("laplace", "diagonal")
            and _num_heavy_modes(modes, min_mode_weight) > 1 and num_started < max_starts):
         batch = min(num_starts, max_starts - num_started)
-        widths = [2.0 if (num_started + i) % 2 else 10.0 for i in range(batch)]  # continue the alternation
-        more = _find_modes(potential, [w * (2 * torch.rand(d, dtype=dtype, device=device) - 1)
-                                       for w in widths], max_iter)
-        num_started += batch
-        merged = _distinct_modes(modes + more)
-        found_new = len(merged) > len(modes)
-        modes = merged
-        if not found_new:
-            break
+        merged = _distinct_modes(modes + _find_modes(potential, _random_starts(num_started - 1, batch, x0),
+                                                     max_iter))
+        num_started, grew, modes = num_started + batch, len(merged) > len(modes), merged
     identity = Preconditioner.identity(d, dtype=torch.float64, device=device)
     candidates: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     with_cov = [(p, v, c) for p, v, c in modes if c is not None]
     several_modes = False
     if method in ("laplace", "diagonal") and with_cov:
         weights = _mode_weights(with_cov)
-        if int((weights >= min_mode_weight).sum()) < 2:
+        if _num_heavy_modes(modes, min_mode_weight) < 2:
             point, _, cov = with_cov[int(weights.argmax())]
             candidates.append(("laplace", point.double(), cov))
             # and a wider one: skewed posteriors (hierarchical scales) have heavier tails than the Laplace
@@ -569,11 +567,8 @@ def fit_preconditioner(
     for cand in chosen:
         quality = _proposal_quality(potential, cand, num_draws)
         cand.info.update({f"gaussian_{k}": v for k, v in quality.items() if k != "num_draws"})
-        if best is None:
-            best, best_quality = cand, quality
-        elif cand is identity and _identity_is_better(quality, best_quality):
-            best, best_quality = cand, quality
-        elif cand is not identity and quality["score"] > best_quality["score"]:  # ties: the first
+        if best is None or (_identity_is_better(quality, best_quality) if cand is identity
+                            else quality["score"] > best_quality["score"]):  # ties: the first (a fitted one)
             best, best_quality = cand, quality
     best.info.update(
         num_modes=len(modes), num_starts=num_started, fit_seconds=time.perf_counter() - start_time,
