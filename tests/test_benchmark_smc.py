@@ -84,3 +84,19 @@ def test_dis_goal_takes_the_largest_draw_within_the_evaluations(smc_benchmark):
         "gmm9", curve(biased_dis, "gmm9", "dis-lv"),
         curve([r | dict(error=0.45, stderr=0.05) for r in scld], "gmm9", "scld"))
     assert met and biased and "both biased" in text
+
+
+def test_tails_benchmark_rows_and_table(tmp_path):
+    """benchmarks/smc_tails.py: one seed of one model under two rules, and its exact evidence (1 / 21)."""
+    import math
+
+    tails = load_benchmark("smc_tails")
+    assert tails.beta_binomial()[2] == pytest.approx(-math.log(21), abs=1e-12)
+    out = tmp_path / "tails.json"
+    tails.main(["--models", "beta_binomial", "--seeds", "1", "--rules", "CESS", "CESS + k <= 0.7",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["rule"], r["seed"]) for r in rows] == [("CESS", 0), ("CESS + k <= 0.7", 0)]
+    assert all(abs(r["error"]) < 0.05 and r["stderr"] > 0 and r["evaluations"] > 2048 for r in rows)
+    table = tails.section(rows)
+    assert table.count("| beta_binomial |") == 2

@@ -8,7 +8,10 @@ preconditioning Gaussian ``N(m, L L^T)``; without one it is ``N(0, I)`` in uncon
 The next temperature is chosen by bisection on the conditional ESS of Zhou, Johansen & Aston (2016):
 with normalised weights ``W_i`` and ``u_i = (rho / q)(x_i)^delta`` the incremental weights of
 ``beta -> beta + delta``, ``CESS(delta) = (sum_i W_i u_i)^2 / sum_i W_i u_i^2`` in ``(0, 1]``; the step is
-the largest ``delta`` with ``CESS(delta) >= target``.
+the largest ``delta`` with ``CESS(delta) >= target``. The CESS sees the bulk of the weights, not their
+tail: optionally the step is shortened until the PSIS Pareto k of the new weights ``W_i u_i`` is at most
+``max_pareto_k`` too (heavy-tailed weights: one step from a Gaussian reference to a target with heavier
+tails has a k near 1 at a CESS above 0.9).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from typing import NamedTuple
 
 import torch
 
+from .. import diagnostics
 from .potential import Potential
 
-__all__ = ["GeometricPath", "PathPoint", "conditional_ess", "next_temperature"]
+__all__ = ["GeometricPath", "PathPoint", "conditional_ess", "next_temperature", "weights_pareto_k"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -117,33 +121,64 @@ def conditional_ess(log_weights: torch.Tensor, log_likelihood_ratio: torch.Tenso
     return float(value.exp()) if torch.isfinite(value) else 0.0
 
 
+def weights_pareto_k(log_weights: torch.Tensor, log_likelihood_ratio: torch.Tensor, delta: float) -> float:
+    """PSIS Pareto k of the reweighted particles ``log W + delta l`` (their non-zero weights); ``nan`` when
+    no tail can be fitted (20 or fewer non-zero weights, or ties in the tail)."""
+    log_w = log_weights.double() + _incremental(log_likelihood_ratio.double(), delta)
+    log_w = log_w[log_w > -math.inf]
+    if log_w.numel() <= 20:
+        return math.nan
+    k = diagnostics._pareto_k(log_w)
+    return k if k < math.inf else math.nan
+
+
 def next_temperature(
     beta: float,
     log_weights: torch.Tensor,
     log_likelihood_ratio: torch.Tensor,
     target_conditional_ess: float,
     *,
+    max_pareto_k: float | None = None,
+    min_step_fraction: float = 1 / 16,
     num_bisection_steps: int = 50,
 ) -> float:
     """The next temperature ``beta' = beta + delta <= 1``: the largest ``delta`` in ``(0, 1 - beta]``
     (to a relative ``2^-num_bisection_steps``) with ``CESS(delta) >= target_conditional_ess``; 1 if the
-    whole remaining step keeps it; always ``> beta``."""
+    whole remaining step keeps it; always ``> beta``.
+
+    With ``max_pareto_k``, a step whose new weights have a Pareto k above it
+    (:func:`weights_pareto_k`) is shortened, by bisection, to the largest with k at most
+    ``max_pareto_k``, but not below ``min_step_fraction`` of the CESS step (a target whose
+    ``log (rho / q)`` is itself heavy-tailed cannot reach the bound; the final weights then say so)."""
     if not 0 <= beta < 1:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
     if not 0 < target_conditional_ess < 1:
         raise ValueError(f"target_conditional_ess must be in (0, 1), got {target_conditional_ess!r}")
     remaining = 1.0 - beta
     if conditional_ess(log_weights, log_likelihood_ratio, remaining) >= target_conditional_ess:
+        delta = remaining
+    else:
+        lo, hi = 0.0, remaining  # CESS(lo) >= target > CESS(hi)
+        for _ in range(num_bisection_steps):
+            mid = 0.5 * (lo + hi)
+            if conditional_ess(log_weights, log_likelihood_ratio, mid) >= target_conditional_ess:
+                lo = mid
+            else:
+                hi = mid
+        # lo = 0 only when any step loses the target (zero-weight particles): the smallest tried step then
+        delta = lo if lo > 0 else hi
+    if max_pareto_k is not None and weights_pareto_k(log_weights, log_likelihood_ratio, delta) > max_pareto_k:
+        lo, hi = min_step_fraction * delta, delta  # k(hi) > max_pareto_k; lo is the floor
+        for _ in range(num_bisection_steps // 2):
+            mid = 0.5 * (lo + hi)
+            k = weights_pareto_k(log_weights, log_likelihood_ratio, mid)
+            if k <= max_pareto_k or math.isnan(k):
+                lo = mid
+            else:
+                hi = mid
+        delta = lo
+    if delta >= remaining:
         return 1.0
-    lo, hi = 0.0, remaining  # CESS(lo) >= target > CESS(hi)
-    for _ in range(num_bisection_steps):
-        mid = 0.5 * (lo + hi)
-        if conditional_ess(log_weights, log_likelihood_ratio, mid) >= target_conditional_ess:
-            lo = mid
-        else:
-            hi = mid
-    # lo = 0 only when any step loses the target (zero-weight particles): the smallest tried step then
-    delta = lo if lo > 0 else hi
     return min(beta + delta, 1.0) if beta + delta > beta else math.nextafter(beta, 2.0)
 
 
