@@ -452,3 +452,37 @@ def test_too_few_particles_for_the_moments_warn():
     (message,) = messages(64)
     assert message.startswith("tempered SMC: the final weighted particles rest on an effective sample size")
     assert messages(1024) == []
+
+
+def _eight_schools_centred(sigma, y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    with pyro.plate("J", len(y)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+
+
+def test_centred_funnel_warns_with_the_reparametrisation_that_fixes_it():
+    """The centred eight schools is a funnel: SMC's log Z is 1.5 nats low at a standard error of 0.12, and
+    the run warns, naming the non-centred reparametrisation; with it, log Z agrees with quadrature
+    (log Z = -31.3113, by scipy over (mu, tau) with theta integrated out) and nothing warns."""
+    import warnings
+
+    from pyro import poutine
+    from pyro.infer.reparam import LocScaleReparam
+
+    sigma = torch.tensor([15.0, 10, 16, 11, 9, 11, 10, 18])
+    y = torch.tensor([28.0, 8, -3, 7, -1, 1, 18, 12])
+    non_centred = poutine.reparam(_eight_schools_centred, config={"theta": LocScaleReparam(centered=0.0)})
+    for model, wrong in [(_eight_schools_centred, True), (non_centred, False)]:
+        pyro.set_rng_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ev = SMCSampler(model).run(sigma, y).log_evidence()
+        stuck = [str(w.message) for w in caught if "move rejected" in str(w.message)]
+        error = float(ev.log_z) + 31.3113
+        if wrong:
+            assert error < -0.5 and abs(error) > 4 * float(ev.stderr)  # confident and wrong ...
+            assert len(stuck) == 1 and "LocScaleReparam(centered=0.0)" in stuck[0]  # ... but not silent
+        else:
+            assert abs(error) < 3 * float(ev.stderr) + 0.01 and not stuck

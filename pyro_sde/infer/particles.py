@@ -57,8 +57,11 @@ def warn_if_stuck(stuck_fraction: float, method: str, *, stacklevel: int = 3) ->
             f"{method}: at beta = 1, {stuck_fraction:.0%} of the particles had almost every move rejected "
             f"(mean acceptance < {STUCK_ACCEPTANCE}): the step size, adapted to the whole population, is "
             "too large for a region of the posterior (a funnel's neck?), which is then under-explored: "
-            "log Z is typically too low and its standard error too small. Check with kernel='hmc', "
-            "more particles or another sampler", diagnostics.UnreliableEstimateWarning, stacklevel=stacklevel,
+            "log Z is typically too low and its standard error too small. In a hierarchical model, a "
+            "centred group effect (theta ~ Normal(mu, tau)) makes such a funnel: reparametrise it "
+            "non-centred (poutine.reparam(model, config={'theta': LocScaleReparam(centered=0.0)})). Check "
+            "with kernel='hmc', more particles or another sampler",
+            diagnostics.UnreliableEstimateWarning, stacklevel=stacklevel,
         )
 
 
