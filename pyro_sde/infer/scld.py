@@ -708,10 +708,11 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         idx = torch.multinomial(system.log_weights.exp(), self.stuck_check_particles, replacement=True)
         x = system.particles[idx]
         scale = population_scale(system.particles, system.log_weights, "diagonal")
+        point = self._path.evaluate(x)
         _, _, self.stuck_check_step_size, _, particle_acceptance = self._move(
-            1.0, x, self._path.evaluate(x), scale, self.stuck_check_step_size, self.stuck_check_moves
+            1.0, x, point, scale, self.stuck_check_step_size, self.stuck_check_moves
         )
-        return stuck_fraction(particle_acceptance)
+        return stuck_fraction(particle_acceptance, point.log_target)
 
     @property
     def final_states(self) -> list[ParticleSystem]:

@@ -178,7 +178,8 @@ def smc_step(
     if distributed:
         moved = _map_tensors(dist.all_gather_cat, moved)
         particle_acceptance = dist.all_gather_cat(particle_acceptance)
-    stuck = stuck_fraction(particle_acceptance) if num_mcmc_steps else math.nan
+    stuck = (stuck_fraction(particle_acceptance, moved.log_density, log_w) if num_mcmc_steps
+             else math.nan)
     evaluations = num_mcmc_steps * kernel.evaluations_per_step * x.shape[0]
     new_state = SMCState(
         particles=moved.position,
