@@ -20,6 +20,7 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
+from pyro.ops.stats import weighed_quantile
 
 from .. import diagnostics
 from .._checks import positive_int
@@ -57,15 +58,8 @@ def stuck_fraction(particle_acceptance: torch.Tensor, log_density: torch.Tensor 
     stuck = particle_acceptance < STUCK_ACCEPTANCE
     if log_density is not None:
         density = log_density.double()
-        order = density.argsort()
-        if log_weights is None:
-            cumulative = torch.arange(1, density.numel() + 1, dtype=torch.float64,
-                                      device=density.device) / density.numel()
-        else:
-            cumulative = (log_weights.double()[order] - log_weights.double().logsumexp(0)).exp().cumsum(0)
-        median = density[order][torch.searchsorted(cumulative, cumulative.new_tensor([0.5])).clamp(
-            max=density.numel() - 1)]
-        stuck = stuck & (density >= median)
+        log_w = torch.zeros_like(density) if log_weights is None else log_weights.double()
+        stuck = stuck & (density >= weighed_quantile(density, [0.5], log_w))
     return float(stuck.double().mean())
 
 
