@@ -94,7 +94,11 @@ MADE_BY = (  # the runs behind the committed result files
     "the DIS-LV goal at equal evaluations, seeds 2 and 3 of DIS-LV (`--methods dis-lv --seeds 2 3`) and of "
     "SMC up to 16384 particles, and SCLD at 0, 10 and 40 iterations for seeds 0-3 with draws of 4096-131072 "
     "particles (`--methods scld --seeds 0 1 2 3 --scld-particles 4096 16384 65536 131072`, two processes, "
-    "merged; the re-drawn 4096-particle rows of seeds 0 and 1 came out bitwise equal to the stored ones)"
+    "merged; the re-drawn 4096-particle rows of seeds 0 and 1 came out bitwise equal to the stored ones); "
+    "on 2026-12-03 (load 2) the posteriordb SMC rows again (`--part posteriordb --seeds 0`, the SCLD rows "
+    "kept), after SMC's pilot began widening a fitted single-mode Gaussian; the synthetic targets' "
+    "references are mixtures or the identity, which the pilot leaves alone (re-drawn seed 0 at 4096 "
+    "particles: the same evaluations and log Z to 1e-11 on GMM-9, Funnel-10 and ManyWell-50)"
 )
 EFFICIENCY_MADE_BY = (  # 2026-12-01, load 2, SCLD with metric="auto" (the identity here: preconditioned)
     "`python benchmarks/smc.py --part efficiency --targets gmm9 funnel` and `--targets manywell5 "

@@ -281,3 +281,73 @@ class TestRunBudget:
         samples, log_w = sampler.get_weighted_samples()
         w = (log_w - log_w.logsumexp(0)).exp()[:, None].float()
         assert torch.allclose((w * samples["x"]).sum(0), pre[0], atol=0.1)
+
+
+class TestWidenToDraws:
+    """``widen_to_draws``: the Gaussian takes the draws' spread and mean only where they are wider than it
+    beyond sampling noise, in the original coordinates."""
+
+    def _preconditioner(self):
+        g = torch.Generator().manual_seed(3)
+        A = torch.randn(3, 3, generator=g, dtype=torch.float64)
+        L = torch.linalg.cholesky(A @ A.T + 0.5 * torch.eye(3, dtype=torch.float64))
+        return Preconditioner(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), L, method="laplace")
+
+    def test_unit_draws_widen_nothing(self):
+        from pyro_sde.infer import widen_to_draws
+
+        for seed in range(8):  # N(0, I) in whitened coordinates: the Gaussian is right
+            w = torch.randn(4000, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            assert widen_to_draws(self._preconditioner(), w, torch.zeros(4000, dtype=torch.float64)) is None
+
+    def test_one_wide_direction_takes_its_spread_and_mean(self):
+        from pyro_sde.infer import widen_to_draws
+
+        pre = self._preconditioner()
+        g = torch.Generator().manual_seed(0)
+        # whitened draws: sd 3 and mean 2 along the first axis; a mean shift of 0.3 along the second (not
+        # wider: kept at the Gaussian's), the third as the Gaussian
+        w = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 1.0],
+                                                                                    dtype=torch.float64)
+        w = w + torch.tensor([2.0, 0.3, 0.0], dtype=torch.float64)
+        out = widen_to_draws(pre, w, torch.zeros(20000, dtype=torch.float64))
+        assert out.method == "laplace+widened" and out.info["widened_from"] == "laplace"
+        assert len(out.info["widened_variances"]) == 1
+        assert out.info["widened_variances"][0] == pytest.approx(9.0, rel=0.05)
+        L = pre.scale_tril
+        expected_loc = pre.loc + L[:, 0] * 2.0
+        assert torch.allclose(out.loc, expected_loc, atol=0.1)
+        expected_cov = L @ torch.diag(torch.tensor([9.0, 1.0, 1.0], dtype=torch.float64)) @ L.T
+        tolerance = 0.06 * float(expected_cov.abs().max())
+        assert torch.allclose(out.covariance, expected_cov, rtol=0.06, atol=tolerance)
+
+    def test_weights_count_like_repeated_draws(self):
+        from pyro_sde.infer import widen_to_draws
+
+        pre = self._preconditioner()
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(3000, 3, generator=g, dtype=torch.float64) * torch.tensor([4.0, 1.0, 1.0],
+                                                                                   dtype=torch.float64)
+        counts = torch.randint(1, 4, (3000,), generator=g)
+        weighted = widen_to_draws(pre, w, counts.double().log())
+        repeated = widen_to_draws(pre, w.repeat_interleave(counts, 0),
+                                  torch.zeros(int(counts.sum()), dtype=torch.float64))
+        assert torch.allclose(weighted.loc, repeated.loc, atol=1e-10)
+        assert torch.allclose(weighted.scale_tril, repeated.scale_tril, atol=1e-10)
+        # the noise edge follows the ESS: the weighted draws' is below their number
+        assert weighted.info["widening_ess"] < 3000 < repeated.info["widening_ess"]
+
+    def test_bad_input(self):
+        from pyro_sde.infer import widen_to_draws
+
+        pre, zeros = self._preconditioner(), torch.zeros(10, dtype=torch.float64)
+        draws = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        with pytest.raises(ValueError, match="draws must have shape"):
+            widen_to_draws(pre, draws[:, :2], zeros)
+        with pytest.raises(ValueError, match="log_weights must have shape"):
+            widen_to_draws(pre, draws, zeros[:5])
+        with pytest.raises(ValueError, match="finite"):
+            nan_row = torch.full((1, 3), math.nan, dtype=torch.float64)
+            widen_to_draws(pre, torch.cat([draws[:9], nan_row]), zeros)
+        with pytest.raises(ValueError, match="noise_factor"):
+            widen_to_draws(pre, draws, zeros, noise_factor=0)

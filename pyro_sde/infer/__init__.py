@@ -6,7 +6,7 @@ from .chains import Chains
 from .diffusion import DiffusionSampler, StepInfo
 from .map import lbfgs_map
 from .potential import LogDensityPotential, ModelPotential, Potential
-from .precondition import Preconditioner, WhitenedPotential, fit_preconditioner
+from .precondition import Preconditioner, WhitenedPotential, fit_preconditioner, widen_to_draws
 from .scld import SCLDInfo, SCLDSampler
 from .smc import SMCInfo, SMCSampler, SMCState
 
@@ -32,4 +32,5 @@ __all__ = [
     "fit_preconditioner",
     "kernels",
     "lbfgs_map",
+    "widen_to_draws",
 ]
