@@ -226,7 +226,12 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         ``"systematic"``.
     :param kernel: the moves at the boundaries: ``"mala"`` (default), ``"hmc"`` or a
         :class:`~pyro_sde.infer.kernels.MoveKernel`.
-    :param int num_mcmc_steps: moves per inner boundary (1; 0: none).
+    :param int num_mcmc_steps: moves per inner boundary (1; 0: none). More moves explore heavy tails
+        that the Langevin steps barely reach: untrained on the non-centred eight schools (16 seeds) the
+        log Z RMSE was 0.14 with 1 move, with a mean ``(error / stderr)^2`` of 5.8 (4 seeds 3.4-5.1
+        standard errors low), and 0.064 (2.7) with 5, at 1.26x the evaluations; on ManyWell-5 / -50 (32 seeds)
+        5 moves cut the MSE x evaluations 0.64x, on GMM-9 and Funnel-10 it stayed within noise. Trained
+        (the default run), the eight schools errors were within 1.3 standard errors in 3 of 3 seeds.
     :param int num_leapfrog_steps: leapfrog steps of ``kernel="hmc"`` (5).
     :param float target_acceptance: acceptance rate the moves' step sizes are adapted to (default the
         kernel's: 0.574 MALA, 0.65 HMC).
