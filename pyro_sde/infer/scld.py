@@ -96,23 +96,23 @@ def adaptive_annealing_schedule(
     max_num_temperatures: int = 1000,
 ) -> list[float]:
     """``[beta_0 = 0, ..., beta_K = 1]`` spaced like adaptive tempered SMC on ``path``: a pilot run of
-    :func:`~pyro_sde.infer.smc.smc_step` with ``num_particles`` particles gives the temperatures
+    :func:`~pyro_sde.infer.smc.smc_run` with ``num_particles`` particles gives the temperatures
     ``b_0 < ... < b_T`` of equal conditional ESS, and ``beta_k`` interpolates ``t -> b_t`` linearly at
     ``t = k T / K`` (so the grid is fine where the target changes fast along the path, at the start
     mostly)."""
-    from .smc import smc_init, smc_step  # the SMC algorithm, not its sampler class
+    from .smc import smc_run  # the SMC algorithm, not its sampler class
 
     positive_int(num_steps, "num_steps")
-    state = smc_init(path, num_particles, kernel)
-    temperatures = [0.0]
-    while state.beta < 1:
-        if len(temperatures) > max_num_temperatures:
-            raise RuntimeError(
-                f"annealing='adaptive': the pilot needed more than {max_num_temperatures} temperatures"
-            )
-        state, _ = smc_step(path, state, kernel, target_conditional_ess=target_conditional_ess,
-                            num_mcmc_steps=num_mcmc_steps)
-        temperatures.append(state.beta)
+    try:
+        _, infos = smc_run(path, num_particles, kernel, max_num_temperatures=max_num_temperatures,
+                           target_conditional_ess=target_conditional_ess, num_mcmc_steps=num_mcmc_steps)
+    except RuntimeError as e:
+        if "max_num_temperatures" not in str(e):
+            raise
+        raise RuntimeError(
+            f"annealing='adaptive': the pilot needed more than {max_num_temperatures} temperatures"
+        ) from e
+    temperatures = [0.0] + [info.beta for info in infos]
     num_temperatures = len(temperatures) - 1
     betas = [0.0]
     for k in range(1, num_steps):

@@ -29,8 +29,9 @@ variance itself was no lower than multinomial's; so with systematic resampling t
 ``num_runs > 1``.
 
 The algorithm is the pair :func:`smc_init` / :func:`smc_step` on :class:`SMCState` and :class:`SMCInfo`
-(BlackJAX style), which :class:`SMCSampler` drives; reweighting, resampling and the evidence's error
-bars are those of :mod:`pyro_sde.infer.particles`, the weighted-sample surface that of every sampler.
+(BlackJAX style), run to ``beta = 1`` by :func:`smc_run`, which :class:`SMCSampler` drives;
+reweighting, resampling and the evidence's error bars are those of :mod:`pyro_sde.infer.particles`, the
+weighted-sample surface that of every sampler.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ from .precondition import PRECONDITION_METHODS, whiten, widen_to_draws
 if TYPE_CHECKING:
     from .precondition import Preconditioner
 
-__all__ = ["SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_step", "lee_whiteley_relative_variance"]
+__all__ = [
+    "SMCInfo", "SMCSampler", "SMCState", "smc_init", "smc_run", "smc_step", "lee_whiteley_relative_variance",
+]
 
 _PROPOSAL_SCALES = ("diagonal", "dense", "identity")
 
@@ -207,6 +210,36 @@ def smc_step(
         stuck_fraction=stuck,
     )
     return new_state, info
+
+
+def smc_run(
+    path: GeometricPath,
+    num_particles: int,
+    kernel: MoveKernel,
+    *,
+    step_size: float | None = None,
+    max_num_temperatures: int = 1000,
+    on_step: Callable[[SMCInfo], None] | None = None,
+    **step_options,
+) -> tuple[SMCState, list[SMCInfo]]:
+    """One tempered SMC run from ``beta = 0`` to 1: :func:`smc_init`, then :func:`smc_step` (with
+    ``step_options``) until ``beta = 1``; the final state and every step's info (``on_step`` sees each).
+
+    :raises RuntimeError: after ``max_num_temperatures`` steps short of ``beta = 1``."""
+    state = smc_init(path, num_particles, kernel, step_size=step_size)
+    infos: list[SMCInfo] = []
+    while state.beta < 1:
+        if len(infos) >= max_num_temperatures:
+            raise RuntimeError(
+                f"tempered SMC needed more than max_num_temperatures={max_num_temperatures} steps "
+                f"(reached beta = {state.beta:.3g}): lower target_conditional_ess, or raise "
+                "max_num_temperatures"
+            )
+        state, info = smc_step(path, state, kernel, **step_options)
+        infos.append(info)
+        if on_step is not None:
+            on_step(info)
+    return state, infos
 
 
 def _map_tensors(fn, state):
@@ -379,26 +412,17 @@ class SMCSampler(ParticleSampler):
     # running
     def _run_once(self, path: GeometricPath, num_particles: int, bar=None) -> tuple[SMCState, list[SMCInfo]]:
         """One tempered SMC run of ``num_particles`` from ``beta = 0`` to 1: its final state and steps."""
-        state = smc_init(path, num_particles, self.kernel, step_size=self.step_size)
-        infos = []
-        while state.beta < 1:
-            if len(infos) >= self.max_num_temperatures:
-                raise RuntimeError(
-                    f"tempered SMC needed more than max_num_temperatures={self.max_num_temperatures} "
-                    f"steps (reached beta = {state.beta:.3g}): lower target_conditional_ess, or raise "
-                    "max_num_temperatures"
-                )
-            state, info = smc_step(
-                path, state, self.kernel,
-                target_conditional_ess=self.target_conditional_ess, max_pareto_k=self.max_pareto_k,
-                ess_threshold=self.ess_threshold,
-                num_mcmc_steps=self.num_mcmc_steps, resampling=self.resampling,
-                proposal_scale=self.proposal_scale,
-            )
-            infos.append(info)
+        def progress(info):
             if bar is not None:
                 bar.update(len(self.final_states) + info.beta)
-        return state, infos
+
+        return smc_run(
+            path, num_particles, self.kernel, step_size=self.step_size,
+            max_num_temperatures=self.max_num_temperatures, on_step=progress,
+            target_conditional_ess=self.target_conditional_ess, max_pareto_k=self.max_pareto_k,
+            ess_threshold=self.ess_threshold, num_mcmc_steps=self.num_mcmc_steps,
+            resampling=self.resampling, proposal_scale=self.proposal_scale,
+        )
 
     def _pilot_due(self) -> bool:
         """A pilot widens a freshly fitted single-mode Gaussian (``"laplace"``, ``"svi"``, ``"diagonal"``),
