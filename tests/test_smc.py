@@ -549,6 +549,8 @@ def test_pilot_widens_a_gaussian_narrower_than_the_posterior():
     assert plain.preconditioner.method == "svi" and not plain.pilot_history
     assert widened.preconditioner.method == "svi+widened" and widened.pilot_history
     assert widened.pilot_history[-1].beta == 1.0
+    assert widened.diagnostics()["preconditioner"] == "svi+widened"
+    assert widened.diagnostics()["pilot_temperatures"] == len(widened.pilot_history)
     assert _whitened_spread(plain) > 5 and _whitened_spread(widened) < 2.5
     for smc, bound in ((plain, None), (widened, 1.5)):
         ev = smc.log_evidence()

@@ -484,12 +484,16 @@ class SMCSampler(ParticleSampler):
     # ----------------------------------------------------------------------------------------
     # estimates (the weighted-sample surface is ParticleSampler's)
     def diagnostics(self) -> dict:
-        """Evidence with both standard errors, ESS, Pareto k, temperatures, acceptance and cost."""
+        """Evidence with both standard errors, ESS, Pareto k, temperatures, acceptance, the reference
+        (``preconditioner``: its method, e.g. ``"laplace+widened"``; ``pilot_temperatures``: 0 without a
+        pilot) and cost."""
         acceptance = [i.acceptance_rate for h in self.history for i in h if math.isfinite(i.acceptance_rate)]
         return {
             **self._evidence_diagnostics(),
             "num_particles": self.num_particles,
             "num_temperatures": self.num_temperatures,
+            "preconditioner": None if self.preconditioner is None else self.preconditioner.method,
+            "pilot_temperatures": len(self.pilot_history),
             "mean_acceptance_rate": sum(acceptance) / len(acceptance) if acceptance else math.nan,
             "num_target_evaluations": self.num_target_evaluations,
             "run_seconds": self.run_seconds,
