@@ -256,7 +256,7 @@ def widen_to_draws(
     mean = w @ x
     centred = x - mean
     cov = (centred * w[:, None]).T @ centred
-    lam, vectors = torch.linalg.eigh(0.5 * (cov + cov.T))
+    lam, vectors = torch.linalg.eigh(cov)
     ess = float(1.0 / (w**2).sum())
     edge = noise_factor * (1.0 + math.sqrt(dim / ess)) ** 2
     wide = lam > edge

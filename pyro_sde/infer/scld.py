@@ -103,15 +103,9 @@ def adaptive_annealing_schedule(
     from .smc import smc_run  # the SMC algorithm, not its sampler class
 
     positive_int(num_steps, "num_steps")
-    try:
-        _, infos = smc_run(path, num_particles, kernel, max_num_temperatures=max_num_temperatures,
-                           target_conditional_ess=target_conditional_ess, num_mcmc_steps=num_mcmc_steps)
-    except RuntimeError as e:
-        if "max_num_temperatures" not in str(e):
-            raise
-        raise RuntimeError(
-            f"annealing='adaptive': the pilot needed more than {max_num_temperatures} temperatures"
-        ) from e
+    _, infos = smc_run(path, num_particles, kernel, max_num_temperatures=max_num_temperatures,
+                       name="annealing='adaptive': the pilot",
+                       target_conditional_ess=target_conditional_ess, num_mcmc_steps=num_mcmc_steps)
     temperatures = [0.0] + [info.beta for info in infos]
     num_temperatures = len(temperatures) - 1
     betas = [0.0]

@@ -220,18 +220,20 @@ def smc_run(
     step_size: float | None = None,
     max_num_temperatures: int = 1000,
     on_step: Callable[[SMCInfo], None] | None = None,
+    name: str = "tempered SMC",
     **step_options,
 ) -> tuple[SMCState, list[SMCInfo]]:
     """One tempered SMC run from ``beta = 0`` to 1: :func:`smc_init`, then :func:`smc_step` (with
     ``step_options``) until ``beta = 1``; the final state and every step's info (``on_step`` sees each).
 
-    :raises RuntimeError: after ``max_num_temperatures`` steps short of ``beta = 1``."""
+    :raises RuntimeError: after ``max_num_temperatures`` steps short of ``beta = 1`` (naming the run by
+        ``name``)."""
     state = smc_init(path, num_particles, kernel, step_size=step_size)
     infos: list[SMCInfo] = []
     while state.beta < 1:
         if len(infos) >= max_num_temperatures:
             raise RuntimeError(
-                f"tempered SMC needed more than max_num_temperatures={max_num_temperatures} steps "
+                f"{name} needed more than max_num_temperatures={max_num_temperatures} steps "
                 f"(reached beta = {state.beta:.3g}): lower target_conditional_ess, or raise "
                 "max_num_temperatures"
             )
@@ -413,12 +415,11 @@ class SMCSampler(ParticleSampler):
     def _run_once(self, path: GeometricPath, num_particles: int, bar=None) -> tuple[SMCState, list[SMCInfo]]:
         """One tempered SMC run of ``num_particles`` from ``beta = 0`` to 1: its final state and steps."""
         def progress(info):
-            if bar is not None:
-                bar.update(len(self.final_states) + info.beta)
+            bar.update(len(self.final_states) + info.beta)
 
         return smc_run(
             path, num_particles, self.kernel, step_size=self.step_size,
-            max_num_temperatures=self.max_num_temperatures, on_step=progress,
+            max_num_temperatures=self.max_num_temperatures, on_step=None if bar is None else progress,
             target_conditional_ess=self.target_conditional_ess, max_pareto_k=self.max_pareto_k,
             ess_threshold=self.ess_threshold, num_mcmc_steps=self.num_mcmc_steps,
             resampling=self.resampling, proposal_scale=self.proposal_scale,
