@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from pyro.ops.stats import weighed_quantile
 
+from .. import _distributed as dist
 from .. import diagnostics
 from .._checks import positive_int
 from ._base import PosteriorSampler
+from .annealing import GeometricPath
 from .potential import CountingPotential, Potential
+from .precondition import PRECONDITION_METHODS, whiten, widen_to_draws
 
 __all__ = [
     "ParticleSystem",
@@ -173,6 +177,33 @@ class ParticleSampler(PosteriorSampler):
 
     def _whitening_source(self) -> CountingPotential:
         return self._counter
+
+    # the widening pilot (SMCSampler by default, SCLDSampler on request)
+    pilot_particles: int | None = None
+    pilot_history: Sequence = ()  #: the pilot's steps (empty: no pilot ran; a list per sampler)
+
+    def _pilot_due(self) -> bool:
+        """A pilot widens a freshly fitted single-mode Gaussian (``"laplace"``, ``"svi"``, ``"diagonal"``),
+        once: not a given preconditioner (nor one restored from a checkpoint), the identity, nor a mixture
+        of modes (whose spread a small pilot misjudges: on ManyWell-50 widening raised SMC's log Z MSE x
+        evaluations 3.3-4.4x)."""
+        return (self.pilot_particles is not None and self._precondition is not None
+                and not self.pilot_history and self.preconditioner is not None
+                and self.preconditioner.method in PRECONDITION_METHODS)
+
+    def _run_pilot(self, path: GeometricPath, num_particles: int):
+        """``(final state, steps)`` of a tempered SMC run of ``num_particles`` on ``path``."""
+        raise NotImplementedError
+
+    def _widen_from_pilot(self) -> None:
+        """Run a pilot of ``pilot_particles`` from the fitted Gaussian; where its weighted particles spread
+        wider than the Gaussian, widen it (:func:`~pyro_sde.infer.widen_to_draws`) and re-whiten the
+        target."""
+        dist.check_shardable(self.pilot_particles, "pilot_particles")
+        state, self.pilot_history = self._run_pilot(GeometricPath(self._target), self.pilot_particles)
+        widened = widen_to_draws(self.preconditioner, state.particles, state.log_weights)
+        if widened is not None:
+            self.preconditioner, self._target = whiten(self._whitening_source(), widened, None, {})
 
     @property
     def num_target_evaluations(self) -> int:

@@ -67,7 +67,6 @@ from .particles import (  # noqa: F401 (STUCK_ACCEPTANCE, MAX_STUCK_FRACTION: re
     warn_if_stuck,
 )
 from .potential import Potential
-from .precondition import PRECONDITION_METHODS, whiten, widen_to_draws
 
 if TYPE_CHECKING:
     from .precondition import Preconditioner
@@ -425,23 +424,8 @@ class SMCSampler(ParticleSampler):
             resampling=self.resampling, proposal_scale=self.proposal_scale,
         )
 
-    def _pilot_due(self) -> bool:
-        """A pilot widens a freshly fitted single-mode Gaussian (``"laplace"``, ``"svi"``, ``"diagonal"``),
-        once: not a given preconditioner, the identity, nor a mixture of modes (whose spread a small pilot
-        misjudges: on ManyWell-50 widening raised the log Z MSE x evaluations 3.3-4.4x)."""
-        return (self.pilot_particles is not None and self._precondition is not None
-                and not self.pilot_history and self.preconditioner is not None
-                and self.preconditioner.method in PRECONDITION_METHODS)
-
-    def _widen_from_pilot(self) -> None:
-        """Run a pilot of ``pilot_particles`` from the fitted Gaussian; where its weighted particles spread
-        wider than the Gaussian, widen it (:func:`~pyro_sde.infer.widen_to_draws`) and
-        re-whiten the target."""
-        dist.check_shardable(self.pilot_particles, "pilot_particles")
-        state, self.pilot_history = self._run_once(GeometricPath(self._target), self.pilot_particles)
-        widened = widen_to_draws(self.preconditioner, state.particles, state.log_weights)
-        if widened is not None:
-            self.preconditioner, self._target = whiten(self._whitening_source(), widened, None, {})
+    def _run_pilot(self, path: GeometricPath, num_particles: int):
+        return self._run_once(path, num_particles)
 
     def run(self, *args, progress_bar: bool | None = False, **kwargs) -> SMCSampler:
         """Run ``num_runs`` independent tempered SMC runs; ``args``/``kwargs`` go to the model. Returns
