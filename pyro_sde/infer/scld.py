@@ -263,7 +263,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         ``pilot_particles=256, step_size=0.02`` the default run's log Z RMSE there was 0.017 over 12 seeds
         (mean ``(error / stderr)^2`` 1.9, 2.5e6 evaluations), against 0.028 with ``step_size=0.02`` alone
         and 0.25 with the defaults; untrained, 0.012 over the 13 of 16 seeds whose fit was widened. A
-        step chosen on one model is not a rule: measure before you rely on it (docs/samplers.md).
+        step chosen on one model is not a rule (on ManyWell-5 ``step_size=0.02`` left log Z 29 nats low, warned):
+        measure before you rely on it (docs/samplers.md).
     :param init_strategy: Pyro init strategy (the first start of the preconditioner's MAP search).
     :param vectorize: how a model is evaluated on a batch (see
         :class:`~pyro_sde.infer.potential.ModelPotential`).
