@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -179,8 +178,15 @@ class ParticleSampler(PosteriorSampler):
         return self._counter
 
     # the widening pilot (SMCSampler by default, SCLDSampler on request)
-    pilot_particles: int | None = None
-    pilot_history: Sequence = ()  #: the pilot's steps (empty: no pilot ran; a list per sampler)
+    def _init_pilot(self, pilot_particles: int | None) -> None:
+        self.pilot_particles = (None if pilot_particles is None
+                                else positive_int(pilot_particles, "pilot_particles", minimum=2))
+        self.pilot_history: list = []  #: the pilot's SMC steps (empty: no pilot ran)
+
+    def _reference_diagnostics(self) -> dict:
+        """``preconditioner`` (its method, e.g. ``"svi+widened"``), ``pilot_temperatures`` (0: none)."""
+        return {"preconditioner": None if self.preconditioner is None else self.preconditioner.method,
+                "pilot_temperatures": len(self.pilot_history)}
 
     def _pilot_due(self) -> bool:
         """A pilot widens a freshly fitted single-mode Gaussian (``"laplace"``, ``"svi"``, ``"diagonal"``),

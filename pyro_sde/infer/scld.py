@@ -263,8 +263,8 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         ``pilot_particles=256, step_size=0.02`` the default run's log Z RMSE there was 0.017 over 12 seeds
         (mean ``(error / stderr)^2`` 1.9, 2.5e6 evaluations), against 0.028 with ``step_size=0.02`` alone
         and 0.25 with the defaults; untrained, 0.012 over the 13 of 16 seeds whose fit was widened. A
-        step chosen on one model is not a rule (on ManyWell-5 ``step_size=0.02`` left log Z 29 nats low, warned):
-        measure before you rely on it (docs/samplers.md).
+        step chosen on one model is not a rule (on ManyWell-5 ``step_size=0.02`` left log Z 29 nats
+        low, warned): measure before you rely on it (docs/samplers.md).
     :param init_strategy: Pyro init strategy (the first start of the preconditioner's MAP search).
     :param vectorize: how a model is evaluated on a batch (see
         :class:`~pyro_sde.infer.potential.ModelPotential`).
@@ -386,9 +386,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
         self.stuck_fractions: list[float] = []  #: per run: see :meth:`_stuck_fraction`
         self._final_states: list[ParticleSystem] | None = None
         self.particle_history: list[list[SCLDInfo]] = []
-        self.pilot_particles = (None if pilot_particles is None
-                                else positive_int(pilot_particles, "pilot_particles", minimum=2))
-        self.pilot_history: list = []  #: the widening pilot's SMC steps (empty: no pilot ran)
+        self._init_pilot(pilot_particles)
         self._init_target(
             model, log_density=log_density, dim=dim, score=score, precondition=precondition,
             precondition_options=particle_precondition_options(precondition_options),
@@ -822,8 +820,7 @@ class SCLDSampler(ParticleSampler, TrainedSampler):
             "num_particles": self.num_particles,
             "num_steps": self.num_steps,
             "num_subtrajectories": self.num_subtrajectories,
-            "preconditioner": None if self.preconditioner is None else self.preconditioner.method,
-            "pilot_temperatures": len(self.pilot_history),
+            **self._reference_diagnostics(),
             "mean_acceptance_rate": sum(acceptance) / len(acceptance) if acceptance else math.nan,
             "mcmc_step_sizes": list(self.mcmc_step_sizes),
             "stuck_fraction": max(self.stuck_fractions, default=math.nan),

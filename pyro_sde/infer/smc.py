@@ -384,9 +384,7 @@ class SMCSampler(ParticleSampler):
         self.proposal_scale = proposal_scale
         self.num_runs = positive_int(num_runs, "num_runs")
         self.max_num_temperatures = positive_int(max_num_temperatures, "max_num_temperatures")
-        self.pilot_particles = (None if pilot_particles is None
-                                else positive_int(pilot_particles, "pilot_particles", minimum=2))
-        self.pilot_history: list[SMCInfo] = []  #: the pilot's steps (empty: no pilot ran)
+        self._init_pilot(pilot_particles)
         device = _check_dtype_device(model, dtype, device)
         self._init_target(
             model, log_density=log_density, dim=dim, score=score, precondition=precondition,
@@ -477,8 +475,7 @@ class SMCSampler(ParticleSampler):
             **self._evidence_diagnostics(),
             "num_particles": self.num_particles,
             "num_temperatures": self.num_temperatures,
-            "preconditioner": None if self.preconditioner is None else self.preconditioner.method,
-            "pilot_temperatures": len(self.pilot_history),
+            **self._reference_diagnostics(),
             "mean_acceptance_rate": sum(acceptance) / len(acceptance) if acceptance else math.nan,
             "num_target_evaluations": self.num_target_evaluations,
             "run_seconds": self.run_seconds,
