@@ -172,6 +172,7 @@ def ou(**kw):
 
 TIMES = torch.linspace(0.0, 1.0, 5)
 OBS = torch.tensor([[0.0], [0.3], [0.1], [-0.2], [0.4]])
+CIR_OBS = torch.tensor([[1.0], [1.3], [0.9], [0.7], [1.1]])
 INT_OBS = torch.tensor([[0], [1], [1], [0], [2]])
 LW = torch.randn(100, generator=torch.Generator().manual_seed(0))
 X2 = torch.randn(200, 2, generator=torch.Generator().manual_seed(1))
@@ -702,11 +703,17 @@ def cases() -> list[Case]:
     add(Case("DiscretelyObservedSDE(proposal='magic')", lambda: obs_sde(proposal="magic"), ("proposal",)))
     add(Case("DiscretelyObservedSDE(num_particles=0)", lambda: obs_sde(num_particles=0), ("num_particles",)))
     add(Case("DiscretelyObservedSDE(num_substeps=0)", lambda: obs_sde(num_substeps=0), ("num_substeps",)))
-    add(
+    add(  # CIR has an exact transition (noncentral chi-square): the path log_prob is its sum
         Case(
             "DiscretelyObservedSDE(CIR, proposal='exact')",
-            lambda: sde.DiscretelyObservedSDE(sde.CIR(), TIMES, proposal="exact"),
-            ("exact", "transition"),
+            lambda: (
+                sde.DiscretelyObservedSDE(sde.CIR(), TIMES, proposal="exact").log_prob(CIR_OBS),
+                sum(sde.CIR().transition_log_prob(TIMES[i], CIR_OBS[i], TIMES[i + 1], CIR_OBS[i + 1])
+                    for i in range(len(TIMES) - 1)),
+            ),
+            (),
+            "value",
+            check=lambda r: finite(r[0]) and abs(float(r[0]) - float(r[1])) < 1e-4,
         )
     )
     add(

@@ -290,6 +290,38 @@ def test_lbfgs_map_backtracks_out_of_a_nan_region(validate):
     assert torch.isfinite(out["mu"]) and 1.9 < out["mu"].item() < 2.0
 
 
+def _nan_at_median_model():
+    # the prior median (about 5) lies in the NaN region; uniform starts in (-2, 2) do not
+    mu = pyro.sample("mu", dist.Normal(torch.tensor(5.0, dtype=F64), 0.1))
+    pyro.factor("f", torch.where(mu < 2, -((mu - 1) ** 2), torch.tensor(NAN, dtype=F64)))
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_lbfgs_map_starts_elsewhere_when_the_median_is_not_finite(validate):
+    with pyro.validation_enabled(validate):
+        out = lbfgs_map(_nan_at_median_model)
+    # the maximum of the finite region mu < 2: -(mu - 1)^2 - 50 (mu - 5)^2 rises towards the edge 2
+    assert 1.9 < out["mu"].item() < 2.0
+
+
+def test_lbfgs_map_without_a_finite_start_says_so():
+    def model():
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        pyro.factor("f", mu * NAN)
+
+    with pyro.validation_enabled(False), pytest.raises(ValueError, match="no finite starting point in 20"):
+        lbfgs_map(model)
+
+
+def test_lbfgs_map_reraises_an_error_of_the_data():
+    def model(y):
+        rate = pyro.sample("rate", dist.Gamma(torch.tensor(2.0, dtype=F64), 1.0))
+        pyro.sample("y", dist.Poisson(rate).expand([3]).to_event(1), obs=y)
+
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="to be within the support"):
+        lbfgs_map(model, torch.tensor([1.0, -1.0, 2.0], dtype=F64))
+
+
 # --------------------------------------------------------------------------------------------------
 # dtype and device
 # --------------------------------------------------------------------------------------------------

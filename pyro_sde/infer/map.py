@@ -15,9 +15,22 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoDelta
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import init_to_median, init_to_uniform
 
 __all__ = ["lbfgs_map"]
+
+
+#: starts tried before giving up: the prior median, then random points like Pyro's ``init_to_uniform``
+_MAX_INIT_ATTEMPTS = 20
+
+
+def _random_start(init_values: dict, init_loc_fn: Callable) -> Callable:
+    """Given sites at their ``init_values``, the others uniform in ``(-2, 2)`` unconstrained."""
+
+    def loc_fn(site):
+        return init_loc_fn(site) if site["name"] in init_values else init_to_uniform(site)
+
+    return loc_fn
 
 
 def lbfgs_map(
@@ -38,7 +51,9 @@ def lbfgs_map(
     out of NaN regions; an optimum that ends non-finite raises ``FloatingPointError``.
 
     :param init_values: starting values ``{site: constrained value}`` (tensors fix dtype and device;
-        Python numbers take torch's default dtype); sites not given start at the prior median.
+        Python numbers take torch's default dtype); sites not given start at the prior median, or, where
+        the log joint is not finite there (or fails validation), at random points uniform in ``(-2, 2)``
+        unconstrained (up to 20 starts; then a ``ValueError``).
     :param int max_iter: L-BFGS iterations (each evaluates the model about 1.25 times on average).
     :param float tolerance_grad: stop when the largest gradient entry is below this.
     :param ignore_warnings: message prefixes silenced during the search (line-search trial points can
@@ -63,13 +78,31 @@ def lbfgs_map(
         value = torch.as_tensor(init_values[site["name"]], dtype=None)
         return value.expand(site["fn"].shape())  # a scalar for a batched site; raises if incompatible
 
-    pyro.clear_param_store()
-    guide = AutoDelta(model, init_loc_fn=init_loc_fn)
     loss_fn = Trace_ELBO().differentiable_loss
-    with pyro.poutine.trace(param_only=True) as tr:
-        initial_loss = loss_fn(model, guide, *args, **kwargs)
-    if not torch.isfinite(initial_loss):
-        raise ValueError(f"the negative log joint is {initial_loss.item()} at the initial point")
+    first_error, messages = None, set()
+    for attempt in range(_MAX_INIT_ATTEMPTS):  # then random starts, as Pyro's MCMC initialisation does
+        start = init_loc_fn if attempt == 0 else _random_start(init_values, init_loc_fn)
+        pyro.clear_param_store()
+        guide = AutoDelta(model, init_loc_fn=start)
+        try:
+            with pyro.poutine.trace(param_only=True) as tr:
+                initial_loss = loss_fn(model, guide, *args, **kwargs)
+        except ValueError as error:  # a validation error at a bad start (NaN factor, out of support)
+            first_error = first_error or error
+            messages.add(str(error))
+            continue
+        if torch.isfinite(initial_loss):
+            break
+        first_error = first_error or ValueError(
+            f"the negative log joint is {initial_loss.item()} at the initial point"
+        )
+    else:
+        if messages == {str(first_error)}:  # the same error from every start: not the start's fault
+            raise first_error
+        raise ValueError(
+            f"lbfgs_map: no finite starting point in {_MAX_INIT_ATTEMPTS} tries (the prior median, then "
+            f"uniform in (-2, 2) unconstrained); the first: {first_error}; give init_values"
+        ) from first_error
     unknown = set(init_values) - {name for name in guide.prototype_trace.nodes}
     if unknown:
         raise ValueError(f"init_values names sites the model does not have: {sorted(unknown)}")
