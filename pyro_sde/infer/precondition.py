@@ -7,7 +7,8 @@ bijection ``z = m + L w`` fitted to the posterior, and :class:`WhitenedPotential
 exact whatever the fit. :func:`fit_preconditioner` builds it:
 
 * ``"laplace"`` (default): MAP by L-BFGS from several starts, polished by damped Newton steps (ridges of
-  extreme correlation stall L-BFGS), and the Hessian at each distinct mode. One mode
+  extreme correlation stall L-BFGS) and restarted where that ends short of a strict maximum (float32
+  stalls), and the Hessian at each distinct mode. One mode
   gives three candidates: ``N(m, H^-1)``, the same 1.5x wider, and a Gaussian VI fit started from it
   (hierarchical scales are skewed: the curvature at the mode understates their tails). Several modes with
   non-negligible Laplace mass keep ``N(0, I)`` (``multimodal="identity"``, the default) or give the
@@ -394,14 +395,29 @@ def _random_starts(first: int, count: int, like: torch.Tensor) -> list[torch.Ten
     return [(2.0 if (first + i) % 2 == 0 else 10.0) * (2 * torch.rand_like(like) - 1) for i in range(count)]
 
 
+#: fresh L-BFGS runs from an end point that is not a strict local maximum, while they gain (on a
+#: 32-dimensional Poisson GLMM in float32, 5 of 6 starts stopped with |grad| 13-76, 10-50 nats below the
+#: mode, and a restart reached it)
+_LBFGS_RESTARTS = 4
+
+
 def _find_modes(potential, starts, max_iter: int) -> list:
     """The distinct modes ``(point, log rho, Laplace covariance or None)`` that L-BFGS (then Newton) finds
     from ``starts``, highest first."""
     modes = []
     for start in starts:
         found = _map_lbfgs(potential, start, max_iter)
-        if found is not None:
-            modes.append(_newton_polish(potential, *found))
+        if found is None:
+            continue
+        mode = _newton_polish(potential, *found)
+        for _ in range(_LBFGS_RESTARTS):  # L-BFGS can stop short of a mode (a stale history, float32)
+            if mode[2] is not None:  # a strict local maximum
+                break
+            again = _map_lbfgs(potential, mode[0], max_iter)
+            if again is None or not float(again[1]) > float(mode[1]) + 1e-6 * (1 + abs(float(mode[1]))):
+                break
+            mode = _newton_polish(potential, *again)
+        modes.append(mode)
     return _distinct_modes(modes)
 
 
