@@ -329,3 +329,38 @@ def test_model_error_with_custom_constructor_is_chained():
     with pytest.raises(RuntimeError, match=match) as info:
         ModelPotential(model)
     assert isinstance(info.value.__cause__, CodedError)
+
+
+# -- (d) float32 rounding is not a batching mistake ---------------------------------------------
+def _gp_classifier(x, y):
+    """A float32 GP classifier: the Cholesky of a near-singular kernel (jitter 3e-4) amplifies rounding."""
+    n, zero = x.shape[0], x.new_zeros(())
+    length = pyro.sample("length", dist.LogNormal(zero, 0.5))
+    amplitude = pyro.sample("amplitude", dist.LogNormal(zero, 0.5))
+    with pyro.plate("points_", n):
+        f_raw = pyro.sample("f_raw", dist.Normal(zero, 1.0))
+    sq_dist = (x[:, None] - x[None]).square()
+    kernel = amplitude**2 * torch.exp(-0.5 * sq_dist / length**2) + 3e-4 * torch.eye(n, dtype=x.dtype)
+    f = torch.linalg.cholesky(kernel) @ f_raw
+    with pyro.plate("points", n):
+        pyro.sample("y", dist.Bernoulli(logits=f), obs=y)
+
+
+def test_float32_rounding_in_the_score_keeps_vmap():
+    from pyro_sde.infer.potential import _close, _score_rtol
+
+    x = torch.linspace(-3, 3, 40, dtype=torch.float32)
+    y = (torch.sin(2 * x) > 0).float()
+    modes = []
+    for seed in range(8):  # before: 4 of these 8 fell back to the sequential loop (score ~1 % apart)
+        pyro.set_rng_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            modes.append(ModelPotential(_gp_classifier, (x, y), {}).vectorize_mode)
+    assert modes == ["vmap"] * 8, modes
+    # the rule: 3 % below float64, 1e-4 in float64; a batching mistake (O(1)) fails either way
+    score = torch.tensor([[21.0, -109.0, 3.0]])
+    assert _close(score * 1.01, score, _score_rtol(torch.float32))
+    assert not _close(score * 1.5, score, _score_rtol(torch.float32))
+    assert not _close(score * 1.01, score, _score_rtol(torch.float64))
+    assert _close(score.double() * (1 + 1e-6), score.double(), _score_rtol(torch.float64))
